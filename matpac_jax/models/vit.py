@@ -1,0 +1,173 @@
+"""ViT encoder pieces (SPEC §2): patch tokenizer with fixed 2-D sin-cos positions, pre-norm blocks.
+
+The encoder is split in two modules because the MATPAC teacher shares the student's tokenizer (patch embedding,
+positional embedding, CLS token) but owns its blocks:
+
+  Tokenizer    log-mel [B, F, T] -> patch tokens + positions [B, N, D] (freq-major), and the CLS token [1, 1, D]
+  Transformer  tokens [B, L, D] -> blocks -> final LayerNorm
+
+Parameter names follow the published PyTorch layout (blocks_i/norm1, attn/qkv, attn/proj, mlp/fc1, ...) so that
+conversion is a rename plus a transpose.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+xavier = nn.initializers.xavier_uniform()
+LN_EPS = 1e-6
+
+
+def symmetric_uniform(bound: float):
+    """U(-bound, bound), PyTorch's default bias init (bound = 1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def sincos_pos_embed_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[P] -> [P, dim] = [sin(p·ω), cos(p·ω)], ω_i = 10000^(-i/(dim/2)) (MAE recipe)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_freq: int, grid_time: int, cls_row: bool = True) -> np.ndarray:
+    """Fixed 2-D sin-cos positions of the MAE recipe, [(1+) F*T, dim], freq-major token order.
+
+    The first dim/2 channels encode the time index, the last dim/2 the frequency index; an optional zero row
+    for the CLS token comes first.
+    """
+    if dim % 4:
+        raise ValueError(f"positional embedding dim must be a multiple of 4, got {dim}")
+    f, t = np.meshgrid(np.arange(grid_freq), np.arange(grid_time), indexing="ij")  # [F, T]
+    emb = np.concatenate(
+        [sincos_pos_embed_1d(dim // 2, t.reshape(-1)), sincos_pos_embed_1d(dim // 2, f.reshape(-1))], axis=1
+    )
+    if cls_row:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return emb.astype(np.float32)
+
+
+def truncated_pos_embed(dim: int, grid_freq: int, grid_time: int, time_patches: int) -> np.ndarray:
+    """Patch positions (no CLS row) for an input of `time_patches` <= grid_time patches: [F*time_patches, dim]."""
+    if time_patches > grid_time:
+        raise ValueError(f"input has {time_patches} time patches, the positional grid only {grid_time}")
+    emb = sincos_pos_embed_2d(dim, grid_freq, grid_time, cls_row=False).reshape(grid_freq, grid_time, dim)
+    return emb[:, :time_patches].reshape(-1, dim)
+
+
+class Tokenizer(nn.Module):
+    """Patch embedding (conv, kernel = stride = patch) + fixed positions, and the learned CLS token."""
+
+    dim: int = 768
+    patch: int = 16
+    grid_freq: int = 5
+    grid_time: int = 38
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, mel: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """mel [B, F, T] -> (tokens + positions [B, Fp*Tp, D] freq-major, cls token [1, 1, D])."""
+        b, f, t = mel.shape
+        if f != self.grid_freq * self.patch:
+            raise ValueError(f"expected {self.grid_freq * self.patch} mel bins, got {f}")
+        if t % self.patch:
+            raise ValueError(f"time frames ({t}) must be a multiple of the patch size {self.patch}")
+        # PyTorch inits this conv with xavier-uniform on its [D, p*p] view: fan_in = p*p, fan_out = D.
+        conv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+        proj = nn.Conv(
+            self.dim, (self.patch, self.patch), strides=(self.patch, self.patch), padding="VALID",
+            kernel_init=conv_init, bias_init=symmetric_uniform(1.0 / self.patch), dtype=self.dtype, name="proj",
+        )
+        x = proj(mel[..., None].astype(self.dtype))  # [B, Fp, Tp, D]
+        x = x.reshape(b, -1, self.dim)
+        pos = truncated_pos_embed(self.dim, self.grid_freq, self.grid_time, t // self.patch)
+        x = x + jnp.asarray(pos, x.dtype)
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+        return x, cls
+
+
+def dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
+    """Linear layer with the reference init: xavier-uniform weight, zero bias."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=xavier, dtype=dtype, name=name)
+
+
+def layer_norm(name: str, dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (output channels ordered q; k; v, then heads)."""
+
+    dim: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None  # passed to jax.nn.dot_product_attention (None = XLA picks)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        qkv = dense(3 * self.dim, "qkv", self.dtype)(x).reshape(b, n, 3, self.heads, self.dim // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
+
+
+class Mlp(nn.Module):
+    dim: int
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.gelu(dense(self.hidden, "fc1", self.dtype)(x), approximate=False)  # exact (erf) GELU
+        return dense(self.dim, "fc2", self.dtype)(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x)). No dropout, drop-path or layer-scale."""
+
+    dim: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + Attention(self.dim, self.heads, self.dtype, self.attn_impl, name="attn")(
+            layer_norm("norm1", self.dtype)(x)
+        )
+        return x + Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(
+            layer_norm("norm2", self.dtype)(x)
+        )
+
+
+class Transformer(nn.Module):
+    """`depth` pre-norm blocks followed by a final LayerNorm (eps 1e-6)."""
+
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_layers: bool = False):
+        """x [B, L, D] -> [B, L, D] after the final norm; with return_layers also the list of every block's
+        output (the last one after the final norm), as the embedding extractor needs."""
+        layers = []
+        for i in range(self.depth):
+            x = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, name=f"blocks_{i}")(x)
+            layers.append(x)
+        x = layer_norm("norm", self.dtype)(x)
+        if return_layers:
+            return x, layers[:-1] + [x]
+        return x
