@@ -33,8 +33,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.checkpoint_every = 5_000
 
     c.audio = dict(  # SPEC §1: the teacher front-end
-        sample_rate=16_000, n_fft=400, win_length=400, hop_length=160, n_mels=80, f_min=50.0, f_max=8_000.0,
-        log_offset=1.1920929e-07, norm_mean=-7.056, norm_std=4.193,
+        sample_rate=16_000,
+        n_fft=400,
+        win_length=400,
+        hop_length=160,
+        n_mels=80,
+        f_min=50.0,
+        f_max=8_000.0,
+        log_offset=1.1920929e-07,
+        norm_mean=-7.056,
+        norm_std=4.193,
         crop_frames=608,  # 6.08 s; 97,520 samples
     )
 
@@ -50,19 +58,28 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
     c.objective = dict(
         mask_ratio=0.7,  # 57 visible, 133 masked of 190
-        mcl_temp_init=0.1, mcl_temp_decay=0.99997, mcl_hard_below=1e-4,  # T(t) = 0.1·0.99997^t; hard WTA after
+        mcl_temp_init=0.1,
+        mcl_temp_decay=0.99997,
+        mcl_hard_below=1e-4,  # T(t) = 0.1·0.99997^t; hard WTA after
         student_temp=0.1,
-        teacher_temp_warmup=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=9_827,
+        teacher_temp_warmup=0.04,
+        teacher_temp=0.07,
+        teacher_temp_warmup_steps=9_827,
         center_momentum=0.9,
         center_from="probs",  # reference quirk: mean teacher *probabilities*; 'logits' = DINO
-        weight_pred=0.5, weight_cls=0.5,
-        ema_start=0.99995, ema_end=0.99999,  # teacher encoder, linear over the run
-        head_ema_start=0.998, head_ema_end=1.0,  # teacher cls head, linear over the run
+        weight_pred=0.5,
+        weight_cls=0.5,
+        ema_start=0.99995,
+        ema_end=0.99999,  # teacher encoder, linear over the run
+        head_ema_start=0.998,
+        head_ema_end=1.0,  # teacher cls head, linear over the run
     )
 
     c.optim = dict(
         lr=3e-4,  # absolute, for global batch 2048
-        b1=0.9, b2=0.95, eps=1e-6,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-6,
         weight_decay=0.05,
         wd_exclude_bias_norm_tokens=False,  # True = M2D: no decay on biases, norms, tokens
         warmup_steps=19_654,
@@ -101,12 +118,17 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.checkpoint_every = 4 if smoke else 200
     c.audio.crop_frames = 128  # 1.28 s crops: 5 × 8 = 40 patches
     c.model.dtype = "float32"  # CPUs have no fast bf16
-    c.model.encoder = dict(dim=64, depth=2, heads=4, mlp_ratio=4.0) if smoke else dict(dim=128, depth=4, heads=4,
-                                                                                          mlp_ratio=4.0)
-    c.model.predictor = dict(dim=32, depth=1, heads=4, mlp_ratio=4.0) if smoke else dict(dim=64, depth=2, heads=4,
-                                                                                            mlp_ratio=4.0)
-    c.model.cls_head = dict(hidden=64, bottleneck=32, prototypes=64, teacher_init="copy_initial") if smoke else \
-        dict(hidden=256, bottleneck=64, prototypes=256, teacher_init="copy_initial")
+    c.model.encoder = (
+        dict(dim=64, depth=2, heads=4, mlp_ratio=4.0) if smoke else dict(dim=128, depth=4, heads=4, mlp_ratio=4.0)
+    )
+    c.model.predictor = (
+        dict(dim=32, depth=1, heads=4, mlp_ratio=4.0) if smoke else dict(dim=64, depth=2, heads=4, mlp_ratio=4.0)
+    )
+    c.model.cls_head = (
+        dict(hidden=64, bottleneck=32, prototypes=64, teacher_init="copy_initial")
+        if smoke
+        else dict(hidden=256, bottleneck=64, prototypes=256, teacher_init="copy_initial")
+    )
     c.objective.mcl_temp_decay = 0.9 if smoke else 0.98  # anneal to hard WTA within the short run
     c.objective.teacher_temp_warmup_steps = 4 if smoke else 100
     c.objective.ema_start, c.objective.ema_end = 0.99, 0.999
@@ -115,7 +137,10 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.optim.warmup_steps = 2 if smoke else 40
     c.data.source = "demo"
     c.data.batch_size = 8 if smoke else 64
-    c.data.demo = dict(num_train=32, num_test=16, seconds=2.0, seed=0) if smoke else \
-        dict(num_train=800, num_test=400, seconds=2.0, seed=0)
+    c.data.demo = (
+        dict(num_train=32, num_test=16, seconds=2.0, seed=0)
+        if smoke
+        else dict(num_train=800, num_test=400, seconds=2.0, seed=0)
+    )
     c.probe.enabled = True
     c.probe.steps = 200 if smoke else 1000

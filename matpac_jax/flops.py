@@ -210,9 +210,7 @@ def _shard_map_multiplier(params: dict) -> int:
             axes = mesh.axis_names
         return _mesh_size(mesh, axes)
     except Exception:  # unknown mesh flavour: be conservative
-        warnings.warn(
-            "count_matmul_flops: could not read shard_map mesh size; counting one shard", stacklevel=3
-        )
+        warnings.warn("count_matmul_flops: could not read shard_map mesh size; counting one shard", stacklevel=3)
         return 1
 
 
@@ -244,9 +242,7 @@ class _Walker:
         params = eqn.params
 
         if name == "dot_general":
-            return dot_general_flops(
-                _shape(eqn.invars[0]), _shape(eqn.invars[1]), params["dimension_numbers"]
-            )
+            return dot_general_flops(_shape(eqn.invars[0]), _shape(eqn.invars[1]), params["dimension_numbers"])
         if name == "conv_general_dilated":
             return conv_general_dilated_flops(
                 _shape(eqn.invars[1]),
@@ -318,9 +314,7 @@ def _dce(jaxpr: Jaxpr) -> Jaxpr:
 
         return pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)[0]
     except Exception as e:  # pragma: no cover - depends on JAX internals
-        warnings.warn(
-            f"jaxpr_matmul_flops: dead-code elimination unavailable ({e}); counting as is", stacklevel=3
-        )
+        warnings.warn(f"jaxpr_matmul_flops: dead-code elimination unavailable ({e}); counting as is", stacklevel=3)
         return jaxpr
 
 

@@ -216,6 +216,16 @@ def test_shard_map_counts_all_shards():
         from jax.experimental.shard_map import shard_map
     f = shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P(), P()), out_specs=P())
     assert count_matmul_flops(f, sds(4, 8), sds(8, 3)) == 2 * 4 * 8 * 3
+    if jax.device_count() < 2:
+        return
+    # data-parallel over 2 devices: the body sees [2, 8] rows per shard; the total covers both shards
+    mesh2 = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    g = shard_map(lambda x, w: x @ w, mesh=mesh2, in_specs=(P("d"), P()), out_specs=P("d"))
+    closed = jax.make_jaxpr(g)(jnp.ones((4, 8)), jnp.ones((8, 3)))
+    (eqn,) = closed.jaxpr.eqns
+    (dot,) = [e for e in eqn.params["jaxpr"].eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.shape == (2, 8)
+    assert jaxpr_matmul_flops(closed) == 2 * 4 * 8 * 3
 
 
 def test_vmap_of_matmul():
@@ -256,9 +266,7 @@ def test_lhs_dilated_conv_counts_only_real_taps():
     reference = 2 * int(jnp.sum(f(x, w)))
     assert count_matmul_flops(f, x, w) == reference
     # grad of a strided SAME conv wrt its input: also checked against the brute-force count
-    conv = lambda x, w: lax.conv_general_dilated(
-        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     x, w = jnp.ones((2, 9, 10, 3)), jnp.ones((3, 3, 3, 4))
     dx = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(conv(x, w))))(x)
     convs = [e for e in dx.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
@@ -297,9 +305,7 @@ def test_conv_layouts_groups_and_padding():
     assert got == 2 * (N * C_OUT * H * W) * (k * k) * (C // G)
     # depthwise, NHWC/HWIO, stride 2, VALID
     dn = ("NHWC", "HWIO", "NHWC")
-    g = lambda x, w: lax.conv_general_dilated(
-        x, w, (2, 2), "VALID", dimension_numbers=dn, feature_group_count=C
-    )
+    g = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=dn, feature_group_count=C)
     got = count_matmul_flops(g, sds(N, H, W, C), sds(k, k, 1, C))
     assert got == 2 * (N * ((H - k) // 2 + 1) * ((W - k) // 2 + 1) * C) * (k * k) * 1
 

@@ -42,15 +42,21 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def _time(n: int, sample_rate: int) -> np.ndarray:
+    return np.arange(n, dtype=np.float32) * np.float32(1.0 / sample_rate)
+
+
 def _envelope(rng: np.random.Generator, n: int, sample_rate: int) -> np.ndarray:
     """Random attack / decay / release envelope of length ``n`` (shared by all classes)."""
-    t = np.arange(n) / sample_rate
+    t = _time(n, sample_rate)
     dur = n / sample_rate
     attack = rng.uniform(0.005, 0.08)
     release = rng.uniform(0.02, 0.3)
     decay_rate = rng.uniform(0.0, 2.0)  # 1/s; 0 = flat sustain
-    env = np.minimum(1.0, t / attack) * np.minimum(1.0, np.maximum(dur - t, 0.0) / release)
-    return env * np.exp(-decay_rate * t)
+    env = np.minimum(np.float32(1.0 / attack) * t, np.float32(1.0))
+    env *= np.clip(np.float32(1.0 / release) * (np.float32(dur) - t), 0.0, 1.0)
+    env *= np.exp(np.float32(-decay_rate) * t)
+    return env
 
 
 class _NoiseBank:
@@ -68,17 +74,19 @@ class _NoiseBank:
         for alpha in (0.0, 1.0, 2.0):
             x = np.fft.irfft(spec * np.maximum(f, 30.0) ** (-alpha / 2.0), length)
             bank.append(x / np.sqrt(np.mean(x**2)))
-        self.bank = np.stack(bank)  # [3, length]
+        self.bank = np.stack(bank).astype(np.float32)  # [3, length]
         self.length = length
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Unit-RMS noise of length ``n`` with a random colour between white and brown."""
-        weights = rng.dirichlet(np.full(3, 0.7))
+        weights = rng.dirichlet(np.full(3, 0.7)).astype(np.float32)
         start = int(rng.integers(0, self.length - n + 1))
-        x = weights @ self.bank[:, start : start + n]
+        seg = self.bank[:, start : start + n]
+        # Explicit products (not a BLAS matmul) keep the result bit-identical regardless of BLAS threads.
+        x = weights[0] * seg[0] + weights[1] * seg[1] + weights[2] * seg[2]
         if rng.uniform() < 0.5:
             x = x[::-1]
-        return x / (np.sqrt(np.mean(x**2)) + 1e-12)
+        return x * np.float32(1.0 / (np.sqrt(np.mean(x**2)) + 1e-12))
 
 
 def _wavetable(rng: np.random.Generator, odd_only: bool, max_harmonics: int) -> np.ndarray:
@@ -97,61 +105,63 @@ def _wavetable(rng: np.random.Generator, odd_only: bool, max_harmonics: int) -> 
 
 
 def _lookup(table: np.ndarray, phase_cycles: np.ndarray) -> np.ndarray:
-    """Linear-interpolated wavetable lookup at phases given in cycles."""
-    wrapped = np.append(table, table[0])
-    pos = (phase_cycles % 1.0) * _WAVETABLE_SIZE
-    i0 = np.minimum(pos.astype(np.int64), _WAVETABLE_SIZE - 1)
-    frac = pos - i0
-    lo = wrapped[i0]
-    return lo + (wrapped[i0 + 1] - lo) * frac
+    """Linear-interpolated wavetable lookup at (non-negative) phases given in cycles."""
+    pos = phase_cycles * _WAVETABLE_SIZE
+    i0 = pos.astype(np.int64)
+    frac = (pos - i0).astype(np.float32)
+    i0 &= _WAVETABLE_SIZE - 1  # the table size is a power of two
+    slope = (np.roll(table, -1) - table).astype(np.float32)
+    return table.astype(np.float32)[i0] + slope[i0] * frac
 
 
 def _tonal_event(rng: np.random.Generator, label: int, n: int, sample_rate: int) -> np.ndarray:
     """Tonal events (classes 0-5): an instantaneous-frequency track read through a harmonic wavetable."""
-    t = np.arange(n) / sample_rate
+    t = _time(n, sample_rate)
     f0 = _log_uniform(rng, *_F0_RANGE)
-    amp = np.ones(n)
+    amp = None
     name = CLASS_NAMES[label]
     if name in ("chirp_up", "chirp_down"):
         octaves = rng.uniform(0.8, 2.0)
         direction = 1.0 if name == "chirp_up" else -1.0
         # f0 is the geometric centre of the sweep, so up and down cover the same frequency range.
-        frac = t / max(t[-1], 1e-9) - 0.5
-        freq = f0 * 2.0 ** (direction * octaves * frac)
+        k = np.float32(direction * octaves * np.log(2.0) / max(float(t[-1]), 1e-9))
+        freq = np.float32(f0 * 2.0 ** (-0.5 * direction * octaves)) * np.exp(k * t)
     elif name == "fm_tone":
         rate = rng.uniform(3.0, 9.0)
         depth = rng.uniform(0.7, 2.5)  # semitones
-        freq = f0 * 2.0 ** (depth / 12.0 * np.sin(2.0 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)))
+        lfo = np.sin(np.float32(2.0 * np.pi * rate) * t + np.float32(rng.uniform(0, 2 * np.pi)))
+        freq = np.float32(f0) * np.exp(np.float32(depth / 12.0 * np.log(2.0)) * lfo)
     else:
-        freq = np.full(n, f0)
+        freq = np.full(n, f0, dtype=np.float32)
         if name == "am_tone":
             rate = rng.uniform(3.0, 12.0)
             depth = rng.uniform(0.7, 1.0)
-            amp = 1.0 - depth * 0.5 * (1.0 - np.cos(2.0 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)))
+            lfo = np.cos(np.float32(2.0 * np.pi * rate) * t + np.float32(rng.uniform(0, 2 * np.pi)))
+            amp = np.float32(1.0 - 0.5 * depth) + np.float32(0.5 * depth) * lfo
     max_harm = int(0.45 * sample_rate / np.max(freq))
     table = _wavetable(rng, odd_only=(name == "odd_harmonic_tone"), max_harmonics=max_harm)
-    phase = np.cumsum(freq) / sample_rate + rng.uniform()
-    return _lookup(table, phase) * amp
+    phase = np.cumsum(freq, dtype=np.float64) * (1.0 / sample_rate) + rng.uniform()
+    out = _lookup(table, phase)
+    return out if amp is None else out * amp
 
 
-def _noise_event(
-    rng: np.random.Generator, label: int, n: int, sample_rate: int, noise: _NoiseBank
-) -> np.ndarray:
+def _noise_event(rng: np.random.Generator, label: int, n: int, sample_rate: int, noise: _NoiseBank) -> np.ndarray:
     """Noise events (classes 6-7): coloured noise, optionally gated into a regular click train."""
     x = noise.draw(rng, n)
     if CLASS_NAMES[label] == "click_train":
         rate = _log_uniform(rng, 3.0, 25.0)
         tau = rng.uniform(0.002, 0.012)  # click decay time (s)
-        t = np.arange(n) / sample_rate + rng.uniform(0.0, 1.0 / rate)
-        gate = np.exp(-(t % (1.0 / rate)) / tau)
-        x = x * gate / (np.sqrt(np.mean(gate**2)) + 1e-12)
+        period = 1.0 / rate
+        t = _time(n, sample_rate) + np.float32(rng.uniform(0.0, period))
+        gate = np.exp(np.float32(-1.0 / tau) * np.mod(t, np.float32(period)))
+        x = x * gate * np.float32(1.0 / (np.sqrt(np.mean(gate**2)) + 1e-12))
     return x
 
 
-def _make_clip(
-    rng: np.random.Generator, label: int, num_samples: int, sample_rate: int, noise: _NoiseBank
-) -> np.ndarray:
-    clip = np.zeros(num_samples)
+def _make_clip(rng: np.random.Generator, label: int, clip: np.ndarray, sample_rate: int, noise: _NoiseBank) -> None:
+    """Synthesise one clip of class ``label`` in place into the float32 buffer ``clip``."""
+    num_samples = clip.shape[0]
+    clip[:] = 0.0
     n_events = int(rng.integers(1, _MAX_EVENTS + 1))
     for _ in range(n_events):
         dur = rng.uniform(*_EVENT_SECONDS)
@@ -161,13 +171,14 @@ def _make_clip(
             ev = _tonal_event(rng, label, n, sample_rate)
         else:
             ev = _noise_event(rng, label, n, sample_rate, noise)
-        ev = ev / (np.max(np.abs(ev)) + 1e-12)
-        clip[start : start + n] += ev * _envelope(rng, n, sample_rate) * rng.uniform(0.5, 1.0)
+        ev *= np.float32(rng.uniform(0.5, 1.0) / (np.max(np.abs(ev)) + 1e-12))
+        ev *= _envelope(rng, n, sample_rate)
+        clip[start : start + n] += ev
     peak = np.max(np.abs(clip)) + 1e-12
     bg_db = rng.uniform(-45.0, -25.0)  # background noise RMS relative to the event peak
-    clip = clip + noise.draw(rng, num_samples) * peak * 10.0 ** (bg_db / 20.0)
+    clip += noise.draw(rng, num_samples) * np.float32(peak * 10.0 ** (bg_db / 20.0))
     gain_db = rng.uniform(-30.0, -6.0)  # peak level in dBFS
-    return clip * (10.0 ** (gain_db / 20.0) / np.max(np.abs(clip)))
+    clip *= np.float32(10.0 ** (gain_db / 20.0) / np.max(np.abs(clip)))
 
 
 def make_demo_corpus(num_clips: int, seconds: float = 3.0, sample_rate: int = 16000, seed: int = 0) -> dict:
@@ -178,7 +189,7 @@ def make_demo_corpus(num_clips: int, seconds: float = 3.0, sample_rate: int = 16
             ``num_clips // num_classes`` or one more clip, in a seeded random order.
         seconds: clip duration in seconds (> 0).
         sample_rate: sampling rate in Hz (>= 4000).
-        seed: random seed; the same arguments always produce bit-identical output.
+        seed: non-negative integer seed; the same arguments always produce bit-identical output.
 
     Returns:
         ``{'waves': float32 [num_clips, samples], 'labels': int32 [num_clips], 'class_names': tuple}``
@@ -190,6 +201,8 @@ def make_demo_corpus(num_clips: int, seconds: float = 3.0, sample_rate: int = 16
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
     if int(sample_rate) != sample_rate or sample_rate < 4000:
         raise ValueError(f"sample_rate must be an integer >= 4000, got {sample_rate!r}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     num_clips, sample_rate = int(num_clips), int(sample_rate)
     num_samples = int(round(seconds * sample_rate))
     if num_samples < 64:
@@ -203,7 +216,7 @@ def make_demo_corpus(num_clips: int, seconds: float = 3.0, sample_rate: int = 16
     noise = _NoiseBank(np.random.default_rng(noise_seq), bank_len, sample_rate)
     waves = np.empty((num_clips, num_samples), dtype=np.float32)
     for i, clip_seq in enumerate(clips_seq.spawn(num_clips)):
-        waves[i] = _make_clip(np.random.default_rng(clip_seq), int(labels[i]), num_samples, sample_rate, noise)
+        _make_clip(np.random.default_rng(clip_seq), int(labels[i]), waves[i], sample_rate, noise)
     return {"waves": waves, "labels": labels.astype(np.int32), "class_names": CLASS_NAMES}
 
 
@@ -215,6 +228,8 @@ def demo_splits(
     The two splits are independent draws (no clip is shared); each is a dict as returned by
     :func:`make_demo_corpus`.
     """
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     train_seed, test_seed = (
         int(s) for s in np.random.SeedSequence([int(seed), 0x73706C74]).generate_state(2, dtype=np.uint32)
     )

@@ -11,13 +11,22 @@ import numpy as np
 
 
 class CropBatcher:
-    def __init__(self, waves: np.ndarray, crop_samples: int, global_batch: int, seed: int,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        waves: np.ndarray,
+        crop_samples: int,
+        global_batch: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         if waves.ndim != 2:
             raise ValueError(f"waves must be [clips, samples], got shape {waves.shape}")
         if waves.shape[1] < crop_samples:
-            raise ValueError(f"clips have {waves.shape[1]} samples, shorter than a crop of {crop_samples}: "
-                             "use longer clips or a shorter config.audio.crop_frames")
+            raise ValueError(
+                f"clips have {waves.shape[1]} samples, shorter than a crop of {crop_samples}: "
+                "use longer clips or a shorter config.audio.crop_frames"
+            )
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch % self.process_count:
@@ -35,7 +44,8 @@ class CropBatcher:
             perm = np.random.default_rng([self.seed, int(e)]).permutation(n)
             idx[epochs == e] = perm[offsets[epochs == e]]
         starts = np.random.default_rng([self.seed, 1_000_003, step]).integers(
-            0, self.waves.shape[1] - self.crop + 1, size=self.batch)
+            0, self.waves.shape[1] - self.crop + 1, size=self.batch
+        )
         local = self.batch // self.process_count
         rows = slice(self.process_index * local, (self.process_index + 1) * local)
         audio = np.stack([self.waves[i, s : s + self.crop] for i, s in zip(idx[rows], starts[rows], strict=True)])

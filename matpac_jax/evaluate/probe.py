@@ -41,9 +41,7 @@ def _as_labels(y: Any, name: str, num_examples: int, x_name: str, num_classes: i
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of class indices, got shape {arr.shape}")
     if arr.shape[0] != num_examples:
-        raise ValueError(
-            f"shape mismatch: {name} has {arr.shape[0]} labels but {x_name} has {num_examples} examples"
-        )
+        raise ValueError(f"shape mismatch: {name} has {arr.shape[0]} labels but {x_name} has {num_examples} examples")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"{name} must contain integer class labels, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)

@@ -12,7 +12,8 @@ from flax import linen as nn
 
 from matpac_jax.models.vit import symmetric_uniform
 
-trunc_normal = nn.initializers.truncated_normal(0.02)
+# timm normal_002_(std=.02) truncates at ±2 in absolute units: effectively an untruncated N(0, 0.02²).
+normal_002 = nn.initializers.normal(0.02)
 
 
 class ClsHead(nn.Module):
@@ -25,13 +26,16 @@ class ClsHead(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> logits [..., P] (before the temperature)."""
         for i, width in enumerate((self.hidden, self.hidden)):
-            x = nn.Dense(width, kernel_init=trunc_normal, dtype=self.dtype, name=f"mlp_{2 * i}")(x)
+            x = nn.Dense(width, kernel_init=normal_002, dtype=self.dtype, name=f"mlp_{2 * i}")(x)
             x = nn.gelu(x, approximate=False)
-        x = nn.Dense(self.bottleneck, kernel_init=trunc_normal, dtype=self.dtype, name="mlp_4")(x)
+        x = nn.Dense(self.bottleneck, kernel_init=normal_002, dtype=self.dtype, name="mlp_4")(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
-        v = self.param("weight_v", symmetric_uniform(self.bottleneck**-0.5),  # torch Linear default init
-                       (self.bottleneck, self.num_prototypes))
+        v = self.param(
+            "weight_v",
+            symmetric_uniform(self.bottleneck**-0.5),  # torch Linear default init
+            (self.bottleneck, self.num_prototypes),
+        )
         g = self.param("weight_g", nn.initializers.ones, (self.num_prototypes,))
         w = v * (g / jnp.linalg.norm(v, axis=0))
         return x @ w

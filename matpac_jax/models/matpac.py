@@ -25,8 +25,9 @@ def gather_tokens(tokens: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def with_cls(cls: jax.Array, tokens: jax.Array) -> jax.Array:
-    return jnp.concatenate([jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[2])),
-                            tokens], axis=1)
+    return jnp.concatenate(
+        [jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[2])), tokens], axis=1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,10 @@ class MatpacModel:
         impl = m.attn_impl or None
         p = m.patch
         if a.n_mels % p or a.crop_frames % p:
-            raise ValueError(f"config.audio.n_mels ({a.n_mels}) and config.audio.crop_frames ({a.crop_frames}) "
-                             f"must be multiples of config.model.patch ({p})")
+            raise ValueError(
+                f"config.audio.n_mels ({a.n_mels}) and config.audio.crop_frames ({a.crop_frames}) "
+                f"must be multiples of config.model.patch ({p})"
+            )
         grid_f, grid_t = a.n_mels // p, a.crop_frames // p
         e, pr, h = m.encoder, m.predictor, m.cls_head
         encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, impl)
@@ -57,8 +60,9 @@ class MatpacModel:
             tokenizer=Tokenizer(e.dim, p, grid_f, grid_t, dtype),
             encoder=encoder,
             teacher_encoder=encoder,
-            predictor=Predictor(pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t,
-                                dtype, impl),
+            predictor=Predictor(
+                pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t, dtype, impl
+            ),
             cls_head=ClsHead(h.hidden, h.bottleneck, h.prototypes, dtype),
             n_mels=a.n_mels,
             crop_frames=a.crop_frames,
@@ -88,8 +92,9 @@ class MatpacModel:
         elif self.teacher_head_init == "copy":
             student_head = teacher_head
         else:
-            raise ValueError(f"config.model.cls_head.teacher_init must be 'copy_initial' or 'copy', "
-                             f"got {self.teacher_head_init!r}")
+            raise ValueError(
+                f"config.model.cls_head.teacher_init must be 'copy_initial' or 'copy', got {self.teacher_head_init!r}"
+            )
         student = {
             "tokenizer": self.tokenizer.init(k_tok, mel)["params"],
             "encoder": self.encoder.init(k_enc, tokens)["params"],

@@ -40,9 +40,8 @@ class Predictor(nn.Module):
         full = full.at[jnp.arange(b)[:, None], ids_keep].set(x[:, 1:])
         seq = jnp.concatenate([x[:, :1], full], axis=1)  # [B, 1+N, d]
         seq = seq + jnp.asarray(sincos_pos_embed_2d(self.dim, self.grid_freq, self.grid_time), seq.dtype)
-        seq = Transformer(self.dim, self.depth, self.heads, self.mlp_ratio, self.dtype, self.attn_impl,
-                          name="trunk")(seq)
-        masked = jnp.take_along_axis(seq[:, 1:], ids_mask[..., None], axis=1)  # [B, Nm, d]
-        return jnp.stack(
-            [dense(self.out_dim, f"heads_{k}", self.dtype)(masked) for k in range(self.num_heads_out)]
+        seq = Transformer(self.dim, self.depth, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, name="trunk")(
+            seq
         )
+        masked = jnp.take_along_axis(seq[:, 1:], ids_mask[..., None], axis=1)  # [B, Nm, d]
+        return jnp.stack([dense(self.out_dim, f"heads_{k}", self.dtype)(masked) for k in range(self.num_heads_out)])

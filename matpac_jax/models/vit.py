@@ -82,8 +82,14 @@ class Tokenizer(nn.Module):
         # PyTorch inits this conv with xavier-uniform on its [D, p*p] view: fan_in = p*p, fan_out = D.
         conv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
         proj = nn.Conv(
-            self.dim, (self.patch, self.patch), strides=(self.patch, self.patch), padding="VALID",
-            kernel_init=conv_init, bias_init=symmetric_uniform(1.0 / self.patch), dtype=self.dtype, name="proj",
+            self.dim,
+            (self.patch, self.patch),
+            strides=(self.patch, self.patch),
+            padding="VALID",
+            kernel_init=conv_init,
+            bias_init=symmetric_uniform(1.0 / self.patch),
+            dtype=self.dtype,
+            name="proj",
         )
         x = proj(mel[..., None].astype(self.dtype))  # [B, Fp, Tp, D]
         x = x.reshape(b, -1, self.dim)

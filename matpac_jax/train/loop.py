@@ -1,7 +1,7 @@
 """The trainer: one loop, read top to bottom.
 
-  set up mesh -> model & optimizer -> sharded state (fresh or restored) -> input -> jitted step -> loop
-  (metrics fetched one step late so the host never stalls the device) -> checkpoints -> closing probe
+set up mesh -> model & optimizer -> sharded state (fresh or restored) -> input -> jitted step -> loop
+(metrics fetched one step late so the host never stalls the device) -> checkpoints -> closing probe
 """
 
 from __future__ import annotations
@@ -25,8 +25,18 @@ from matpac_jax.train.step import make_train_step
 
 def frontend_config(config) -> LogMelConfig:
     a = config.audio
-    return LogMelConfig(a.sample_rate, a.n_fft, a.win_length, a.hop_length, a.n_mels, a.f_min, a.f_max,
-                        a.log_offset, a.norm_mean, a.norm_std)
+    return LogMelConfig(
+        a.sample_rate,
+        a.n_fft,
+        a.win_length,
+        a.hop_length,
+        a.n_mels,
+        a.f_min,
+        a.f_max,
+        a.log_offset,
+        a.norm_mean,
+        a.norm_std,
+    )
 
 
 def build(config, mesh):
@@ -37,14 +47,16 @@ def build(config, mesh):
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0)))
     state_sharding = parallel.state_shardings(abstract, mesh)
     init_fn = jax.jit(lambda rng: create_train_state(model, tx, rng), out_shardings=state_sharding)
-    step_fn = make_train_step(model, config, tx, frontend_config(config), lr_schedule(config.optim,
-                                                                                    config.total_steps))
+    step_fn = make_train_step(model, config, tx, frontend_config(config), lr_schedule(config.optim, config.total_steps))
     batch_sh = parallel.batch_sharding(mesh)
     repl = parallel.replicated(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(state_sharding, {"audio": batch_sh}, repl),
-                         out_shardings=(state_sharding, repl), donate_argnums=0)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                            state_sharding)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, {"audio": batch_sh}, repl),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=0,
+    )
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
     return model, init_fn, train_step, abstract
 
 
@@ -62,8 +74,10 @@ def make_input(config):
 
 
 def format_line(step: int, total: int, m: dict, rate: float, eta: float) -> str:
-    return (f"step {step:>7d}/{total}  loss {m['loss']:.4f} (pred {m['loss_pred']:.4f} cls {m['loss_cls']:.4f})"
-            f"  lr {m['lr']:.2e}  {rate:,.1f} samples/s  eta {eta / 60:.1f} min")
+    return (
+        f"step {step:>7d}/{total}  loss {m['loss']:.4f} (pred {m['loss_pred']:.4f} cls {m['loss_cls']:.4f})"
+        f"  lr {m['lr']:.2e}  {rate:,.1f} samples/s  eta {eta / 60:.1f} min"
+    )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -72,8 +86,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.to_dict())
     dp = parallel.data_parallel_size(mesh)
     if config.data.batch_size % dp:
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel "
-                         f"size {dp} of mesh {dict(mesh.shape)}")
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel "
+            f"size {dp} of mesh {dict(mesh.shape)}"
+        )
 
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
@@ -142,7 +158,14 @@ def closing_probe(config, model, student, initial_student, splits) -> dict:
         params = jax.tree.map(jnp.asarray, params)
         xtr = clip_embeddings(model, params, train["waves"], fe)
         xte = clip_embeddings(model, params, test["waves"], fe)
-        res = linear_probe(xtr, train["labels"], xte, test["labels"], num_classes=len(train["class_names"]),
-                           seed=config.seed, max_steps=config.probe.steps)
+        res = linear_probe(
+            xtr,
+            train["labels"],
+            xte,
+            test["labels"],
+            num_classes=len(train["class_names"]),
+            seed=config.seed,
+            max_steps=config.probe.steps,
+        )
         out[name] = res["test_accuracy"]
     return out

@@ -32,7 +32,11 @@ def make_optimizer(optim, total_steps: int, params) -> optax.GradientTransformat
     return optax.chain(
         optax.clip_by_global_norm(optim.clip_norm),
         optax.adamw(
-            lr_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-            weight_decay=optim.weight_decay, mask=decay_mask(params, optim.wd_exclude_bias_norm_tokens),
+            lr_schedule(optim, total_steps),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask(params, optim.wd_exclude_bias_norm_tokens),
         ),
     )

@@ -55,8 +55,15 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             cls_tok = obj.cls_loss(model.student_logits(student, z_hat), probs, o.student_temp)
             loss_pred, loss_cls = jnp.mean(pred_tok), jnp.mean(cls_tok)
             loss = o.weight_pred * loss_pred + o.weight_cls * loss_cls
-            aux = dict(loss_pred=loss_pred, loss_cls=loss_cls, probs=probs, t_logits=t_logits, winner=winner,
-                       preds=out["preds"], targets=out["targets"])
+            aux = dict(
+                loss_pred=loss_pred,
+                loss_cls=loss_cls,
+                probs=probs,
+                t_logits=t_logits,
+                winner=winner,
+                preds=out["preds"],
+                targets=out["targets"],
+            )
             return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
@@ -72,9 +79,15 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         mean_p = jnp.mean(probs.reshape(-1, num_p), axis=0)
         k = aux["preds"].shape[0]
         metrics = dict(
-            loss=loss, loss_pred=aux["loss_pred"], loss_cls=aux["loss_cls"],
-            lr=lr_fn(step), grad_norm=optax.global_norm(grads),
-            ema_decay=d_enc, head_ema_decay=d_head, teacher_temp=tau_t, mcl_temp=mcl_t,
+            loss=loss,
+            loss_pred=aux["loss_pred"],
+            loss_cls=aux["loss_cls"],
+            lr=lr_fn(step),
+            grad_norm=optax.tree_utils.tree_norm(grads),
+            ema_decay=d_enc,
+            head_ema_decay=d_head,
+            teacher_temp=tau_t,
+            mcl_temp=mcl_t,
             target_std=prediction_std(aux["targets"]),
             teacher_classes=jnp.sum(used > 0),
             cls_perplexity=jnp.exp(-jnp.sum(mean_p * jnp.log(mean_p + 1e-12))),

@@ -1,0 +1,127 @@
+r"""Benchmark the pretraining step: steps/s, samples/s, counted model FLOPs per sample, MFU.
+
+  python bench/train_step.py --config=configs/pp.py:smoke                  # CPU smoke model
+  python bench/train_step.py --config=configs/pp.py --batch=256 --steps=20 # ViT-B recipe on an accelerator
+  python bench/train_step.py --config=configs/pp.py:smoke --baseline=model.dtype=bfloat16
+
+FLOPs are counted from the step's jaxpr (every dot_general / conv: forward, backward, teacher forward), not
+estimated. With --baseline=key=value[,key=value] a second variant is timed in the same process and the ratio printed.
+Inputs are random waveforms of exactly one crop; the input pipeline is not part of this measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from matpac_jax import config_lib, parallel  # noqa: E402
+from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
+from matpac_jax.flops import count_matmul_flops  # noqa: E402
+from matpac_jax.train import loop  # noqa: E402
+
+# Dense bf16 peak FLOP/s per chip (datasheet), for MFU.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def device_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak * jax.device_count()
+    return None
+
+
+def apply_overrides(config, overrides: str) -> None:
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+
+
+def measure(config, steps: int, warmup: int) -> dict:
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    _, init_fn, train_step, abstract = loop.build(config, mesh)
+    b = config.data.batch_size
+    n = num_samples_for_frames(config.audio.crop_frames, loop.frontend_config(config))
+    audio = np.random.default_rng(0).normal(0, 0.1, (b, n)).astype(np.float32)
+    batch = parallel.global_batch({"audio": audio}, mesh)
+    rng = jax.random.key(0)
+    flops = count_matmul_flops(train_step, abstract, {"audio": jax.ShapeDtypeStruct((b, n), jnp.float32)}, rng)
+    state = init_fn(jax.random.key(config.seed))
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, m = train_step(state, batch, rng)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = train_step(state, batch, rng)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    out = {
+        "steps_per_s": 1 / dt,
+        "samples_per_s": b / dt,
+        "gflop_per_sample": flops / b / 1e9,
+        "warmup_s": compile_s,
+        "loss": float(m["loss"]),
+    }
+    peak = device_peak()
+    if peak:
+        out["mfu"] = flops / dt / peak
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/pp.py:smoke")
+    ap.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--set", default="", help="overrides key=value[,key=value] for the measured variant")
+    ap.add_argument("--baseline", default=None, help="overrides for a baseline variant timed in the same run")
+    args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        ap.error("--steps and --warmup must be at least 1")
+    path, _, arg = args.config.partition(":")
+
+    def config_for(overrides):
+        c = config_lib.load_config_file(path, os.path.basename(path), arg or None)
+        if args.batch:
+            c.data.batch_size = args.batch
+        apply_overrides(c, overrides)
+        return c
+
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
+        f"config: {args.config} {args.set}  batch {config_for(args.set).data.batch_size}"
+    )
+    result = measure(config_for(args.set), args.steps, args.warmup)
+    line = "  ".join(f"{k} {v:,.4g}" for k, v in result.items())
+    print(f"measured: {line}")
+    if args.baseline is not None:
+        base = measure(config_for(args.baseline), args.steps, args.warmup)
+        print("baseline (" + args.baseline + "): " + "  ".join(f"{k} {v:,.4g}" for k, v in base.items()))
+        print(f"speed-up vs baseline: {result['samples_per_s'] / base['samples_per_s']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

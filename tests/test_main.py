@@ -1,0 +1,88 @@
+"""The entry point, as a user runs it: config strings, overrides, early config errors, the smoke run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, load_config
+
+from matpac_jax import config_lib
+
+
+def main(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, "-m", "matpac_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_unknown_config_key_fails_before_compute_and_names_the_key(tmp_path):
+    r = main(
+        "--config=configs/pp.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.optim.learning_rate=1e-3",
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "learning_rate" in r.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_variant_and_argument_fail_with_the_name():
+    with pytest.raises(ValueError, match="unknown variant 'tiny'"):
+        load_config("pp.py", "tiny")
+    with pytest.raises(ValueError, match="unknown config argument 'heads'"):
+        load_config("pp.py", "smoke,heads=3")
+
+
+def test_config_string_sets_batch_heads_and_steps():
+    c = load_config("pp.py", "batch=8192,mcl_heads=3,steps=1000")
+    assert (c.data.batch_size, c.model.mcl_heads, c.total_steps) == (8192, 3, 1000)
+    assert load_config("matpac.py", None).model.mcl_heads == 1
+
+
+def test_paper_recipe_numbers():
+    c = load_config("pp.py", None)
+    assert (c.seed, c.total_steps, c.data.batch_size, c.optim.warmup_steps) == (1337, 294_816, 2048, 19_654)
+    assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm) == (
+        3e-4,
+        0.9,
+        0.95,
+        1e-6,
+        0.05,
+        3.0,
+    )
+    assert (c.model.encoder.dim, c.model.encoder.depth, c.model.encoder.heads, c.model.mcl_heads) == (
+        768,
+        12,
+        12,
+        5,
+    )
+    assert (c.audio.crop_frames, c.objective.mask_ratio, c.objective.teacher_temp_warmup_steps) == (
+        608,
+        0.7,
+        9_827,
+    )
+
+
+def test_parse_arg_coerces_types():
+    a = config_lib.parse_arg("demo,batch=64,flag", variant="", batch=0, flag=False)
+    assert (a.variant, a.batch, a.flag) == ("demo", 64, True)
+
+
+def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
+    r = main("--config=configs/pp.py:smoke", f"--workdir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("probe: learned=") and " init=" in lines[-1]
+    learned, init = (float(x.split("=")[1]) for x in lines[-1].split()[1:])
+    assert 0 <= learned <= 1 and 0 <= init <= 1
+    assert any(line.startswith("step ") for line in lines)
+    assert os.listdir(tmp_path / "checkpoints")
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == load_config().total_steps
