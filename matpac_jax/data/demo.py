@@ -1,16 +1,15 @@
-"""Deterministic built-in synthetic audio corpus for demos, smoke tests and examples.
+"""Deterministic built-in synthetic audio corpus for the demo, smoke tests and examples.
 
-The corpus is made of eight classes of synthetic sound events. It is designed so that the classes are
-*not* trivially separable from their time-averaged spectrum: every class draws its pitch / centre
-frequency / noise colour from the same overlapping ranges, and every event uses the same random
-amplitude envelope, so what distinguishes the classes is mostly temporal structure (direction of a
-sweep, periodic amplitude or frequency modulation, regular clicks vs. irregular bursts) and harmonic
-pattern (all harmonics vs. odd harmonics only). Loudness carries no class information: each clip is
-peak-normalised to a random level between -30 and -6 dBFS, and a little coloured background noise is
-added to every clip.
+Eight classes of short *patterns* of notes and noise bursts. Every clip draws its own pitch (150–500 Hz), interval
+(4–8 semitones), timbre (all or odd harmonics, random spectral tilt), note lengths, gaps, onset, level and background
+noise, so no single note, pitch or spectrum identifies a class: what does is the **order** of the events. The pairs
+rise2/fall2, rise3/fall3 and tone_noise/noise_tone contain the same events in opposite orders, so a representation
+that pools local patch content over time (a random network, or time-averaged spectra) confuses them, while one that
+has learned how sounds continue in time can tell them apart. That makes the corpus a small, honest test of whether
+self-supervised pretraining learned something an untrained encoder does not have.
 
-Everything is generated with numpy from a seed, so the same arguments always give bit-identical
-output (on a given numpy version).
+Everything is generated with numpy from a seed: the same arguments give bit-identical output (on a given numpy
+version).
 """
 
 from __future__ import annotations
@@ -19,21 +18,23 @@ import numpy as np
 
 __all__ = ["CLASS_NAMES", "make_demo_corpus", "demo_splits"]
 
-CLASS_NAMES: tuple[str, ...] = (
-    "harmonic_tone",  # steady tone with all harmonics (sawtooth-like, random spectral tilt)
-    "odd_harmonic_tone",  # steady tone with odd harmonics only (clarinet-like), same pitch range
-    "chirp_up",  # harmonic tone whose pitch glides exponentially upward over the event
-    "chirp_down",  # the same glide, downward: same average spectrum as chirp_up
-    "am_tone",  # harmonic tone with periodic tremolo (amplitude modulation, 3-12 Hz)
-    "fm_tone",  # harmonic tone with periodic vibrato (frequency modulation, 3-9 Hz)
-    "noise_burst",  # coloured (white..brown) noise shaped only by the event envelope
-    "click_train",  # the same coloured noise gated into regular short clicks (3-25 clicks per second)
-)
+# Each pattern lists its events in time order: an integer k is a note at pitch f0 · r^k, "n" a noise burst.
+PATTERNS: dict[str, tuple] = {
+    "rise2": (0, 1),  # low note, then high note
+    "fall2": (1, 0),  # the same two notes, high first
+    "arch": (0, 1, 0),  # low, high, low
+    "valley": (1, 0, 1),  # high, low, high
+    "rise3": (0, 1, 2),  # three ascending notes
+    "fall3": (2, 1, 0),  # the same three notes, descending
+    "tone_noise": (0, "n"),  # a note, then a noise burst
+    "noise_tone": ("n", 0),  # a noise burst, then a note
+}
+CLASS_NAMES: tuple[str, ...] = tuple(PATTERNS)
 
-# Shared parameter ranges (all classes draw from the same ranges so their average spectra overlap).
-_F0_RANGE = (110.0, 880.0)  # Hz, log-uniform; centre pitch of tonal events
-_EVENT_SECONDS = (0.3, 1.4)  # event duration
-_MAX_EVENTS = 3  # 1..3 events per clip
+_F0_RANGE = (150.0, 500.0)  # Hz, log-uniform: the lowest note of a pattern
+_INTERVAL_RANGE = (1.25, 1.6)  # frequency ratio between successive pitch steps (4-8 semitones)
+_NOTE_SECONDS = (0.18, 0.3)
+_GAP_SECONDS = (0.02, 0.08)
 _WAVETABLE_SIZE = 2048
 _NOISE_BANK_SECONDS = 60.0
 
@@ -44,19 +45,6 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 def _time(n: int, sample_rate: int) -> np.ndarray:
     return np.arange(n, dtype=np.float32) * np.float32(1.0 / sample_rate)
-
-
-def _envelope(rng: np.random.Generator, n: int, sample_rate: int) -> np.ndarray:
-    """Random attack / decay / release envelope of length ``n`` (shared by all classes)."""
-    t = _time(n, sample_rate)
-    dur = n / sample_rate
-    attack = rng.uniform(0.005, 0.08)
-    release = rng.uniform(0.02, 0.3)
-    decay_rate = rng.uniform(0.0, 2.0)  # 1/s; 0 = flat sustain
-    env = np.minimum(np.float32(1.0 / attack) * t, np.float32(1.0))
-    env *= np.clip(np.float32(1.0 / release) * (np.float32(dur) - t), 0.0, 1.0)
-    env *= np.exp(np.float32(-decay_rate) * t)
-    return env
 
 
 class _NoiseBank:
@@ -114,68 +102,38 @@ def _lookup(table: np.ndarray, phase_cycles: np.ndarray) -> np.ndarray:
     return table.astype(np.float32)[i0] + slope[i0] * frac
 
 
-def _tonal_event(rng: np.random.Generator, label: int, n: int, sample_rate: int) -> np.ndarray:
-    """Tonal events (classes 0-5): an instantaneous-frequency track read through a harmonic wavetable."""
+def _note(rng: np.random.Generator, freq: float, n: int, sample_rate: int, table: np.ndarray) -> np.ndarray:
+    """A steady note of n samples read through the clip's wavetable, with 10 ms attack and 30 ms release."""
     t = _time(n, sample_rate)
-    f0 = _log_uniform(rng, *_F0_RANGE)
-    amp = None
-    name = CLASS_NAMES[label]
-    if name in ("chirp_up", "chirp_down"):
-        octaves = rng.uniform(0.8, 2.0)
-        direction = 1.0 if name == "chirp_up" else -1.0
-        # f0 is the geometric centre of the sweep, so up and down cover the same frequency range.
-        k = np.float32(direction * octaves * np.log(2.0) / max(float(t[-1]), 1e-9))
-        freq = np.float32(f0 * 2.0 ** (-0.5 * direction * octaves)) * np.exp(k * t)
-    elif name == "fm_tone":
-        rate = rng.uniform(3.0, 9.0)
-        depth = rng.uniform(0.7, 2.5)  # semitones
-        lfo = np.sin(np.float32(2.0 * np.pi * rate) * t + np.float32(rng.uniform(0, 2 * np.pi)))
-        freq = np.float32(f0) * np.exp(np.float32(depth / 12.0 * np.log(2.0)) * lfo)
-    else:
-        freq = np.full(n, f0, dtype=np.float32)
-        if name == "am_tone":
-            rate = rng.uniform(3.0, 12.0)
-            depth = rng.uniform(0.7, 1.0)
-            lfo = np.cos(np.float32(2.0 * np.pi * rate) * t + np.float32(rng.uniform(0, 2 * np.pi)))
-            amp = np.float32(1.0 - 0.5 * depth) + np.float32(0.5 * depth) * lfo
-    max_harm = int(0.45 * sample_rate / np.max(freq))
-    table = _wavetable(rng, odd_only=(name == "odd_harmonic_tone"), max_harmonics=max_harm)
-    phase = np.cumsum(freq, dtype=np.float64) * (1.0 / sample_rate) + rng.uniform()
-    out = _lookup(table, phase)
-    return out if amp is None else out * amp
+    phase = np.arange(n, dtype=np.float64) * (freq / sample_rate) + rng.uniform()
+    return _lookup(table, phase) * _attack_release(t, 0.01, 0.03)
 
 
-def _noise_event(rng: np.random.Generator, label: int, n: int, sample_rate: int, noise: _NoiseBank) -> np.ndarray:
-    """Noise events (classes 6-7): coloured noise, optionally gated into a regular click train."""
-    x = noise.draw(rng, n)
-    if CLASS_NAMES[label] == "click_train":
-        rate = _log_uniform(rng, 3.0, 25.0)
-        tau = rng.uniform(0.002, 0.012)  # click decay time (s)
-        period = 1.0 / rate
-        t = _time(n, sample_rate) + np.float32(rng.uniform(0.0, period))
-        gate = np.exp(np.float32(-1.0 / tau) * np.mod(t, np.float32(period)))
-        x = x * gate * np.float32(1.0 / (np.sqrt(np.mean(gate**2)) + 1e-12))
-    return x
+def _attack_release(t: np.ndarray, attack: float, release: float) -> np.ndarray:
+    return np.minimum(t * np.float32(1.0 / attack), 1.0) * np.clip((t[-1] - t) * np.float32(1.0 / release), 0.0, 1.0)
 
 
 def _make_clip(rng: np.random.Generator, label: int, clip: np.ndarray, sample_rate: int, noise: _NoiseBank) -> None:
     """Synthesise one clip of class ``label`` in place into the float32 buffer ``clip``."""
     num_samples = clip.shape[0]
     clip[:] = 0.0
-    n_events = int(rng.integers(1, _MAX_EVENTS + 1))
-    for _ in range(n_events):
-        dur = rng.uniform(*_EVENT_SECONDS)
-        n = max(16, min(num_samples, int(dur * sample_rate)))
-        start = int(rng.integers(0, num_samples - n + 1))
-        if label < 6:
-            ev = _tonal_event(rng, label, n, sample_rate)
+    f0 = _log_uniform(rng, *_F0_RANGE)
+    ratio = rng.uniform(*_INTERVAL_RANGE)
+    table = _wavetable(rng, odd_only=bool(rng.uniform() < 0.5), max_harmonics=int(0.45 * sample_rate / (f0 * ratio**2)))
+    pieces = []
+    for event in PATTERNS[CLASS_NAMES[label]]:
+        n = int(rng.uniform(*_NOTE_SECONDS) * sample_rate)
+        if event == "n":
+            burst = noise.draw(rng, n) * _attack_release(_time(n, sample_rate), 0.01, 0.03)
+            pieces.append(burst * np.float32(rng.uniform(0.2, 0.4)))
         else:
-            ev = _noise_event(rng, label, n, sample_rate, noise)
-        ev *= np.float32(rng.uniform(0.5, 1.0) / (np.max(np.abs(ev)) + 1e-12))
-        ev *= _envelope(rng, n, sample_rate)
-        clip[start : start + n] += ev
+            pieces.append(_note(rng, f0 * ratio**event, n, sample_rate, table))
+        pieces.append(np.zeros(int(rng.uniform(*_GAP_SECONDS) * sample_rate), np.float32))
+    pattern = np.concatenate(pieces)[:num_samples]
+    start = int(rng.integers(0, num_samples - len(pattern) + 1))
+    clip[start : start + len(pattern)] = pattern
     peak = np.max(np.abs(clip)) + 1e-12
-    bg_db = rng.uniform(-45.0, -25.0)  # background noise RMS relative to the event peak
+    bg_db = rng.uniform(-45.0, -25.0)  # background noise RMS relative to the pattern's peak
     clip += noise.draw(rng, num_samples) * np.float32(peak * 10.0 ** (bg_db / 20.0))
     gain_db = rng.uniform(-30.0, -6.0)  # peak level in dBFS
     clip *= np.float32(10.0 ** (gain_db / 20.0) / np.max(np.abs(clip)))

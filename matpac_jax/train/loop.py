@@ -99,7 +99,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
     else:
         state = init_fn(jax.random.key(config.seed))
-    initial_student = jax.device_get(state.student) if config.probe.enabled and int(state.step) == 0 else None
 
     # --- Input.
     batches, splits = make_input(config)
@@ -125,7 +124,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     result = {"final_metrics": history[-1] if history else {}}
     if config.probe.enabled:
-        result["probe"] = closing_probe(config, model, state.student, initial_student, splits)
+        result["probe"] = closing_probe(config, model, state.student, splits)
     return result
 
 
@@ -143,16 +142,19 @@ def emit(log, step: int, metrics, config, first: int, t0: float, force: bool = F
     return m
 
 
-def closing_probe(config, model, student, initial_student, splits) -> dict:
-    """Linear probe of the learned and the initial encoder on the demo's held-out labelled split."""
+def closing_probe(config, model, student, splits) -> dict:
+    """Linear probe of the learned and the initial encoder on the demo's held-out labelled split.
+
+    The initial encoder is re-created from the seed (initialisation is deterministic), so a resumed run compares
+    against the same starting point.
+    """
     from matpac_jax.embeddings import clip_embeddings
     from matpac_jax.evaluate.probe import linear_probe
 
     train, test = splits
     fe = frontend_config(config)
     student = jax.device_get(student)
-    if initial_student is None:
-        initial_student = jax.device_get(model.init(jax.random.key(config.seed))[0])
+    initial_student = jax.device_get(model.init(jax.random.key(config.seed))[0])
     out = {}
     for name, params in (("learned", student), ("init", initial_student)):
         params = jax.tree.map(jnp.asarray, params)
