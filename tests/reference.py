@@ -88,8 +88,9 @@ def attention(x, qkv_w, qkv_b, proj_w, proj_b, heads: int) -> np.ndarray:
 def block(x: np.ndarray, p: Mapping, heads: int) -> np.ndarray:
     """Pre-norm block: x + attn(LN(x)); x + fc2(gelu(fc1(LN(x))))."""
     a = p["attn"]
-    x = x + attention(_ln(x, p["norm1"]), a["qkv"]["kernel"], a["qkv"]["bias"], a["proj"]["kernel"],
-                      a["proj"]["bias"], heads)
+    x = x + attention(
+        _ln(x, p["norm1"]), a["qkv"]["kernel"], a["qkv"]["bias"], a["proj"]["kernel"], a["proj"]["bias"], heads
+    )
     return x + dense(gelu_exact(dense(_ln(x, p["norm2"]), p["mlp"]["fc1"])), p["mlp"]["fc2"])
 
 
@@ -145,8 +146,9 @@ def cls_head(x: np.ndarray, p: Mapping) -> np.ndarray:
     return h @ (v * p["weight_g"] / np.linalg.norm(v, axis=0))
 
 
-def predictor(latents: np.ndarray, ids_keep: np.ndarray, ids_mask: np.ndarray, p: Mapping, heads: int,
-              grid_f: int, grid_t: int) -> np.ndarray:
+def predictor(
+    latents: np.ndarray, ids_keep: np.ndarray, ids_mask: np.ndarray, p: Mapping, heads: int, grid_f: int, grid_t: int
+) -> np.ndarray:
     """latents [B, 1+Nv, D] (CLS first) -> [K, B, Nm, D_out] for the positions ids_mask, in that order."""
     x = dense(latents, p["embed"])  # [B, 1+Nv, d]
     b, d = x.shape[0], x.shape[-1]

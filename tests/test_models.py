@@ -330,13 +330,21 @@ def test_forward_shapes_and_targets(smoke):
 
     s, t = ref.to_numpy(student), ref.to_numpy(teacher)
     heads = config.model.encoder.heads
-    tokens, cls = ref.tokenize(mel.astype(np.float64), s["tokenizer"], model.tokenizer.grid_freq,
-                               model.tokenizer.grid_time)
+    tokens, cls = ref.tokenize(
+        mel.astype(np.float64), s["tokenizer"], model.tokenizer.grid_freq, model.tokenizer.grid_time
+    )
     targets = ref.transformer(ref.prepend_cls(cls, ref.gather(tokens, ids_mask)), t["encoder"], heads)[:, 1:]
     assert rel_err(out["targets"], targets) < 1e-5
     latents = ref.transformer(ref.prepend_cls(cls, ref.gather(tokens, ids_keep)), s["encoder"], heads)
-    preds = ref.predictor(latents, ids_keep, ids_mask, s["predictor"], config.model.predictor.heads,
-                          model.tokenizer.grid_freq, model.tokenizer.grid_time)
+    preds = ref.predictor(
+        latents,
+        ids_keep,
+        ids_mask,
+        s["predictor"],
+        config.model.predictor.heads,
+        model.tokenizer.grid_freq,
+        model.tokenizer.grid_time,
+    )
     assert rel_err(out["preds"], preds) < 1e-5
 
 
