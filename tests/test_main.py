@@ -86,3 +86,11 @@ def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
     assert any(line.startswith("step ") for line in lines)
     assert os.listdir(tmp_path / "checkpoints")
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == load_config().total_steps
+
+
+def test_data_source_error_comes_before_any_compilation(tmp_path):
+    from matpac_jax.train.loop import train_and_evaluate
+
+    with pytest.raises(NotImplementedError, match="config.data.source='records'"):
+        train_and_evaluate(load_config("pp.py", None), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -63,7 +63,10 @@ def build(config, mesh):
 def make_input(config):
     """Host-side batches as a function of the step. The demo corpus lives in memory."""
     if config.data.source != "demo":
-        raise NotImplementedError(f"config.data.source={config.data.source!r}: only 'demo' is available so far")
+        raise NotImplementedError(
+            f"config.data.source={config.data.source!r}: only the built-in 'demo' corpus is available so far; "
+            "the ArrayRecord input pipeline is not implemented yet"
+        )
     from matpac_jax.data.demo import demo_splits
     from matpac_jax.data.in_memory import CropBatcher
 
@@ -91,6 +94,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"size {dp} of mesh {dict(mesh.shape)}"
         )
 
+    # --- Input (first: a data error should surface before any compilation).
+    batches, splits = make_input(config)
+
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
     ckpt = Checkpointer(workdir, config.checkpoint_every)
@@ -99,9 +105,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
     else:
         state = init_fn(jax.random.key(config.seed))
-
-    # --- Input.
-    batches, splits = make_input(config)
 
     # --- Loop.
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
