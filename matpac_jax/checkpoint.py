@@ -9,11 +9,11 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, every: int, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
     def latest_step(self) -> int | None:

@@ -84,7 +84,7 @@ def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
     learned, init = (float(x.split("=")[1]) for x in lines[-1].split()[1:])
     assert 0 <= learned <= 1 and 0 <= init <= 1
     assert any(line.startswith("step ") for line in lines)
-    assert os.listdir(tmp_path / "checkpoints")
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "8"]  # every 4 steps and the end
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == load_config().total_steps
 
 

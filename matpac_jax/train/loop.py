@@ -99,7 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
-    ckpt = Checkpointer(workdir, config.checkpoint_every)
+    ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract)
         print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
@@ -118,7 +118,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if pending is not None:  # the previous step's metrics: ready by now, no stall on the current step
                 history.append(emit(log, *pending, config, first, t0))
             pending = (step + 1, metrics)
-            ckpt.save(step + 1, state, config)
+            if (step + 1) % config.checkpoint_every == 0:
+                ckpt.save(step + 1, state, config)
         if pending is not None:
             history.append(emit(log, *pending, config, first, t0, force=True))
     if ckpt.latest_step() != int(state.step):
