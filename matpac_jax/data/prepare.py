@@ -224,6 +224,7 @@ def prepare(
             first[clip["key"]] = clip["path"]
             unique.append(clip)
     unique.sort(key=lambda c: c["key"])
+    sources = {k: v and os.path.abspath(v) for k, v in (("labels_csv", labels_csv), ("audio_root", audio_root))}
     settings = {"codec": codec, "sample_rate": int(sample_rate), "min_seconds": float(min_seconds)}
     sidecars: dict[int, dict] = {}
     tasks = []
@@ -255,7 +256,7 @@ def prepare(
     skipped += [s for i in range(num_shards) for s in sidecars[i]["skipped"]]
     manifest = {
         "schema_version": MANIFEST_VERSION,
-        "parameters": {"input": input, "format": fmt, "num_shards": num_shards, **settings},
+        "parameters": {"input": input, "format": fmt, "num_shards": num_shards, **settings, **sources},
         "shards": shards,
         "total_clips": sum(s["clips"] for s in shards),
         "total_hours": sum(s["seconds"] for s in shards) / 3600.0,
