@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         train="",  # glob of training shards
         batch_size=2048,  # global
         short_clips="skip",  # 'skip' or 'pad' clips shorter than a crop
+        workers=8,  # grain worker processes per host (decode + crop); 0 = in the main process
         demo=dict(num_train=0, num_test=0, seconds=0.0, seed=0),
     )
 

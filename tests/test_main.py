@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import ROOT, load_config
 
@@ -88,9 +89,31 @@ def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == load_config().total_steps
 
 
-def test_data_source_error_comes_before_any_compilation(tmp_path):
+def test_missing_training_data_fails_before_any_compilation(tmp_path):
     from matpac_jax.train.loop import train_and_evaluate
 
-    with pytest.raises(NotImplementedError, match="config.data.source='records'"):
-        train_and_evaluate(load_config("pp.py", None), str(tmp_path))
+    config = load_config("pp.py", None)
+    config.data.train = str(tmp_path / "nothing-*.arrayrecord")
+    with pytest.raises(ValueError, match="config.data.train: no files match"):
+        train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_smoke_model_trains_from_arrayrecord_shards(tmp_path):
+    """The records path end to end: demo clips written as shards -> grain pipeline -> jitted steps."""
+    from matpac_jax.data.demo import make_demo_corpus
+    from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
+    from matpac_jax.train.loop import train_and_evaluate
+
+    corpus = make_demo_corpus(24, seconds=2.0, seed=3)
+    for i in range(2):
+        clips = [ClipRecord(f"clip{j}", corpus["waves"][j]) for j in range(i, 24, 2)]
+        write_shard(shard_name(str(tmp_path / "data"), i, 2), (encode_record(c) for c in clips))
+    config = load_config()
+    config.data.source, config.data.workers = "records", 0
+    config.data.train = str(tmp_path / "data" / "*.arrayrecord")
+    config.probe.enabled = False
+    config.total_steps = 4
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["final_metrics"]["step"] == 4 and np.isfinite(result["final_metrics"]["loss"])
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["4"]

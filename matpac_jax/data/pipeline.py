@@ -105,7 +105,8 @@ def pretrain_dataset(
     """Infinite dataset of this process's batches ``{'audio': float32 [global_batch / process_count, crop_samples]}``.
 
     ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records. ``workers > 0`` decodes in
-    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker).
+    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker; unused when ``workers == 0``,
+    where decoding runs in grain's read threads with the default ``ReadOptions``).
     """
     if short_clips not in SHORT_CLIPS:
         raise ValueError(f"short_clips={short_clips!r}: expected one of {', '.join(SHORT_CLIPS)}")

@@ -6,6 +6,7 @@ set up mesh -> model & optimizer -> sharded state (fresh or restored) -> input -
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -61,19 +62,39 @@ def build(config, mesh):
 
 
 def make_input(config):
-    """Host-side batches as a function of the step. The demo corpus lives in memory."""
-    if config.data.source != "demo":
-        raise NotImplementedError(
-            f"config.data.source={config.data.source!r}: only the built-in 'demo' corpus is available so far; "
-            "the ArrayRecord input pipeline is not implemented yet"
-        )
-    from matpac_jax.data.demo import demo_splits
-    from matpac_jax.data.in_memory import CropBatcher
-
-    d = config.data.demo
-    train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed)
+    """(source, demo splits). The demo source is a step-indexed in-memory batcher; 'records' a grain dataset."""
     crop = num_samples_for_frames(config.audio.crop_frames, frontend_config(config))
-    return CropBatcher(train["waves"], crop, config.data.batch_size, config.seed), (train, test)
+    if config.data.source == "demo":
+        from matpac_jax.data.demo import demo_splits
+        from matpac_jax.data.in_memory import CropBatcher
+
+        d = config.data.demo
+        train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed)
+        return CropBatcher(train["waves"], crop, config.data.batch_size, config.seed), (train, test)
+    if config.data.source == "records":
+        from matpac_jax.data.pipeline import pretrain_dataset
+
+        dataset = pretrain_dataset(
+            config.data.train,
+            global_batch=config.data.batch_size,
+            crop_samples=crop,
+            seed=config.seed,
+            short_clips=config.data.short_clips,
+            workers=config.data.workers,
+        )
+        return dataset, None
+    raise ValueError(f"config.data.source must be 'demo' or 'records', got {config.data.source!r}")
+
+
+def batch_iterator(source, first_step: int):
+    """Host batches from `first_step` on.
+
+    The demo batcher is indexed by step, so a resumed run sees exactly the batches of an uninterrupted one; a grain
+    dataset restarts its stream (its iterator state is not checkpointed yet).
+    """
+    if callable(source):
+        return (source(step) for step in itertools.count(first_step))
+    return iter(source)
 
 
 def format_line(step: int, total: int, m: dict, rate: float, eta: float) -> str:
@@ -95,11 +116,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
 
     # --- Input (first: a data error should surface before any compilation).
-    batches, splits = make_input(config)
+    source, splits = make_input(config)
+    ckpt = Checkpointer(workdir)
+    batches = batch_iterator(source, ckpt.latest_step() or 0)
 
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
-    ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract)
         print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
@@ -113,7 +135,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t0, first = time.time(), int(state.step)
     with open(metrics_path, "a") as log:
         for step in range(first, config.total_steps):
-            batch = parallel.global_batch(batches(step), mesh)
+            batch = parallel.global_batch(next(batches), mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
             if pending is not None:  # the previous step's metrics: ready by now, no stall on the current step
                 history.append(emit(log, *pending, config, first, t0))
@@ -122,6 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpt.save(step + 1, state, config)
         if pending is not None:
             history.append(emit(log, *pending, config, first, t0, force=True))
+    if hasattr(batches, "close"):
+        batches.close()  # stops grain worker processes
     if ckpt.latest_step() != int(state.step):
         ckpt.save(int(state.step), state, config, force=True)
     ckpt.close()
