@@ -99,21 +99,49 @@ def test_missing_training_data_fails_before_any_compilation(tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_smoke_model_trains_from_arrayrecord_shards(tmp_path):
-    """The records path end to end: demo clips written as shards -> grain pipeline -> jitted steps."""
+def write_demo_shards(directory, num_clips=24, num_shards=2):
     from matpac_jax.data.demo import make_demo_corpus
     from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
-    from matpac_jax.train.loop import train_and_evaluate
 
-    corpus = make_demo_corpus(24, seconds=2.0, seed=3)
-    for i in range(2):
-        clips = [ClipRecord(f"clip{j}", corpus["waves"][j]) for j in range(i, 24, 2)]
-        write_shard(shard_name(str(tmp_path / "data"), i, 2), (encode_record(c) for c in clips))
+    corpus = make_demo_corpus(num_clips, seconds=2.0, seed=3)
+    for i in range(num_shards):
+        clips = [ClipRecord(f"clip{j}", corpus["waves"][j]) for j in range(i, num_clips, num_shards)]
+        write_shard(shard_name(str(directory), i, num_shards), (encode_record(c) for c in clips))
+
+
+def records_config(data_dir):
     config = load_config()
     config.data.source, config.data.workers = "records", 0
-    config.data.train = str(tmp_path / "data" / "*.arrayrecord")
+    config.data.train = str(data_dir / "*.arrayrecord")
     config.probe.enabled = False
-    config.total_steps = 4
-    result = train_and_evaluate(config, str(tmp_path / "run"))
-    assert result["final_metrics"]["step"] == 4 and np.isfinite(result["final_metrics"]["loss"])
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["4"]
+    config.total_steps, config.checkpoint_every = 4, 2
+    return config
+
+
+def test_records_run_resumes_with_the_same_data_order(tmp_path):
+    """Shards -> grain -> steps; a run resumed from step 2 ends bit-identical to an uninterrupted one."""
+    import jax
+
+    from matpac_jax import parallel
+    from matpac_jax.checkpoint import Checkpointer
+    from matpac_jax.train.loop import build, train_and_evaluate
+
+    write_demo_shards(tmp_path / "data")
+    config = records_config(tmp_path / "data")
+    full = train_and_evaluate(config, str(tmp_path / "a"))
+    assert full["final_metrics"]["step"] == 4 and np.isfinite(full["final_metrics"]["loss"])
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints"), key=int) == ["2", "4"]
+
+    train_and_evaluate(config, str(tmp_path / "b"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")  # as if killed after the step-2 checkpoint
+    resumed = train_and_evaluate(config, str(tmp_path / "b"))
+    assert resumed["final_metrics"]["loss"] == full["final_metrics"]["loss"]
+
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    abstract = build(config, mesh)[3]
+    a = Checkpointer(str(tmp_path / "a")).restore(abstract)
+    b = Checkpointer(str(tmp_path / "b")).restore(abstract)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -90,7 +90,7 @@ def batch_iterator(source, first_step: int):
     """Host batches from `first_step` on.
 
     The demo batcher is indexed by step, so a resumed run sees exactly the batches of an uninterrupted one; a grain
-    dataset restarts its stream (its iterator state is not checkpointed yet).
+    iterator is moved to its saved position when the checkpoint is restored.
     """
     if callable(source):
         return (source(step) for step in itertools.count(first_step))
@@ -123,7 +123,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract)
+        state = ckpt.restore(abstract, data_iter=batches)
         print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
     else:
         state = init_fn(jax.random.key(config.seed))
@@ -141,14 +141,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 history.append(emit(log, *pending, config, first, t0))
             pending = (step + 1, metrics)
             if (step + 1) % config.checkpoint_every == 0:
-                ckpt.save(step + 1, state, config)
+                ckpt.save(step + 1, state, config, data_iter=batches)
         if pending is not None:
             history.append(emit(log, *pending, config, first, t0, force=True))
+    if ckpt.latest_step() != int(state.step):
+        ckpt.save(int(state.step), state, config, data_iter=batches, force=True)
+    ckpt.close()
     if hasattr(batches, "close"):
         batches.close()  # stops grain worker processes
-    if ckpt.latest_step() != int(state.step):
-        ckpt.save(int(state.step), state, config, force=True)
-    ckpt.close()
 
     result = {"final_metrics": history[-1] if history else {}}
     if config.probe.enabled:
