@@ -101,12 +101,14 @@ def pretrain_dataset(
     process_count: int | None = None,
     workers: int = 0,
     prefetch_buffer: int = 2,
+    read_threads: int | None = None,
 ) -> grain.IterDataset:
     """Infinite dataset of this process's batches ``{'audio': float32 [global_batch / process_count, crop_samples]}``.
 
     ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records. ``workers > 0`` decodes in
-    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker; unused when ``workers == 0``,
-    where decoding runs in grain's read threads with the default ``ReadOptions``).
+    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker). ``read_threads`` are
+    grain's per-process read/decode threads: by default 0 with worker processes (the processes give the parallelism)
+    and 1 without. grain's default of 16 threads costs ~2x the CPU per crop (bench/input_pipeline.py).
     """
     if short_clips not in SHORT_CLIPS:
         raise ValueError(f"short_clips={short_clips!r}: expected one of {', '.join(SHORT_CLIPS)}")
@@ -133,7 +135,10 @@ def pretrain_dataset(
         .random_map(_DecodeCrop(crop_samples, short_clips == "pad"), seed=crop_seed)
     )
     ds = ds[process_index::process_count]
-    it = ds.to_iter_dataset(allow_nones=True).filter(_SkipShort(len(source), crop_samples))
+    if read_threads is None:
+        read_threads = 0 if workers > 0 else 1
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)
+    it = ds.to_iter_dataset(read_options=read_options, allow_nones=True).filter(_SkipShort(len(source), crop_samples))
     it = it.batch(global_batch // process_count, drop_remainder=True)
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_buffer))
