@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from matpac_jax.audio.frontend import LogMelConfig
-from matpac_jax.data.pipeline import crop_samples, pretrain_dataset
+from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
+from matpac_jax.data.pipeline import pretrain_dataset
 from matpac_jax.data.records import ClipRecord, decode_record, encode_record, shard_name, write_shard
 
 CROP = 2000
@@ -64,8 +64,8 @@ def _clip_ids(batches: list[np.ndarray]) -> list[int]:
 
 
 def test_crop_samples():
-    assert crop_samples(608, LogMelConfig()) == 97520
-    assert crop_samples(1, LogMelConfig()) == 400
+    assert num_samples_for_frames(608, LogMelConfig()) == 97520
+    assert num_samples_for_frames(1, LogMelConfig()) == 400
 
 
 def test_crops_are_contiguous_slices(waves):

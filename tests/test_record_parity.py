@@ -7,9 +7,9 @@ import soundfile as sf
 import soxr
 from test_frontend import realistic_signal, reference_log_mel
 
-from matpac_jax.audio.frontend import LogMelConfig, log_mel
+from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_samples_for_frames
 from matpac_jax.audio.io import from_int16, load_audio, to_int16
-from matpac_jax.data.pipeline import crop_samples, pretrain_dataset
+from matpac_jax.data.pipeline import pretrain_dataset
 from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
 
 
@@ -28,7 +28,7 @@ def test_log_mel_of_a_record_crop_matches_float64_reference_of_the_original(tmp_
 
     shard = shard_name(str(tmp_path / "data"), 0, 1)
     write_shard(shard, [encode_record(ClipRecord("clip", audio))])
-    n = crop_samples(608, cfg)
+    n = num_samples_for_frames(608, cfg)
     batch = next(iter(pretrain_dataset(shard, global_batch=1, crop_samples=n, seed=0)))["audio"]
     assert batch.shape == (1, n)
 

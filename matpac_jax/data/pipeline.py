@@ -29,15 +29,10 @@ import glob
 import grain
 import numpy as np
 
-from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
-from matpac_jax.data.records import decode_record
+from matpac_jax.audio.io import from_int16
+from matpac_jax.data.records import decode_pcm
 
 SHORT_CLIPS = ("skip", "pad")
-
-
-def crop_samples(crop_frames: int, frontend_cfg: LogMelConfig) -> int:
-    """Samples in a crop of ``crop_frames`` frames: ``n_fft + (crop_frames - 1) * hop`` (400 + (frames-1)*160)."""
-    return num_samples_for_frames(crop_frames, frontend_cfg)
 
 
 def expand_files(files: list[str] | str) -> list[str]:
@@ -61,14 +56,14 @@ class _DecodeCrop:
         self.crop, self.pad = crop, pad
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict | None:
-        audio = decode_record(data).audio
-        n = audio.shape[0]
+        pcm = decode_pcm(data)[1]  # int16: crop first, convert only the crop
+        n = pcm.shape[0]
         if n < self.crop:
             if not self.pad:
                 return None
-            return {"audio": np.pad(audio, (0, self.crop - n)).astype(np.float32)}
+            return {"audio": from_int16(np.pad(pcm, (0, self.crop - n)))}
         start = int(rng.integers(0, n - self.crop + 1))
-        return {"audio": np.array(audio[start : start + self.crop], np.float32)}
+        return {"audio": from_int16(pcm[start : start + self.crop])}
 
 
 class _SkipShort:

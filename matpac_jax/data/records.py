@@ -170,8 +170,8 @@ def decode_header(data: bytes) -> dict:
     return _split(data)[0]
 
 
-def decode_record(data: bytes) -> ClipRecord:
-    """Deserialise a record; the audio comes back float32 ``int16 / 32767``. ValueError for a malformed record."""
+def decode_pcm(data: bytes) -> tuple[dict, np.ndarray]:
+    """(header, int16 samples) of a record, without converting to float: lets a reader crop before converting."""
     header, payload = _split(data)
     n, sr, codec = header["num_samples"], header["sample_rate"], header["codec"]
     if codec == "pcm16":
@@ -193,10 +193,16 @@ def decode_record(data: bytes) -> ClipRecord:
         if pcm.shape[0] != n:
             raise ValueError(f"truncated flac payload: {pcm.shape[0]} samples decoded, header says {n}")
         pcm = pcm[:, 0]
+    return header, pcm
+
+
+def decode_record(data: bytes) -> ClipRecord:
+    """Deserialise a record; the audio comes back float32 ``int16 / 32767``. ValueError for a malformed record."""
+    header, pcm = decode_pcm(data)
     return ClipRecord(
         key=header["key"],
         audio=from_int16(pcm),
-        sample_rate=sr,
+        sample_rate=header["sample_rate"],
         labels=tuple(header["labels"]),
         path=header["path"],
     )
