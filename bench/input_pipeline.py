@@ -4,7 +4,9 @@ r"""Benchmark the input pipeline: raw ArrayRecord reads/s vs decoded random crop
   python bench/input_pipeline.py --clips=2000 --shards=16 --workers=8 --batches=40
 
 One run writes a synthetic corpus (10-s 16 kHz clips of noise plus tones, so FLAC compresses like real audio rather
-than silence) to shards in a temporary directory, once with the int16 PCM codec and once with FLAC, then measures:
+than silence) to shards in a temporary directory, three times: int16 PCM records in uncompressed shards (``pcm16``,
+what ``prepare`` writes by default), the same in zstd-compressed shards (``pcm16+zstd``) and FLAC records in
+uncompressed shards (``flac``); then measures:
 
   (a) raw reads: ``ArrayRecordReader.read_all()`` over every shard, no decoding (array_record may decompress chunks
       in its own threads: the per-CPU-s figure counts them);
@@ -39,7 +41,11 @@ SAMPLE_RATE = 16000
 CLIP_SECONDS = 10
 CROP = 97_520  # num_samples_for_frames(608): 400 + 607 * 160
 BATCH = 32
-CODECS = ("pcm16", "flac")
+STORAGES = {  # name: (record codec, ArrayRecord compression)
+    "pcm16": ("pcm16", "none"),
+    "pcm16+zstd": ("pcm16", "zstd"),
+    "flac": ("flac", "none"),
+}
 
 
 def synth_clip(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -56,12 +62,12 @@ def synth_clip(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def write_corpus(root: str, clips: int, shards: int, seed: int) -> dict[str, dict]:
-    """Write ``clips`` synthetic clips to ``shards`` shards per codec; returns {codec: {files, bytes}}."""
+    """Write ``clips`` synthetic clips to ``shards`` shards per storage; returns {storage: {files, bytes}}."""
     rng = np.random.default_rng(seed)
     audio = [synth_clip(rng, CLIP_SECONDS * SAMPLE_RATE) for _ in range(clips)]
     out = {}
-    for codec in CODECS:
-        directory = os.path.join(root, codec)
+    for name, (codec, compression) in STORAGES.items():
+        directory = os.path.join(root, name)
         t0 = time.perf_counter()
         files = []
         for s in range(shards):
@@ -69,10 +75,10 @@ def write_corpus(root: str, clips: int, shards: int, seed: int) -> dict[str, dic
             records = (
                 encode_record(ClipRecord(key=f"clip{i:06d}", audio=audio[i]), codec) for i in range(s, clips, shards)
             )
-            write_shard(path, records)
+            write_shard(path, records, compression)
             files.append(path)
         size = sum(os.path.getsize(f) for f in files)
-        out[codec] = {"files": files, "bytes": size, "write_s": time.perf_counter() - t0}
+        out[name] = {"files": files, "bytes": size, "write_s": time.perf_counter() - t0}
     return out
 
 
@@ -94,18 +100,18 @@ def raw_reads(files: list[str], repeats: int) -> dict:
 
 
 def plain_loop(files: list[str], n: int, seed: int) -> dict:
-    """Crops per CPU-s of the pipeline's steps in a plain loop: random-access read, decode_record, crop, no grain."""
+    """Crops per CPU-s of the pipeline's steps in a plain loop: random-access read, decode_pcm, crop, no grain."""
     import grain
 
-    from matpac_jax.data.records import decode_record
+    from matpac_jax.data.records import decode_pcm
 
     source = grain.sources.ArrayRecordDataSource(files)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(source))
-    out = np.empty((BATCH, CROP), np.float32)
+    out = np.empty((BATCH, CROP), np.int16)
     c0 = time.process_time()
     for k in range(n):
-        audio = decode_record(source[int(order[k % len(order)])]).audio
+        audio = decode_pcm(source[int(order[k % len(order)])])[1]
         start = int(rng.integers(0, audio.shape[0] - CROP + 1))
         out[k % BATCH] = audio[start : start + CROP]
     return {"per_cpu_s": n / (time.process_time() - c0)}
@@ -148,7 +154,7 @@ def pipeline_rate(files: list[str], workers: int, warmup: int, batches: int, see
     for _ in range(warmup):
         batch = next(it)
     warmup_s = time.perf_counter() - t0
-    assert batch["audio"].shape == (BATCH, CROP) and batch["audio"].dtype == np.float32, batch["audio"].shape
+    assert batch["audio"].shape == (BATCH, CROP) and batch["audio"].dtype == np.int16, batch["audio"].shape
     cpu0 = _cpu_now()
     w0 = time.perf_counter()
     for _ in range(batches):
@@ -156,16 +162,46 @@ def pipeline_rate(files: list[str], workers: int, warmup: int, batches: int, see
     wall = time.perf_counter() - w0
     cpu1 = _cpu_now()
     cpu = sum(cpu1[pid] - cpu0.get(pid, 0.0) for pid in cpu1)
+    main_cpu = cpu1[os.getpid()] - cpu0[os.getpid()]
     if len(cpu1) != workers + 1:
         print(f"  warning: CPU time counted for {len(cpu1)} processes, expected {workers + 1}", flush=True)
     crops = batches * BATCH
     del it, ds  # shuts the workers down
-    return {"per_s": crops / wall, "per_cpu_s": crops / cpu, "cpu_s": cpu, "wall_s": wall, "warmup_s": warmup_s}
+    return {
+        "per_s": crops / wall,
+        "per_cpu_s": crops / cpu,
+        "cpu_s": cpu,
+        "main_ms": main_cpu / crops * 1e3,
+        "worker_ms": (cpu - main_cpu) / crops * 1e3,
+        "wall_s": wall,
+        "warmup_s": warmup_s,
+    }
+
+
+def shm_page_cost(nbytes: int, repeats: int = 20) -> dict:
+    """ms to fill a fresh shared-memory block of ``nbytes`` (what grain allocates per batch sent from a worker) vs
+    refilling an already-touched buffer: the difference is the kernel's page faults."""
+    from multiprocessing import shared_memory
+
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        view = np.ndarray((nbytes,), np.uint8, buffer=shm.buf)
+        view[:] = 1
+        del view
+        shm.close()
+        shm.unlink()
+    fresh = (time.perf_counter() - t0) / repeats
+    warm = np.zeros(nbytes, np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        warm[:] = 1
+    return {"fresh_ms": fresh * 1e3, "warm_ms": (time.perf_counter() - t0) / repeats * 1e3}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=400, help="synthetic 10-s clips per codec")
+    ap.add_argument("--clips", type=int, default=400, help="synthetic 10-s clips per storage")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2, help="largest worker count measured (also 0 and 1)")
     ap.add_argument("--warmup", type=int, default=3, help="batches discarded before timing (worker start-up)")
@@ -191,24 +227,24 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"grain {getattr(grain, '__version__', '?')}"
     )
-    print(f"corpus: {args.clips} clips x {CLIP_SECONDS} s @ {SAMPLE_RATE} Hz in {args.shards} shards per codec")
+    print(f"corpus: {args.clips} clips x {CLIP_SECONDS} s @ {SAMPLE_RATE} Hz in {args.shards} shards per storage")
     print(f"pipeline: crop {CROP:,} samples, batch {BATCH}, warmup {args.warmup} batches, timed {args.batches}")
     with tempfile.TemporaryDirectory(prefix="matpac_bench_") as root:
         corpus = write_corpus(root, args.clips, args.shards, args.seed)
-        for codec, c in corpus.items():
+        for name, c in corpus.items():
             print(
-                f"  {codec:6s}: {c['bytes'] / args.clips / 1e3:8.1f} kB/clip on disk "
+                f"  {name:10s}: {c['bytes'] / args.clips / 1e3:8.1f} kB/clip on disk "
                 f"({c['bytes'] / 1e6:.1f} MB, written in {c['write_s']:.1f} s)"
             )
-        raw = {codec: raw_reads(corpus[codec]["files"], args.raw_repeats) for codec in CODECS}
-        loop = {codec: plain_loop(corpus[codec]["files"], args.batches * BATCH, args.seed) for codec in CODECS}
+        raw = {name: raw_reads(corpus[name]["files"], args.raw_repeats) for name in STORAGES}
+        loop = {name: plain_loop(corpus[name]["files"], args.batches * BATCH, args.seed) for name in STORAGES}
         rows = {}
-        for codec in CODECS:
+        for name in STORAGES:
             for w in worker_counts:
-                rows[codec, w] = pipeline_rate(corpus[codec]["files"], w, args.warmup, args.batches, args.seed)
-                r = rows[codec, w]
+                rows[name, w] = pipeline_rate(corpus[name]["files"], w, args.warmup, args.batches, args.seed)
+                r = rows[name, w]
                 print(
-                    f"  measured {codec} workers={w}: {r['per_s']:.1f} crops/s "
+                    f"  measured {name} workers={w}: {r['per_s']:.1f} crops/s "
                     f"(warm-up {r['warmup_s']:.1f} s, timed {r['wall_s']:.1f} s)",
                     flush=True,
                 )
@@ -217,38 +253,46 @@ def main() -> None:
     print("(a) raw ArrayRecord reads (read_all, incl. array_record's own threads), no decoding")
     print("| storage | kB/clip | records/s (wall) | records per CPU-s | MB/s (wall) |")
     print("|---|---|---|---|---|")
-    for codec in CODECS:
-        a = raw[codec]
-        kb = corpus[codec]["bytes"] / args.clips / 1e3
-        print(f"| {codec} | {kb:.1f} | {a['per_s']:,.0f} | {a['per_cpu_s']:,.0f} | {a['mb_per_s']:,.0f} |")
+    for name in STORAGES:
+        a = raw[name]
+        kb = corpus[name]["bytes"] / args.clips / 1e3
+        print(f"| {name} | {kb:.1f} | {a['per_s']:,.0f} | {a['per_cpu_s']:,.0f} | {a['mb_per_s']:,.0f} |")
     print()
     print(f"(b) pretrain_dataset: shuffle, decode, random crop of {CROP:,} samples, batch {BATCH}")
     print(
-        f"| storage | workers | crops/s (wall) | CPU-s used per wall-s | crops per CPU-s | "
-        f"(b)/(a) per core | cores for {args.target:,.0f} samples/s |"
+        f"| storage | workers | crops/s (wall) | CPU-s used per wall-s | CPU-ms per crop (main + workers) | "
+        f"crops per CPU-s | (b)/(a) per core | cores for {args.target:,.0f} samples/s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for codec in CODECS:
+    print("|---|---|---|---|---|---|---|---|")
+    for name in STORAGES:
         for w in worker_counts:
-            r = rows[codec, w]
-            ratio = r["per_cpu_s"] / raw[codec]["per_cpu_s"]
+            r = rows[name, w]
+            ratio = r["per_cpu_s"] / raw[name]["per_cpu_s"]
             print(
-                f"| {codec} | {w} | {r['per_s']:,.1f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['per_cpu_s']:,.1f} | "
+                f"| {name} | {w} | {r['per_s']:,.1f} | {r['cpu_s'] / r['wall_s']:.2f} | "
+                f"{r['main_ms']:.3f} + {r['worker_ms']:.3f} | {r['per_cpu_s']:,.1f} | "
                 f"{ratio:.3f} | {args.target / r['per_cpu_s']:.1f} |"
             )
     print()
-    for codec in CODECS:
-        single = rows[codec, 0]["per_cpu_s"] / raw[codec]["per_cpu_s"]
-        best = max(rows[codec, w]["per_cpu_s"] for w in worker_counts)
+    for name in STORAGES:
+        single = rows[name, 0]["per_cpu_s"] / raw[name]["per_cpu_s"]
+        best = max(rows[name, w]["per_cpu_s"] for w in worker_counts)
         print(
-            f"{codec}: single-process (b)/(a) per core = {single:.3f}; host cores to feed {args.target:,.0f} "
+            f"{name}: single-process (b)/(a) per core = {single:.3f}; host cores to feed {args.target:,.0f} "
             f"samples/s = {args.target / best:.1f} (at the best per-core rate, {best:,.1f} crops per CPU-s)"
         )
     print()
     print("(c) the same steps in a plain loop, no grain (random-access read + decode_record + crop)")
-    for codec in CODECS:
-        c = loop[codec]["per_cpu_s"]
-        print(f"{codec}: {c:,.1f} crops per CPU-s = {c / raw[codec]['per_cpu_s']:.3f} of (a) per core")
+    for name in STORAGES:
+        c = loop[name]["per_cpu_s"]
+        print(f"{name}: {c:,.1f} crops per CPU-s = {c / raw[name]['per_cpu_s']:.3f} of (a) per core")
+    shm = shm_page_cost(BATCH * CROP * 2)
+    print()
+    print(
+        f"(d) one int16 batch ({BATCH * CROP * 2 / 1e6:.1f} MB) into fresh shared memory, as a worker sends it: "
+        f"{shm['fresh_ms']:.2f} ms; into an already-touched buffer: {shm['warm_ms']:.2f} ms "
+        f"(= {(shm['fresh_ms'] - shm['warm_ms']) / BATCH:.3f} CPU-ms per crop of page faults)"
+    )
     print(f"total run time: {time.perf_counter() - t_start:.0f} s")
 
 

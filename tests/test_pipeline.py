@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
+from matpac_jax.audio.io import from_int16
 from matpac_jax.data.pipeline import pretrain_dataset
 from matpac_jax.data.records import ClipRecord, decode_record, encode_record, shard_name, write_shard
 
@@ -51,7 +52,7 @@ def _ds(files, **kw):
 
 def _take(ds, n: int) -> list[np.ndarray]:
     it = iter(ds)
-    return [next(it)["audio"] for _ in range(n)]
+    return [from_int16(next(it)["audio"]) for _ in range(n)]
 
 
 def _clip_ids(batches: list[np.ndarray]) -> list[int]:
@@ -68,11 +69,25 @@ def test_crop_samples():
     assert num_samples_for_frames(1, LogMelConfig()) == 400
 
 
+def test_batches_are_int16(waves):
+    it = iter(_ds(waves[0]))
+    audio = next(it)["audio"]
+    assert audio.dtype == np.int16 and audio.shape == (8, CROP)
+
+
+def test_each_epoch_is_a_permutation(marked):
+    n = NUM_SHARDS * PER_SHARD
+    ids = _clip_ids(_take(_ds(marked, short_clips="pad"), -(-3 * n // 8)))  # three epochs
+    epochs = [ids[e * n : (e + 1) * n] for e in range(3)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3
+
+
 def test_crops_are_contiguous_slices(waves):
     files, audio = waves
     batches = _take(_ds(files), 6)
     for b in batches:
-        assert b.shape == (8, CROP) and b.dtype == np.float32
+        assert b.shape == (8, CROP)
     long_clips = [w for w in audio if len(w) >= CROP]
     for row in np.concatenate(batches):
         hits = [

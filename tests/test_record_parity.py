@@ -30,13 +30,14 @@ def test_log_mel_of_a_record_crop_matches_float64_reference_of_the_original(tmp_
     write_shard(shard, [encode_record(ClipRecord("clip", audio))])
     n = num_samples_for_frames(608, cfg)
     batch = next(iter(pretrain_dataset(shard, global_batch=1, crop_samples=n, seed=0)))["audio"]
-    assert batch.shape == (1, n)
+    assert batch.shape == (1, n) and batch.dtype == np.int16
 
-    stored = from_int16(to_int16(audio))
-    windows = np.lib.stride_tricks.sliding_window_view(stored, n)
+    pcm = to_int16(audio)
+    windows = np.lib.stride_tricks.sliding_window_view(pcm, n)
     (offsets,) = np.nonzero((windows == batch[0]).all(axis=1))
     assert len(offsets) == 1, "the crop is one contiguous slice of the stored clip"
-    got = np.asarray(jax.jit(log_mel, static_argnums=1)(batch, cfg))[0]
+    stored = from_int16(pcm)
+    got = np.asarray(jax.jit(log_mel, static_argnums=1)(batch, cfg))[0]  # int16 in, scaled on device
     assert got.shape == (80, 608)
 
     # The chain adds nothing beyond the front-end's own float32 error: reference of the stored (int16) samples.

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from matpac_jax.audio.io import INT16_SCALE
+
 __all__ = [
     "LogMelConfig",
     "hann_window",
@@ -170,13 +172,17 @@ def _frame(wave: jax.Array, cfg: LogMelConfig) -> jax.Array:
 def log_mel(wave: jax.Array, cfg: LogMelConfig = LogMelConfig()) -> jax.Array:
     """Normalised log-mel spectrogram: ``[B, N] -> [B, n_mels, T]`` (or ``[N] -> [n_mels, T]``), float32.
 
-    Jit-compatible; ``cfg`` must be static (e.g. ``jax.jit(log_mel, static_argnames="cfg")``).
+    ``wave`` is float audio in [-1, 1], or int16 PCM, scaled here as ``pcm / 32767`` (``audio.io.from_int16``): the
+    input pipeline ships int16 to the device, half the bytes of float32. Jit-compatible; ``cfg`` must be static
+    (e.g. ``jax.jit(log_mel, static_argnames="cfg")``).
     """
     wave = jnp.asarray(wave)
     if wave.ndim not in (1, 2):
         raise ValueError(f"expected a waveform of shape [B, N] or [N], got shape {wave.shape}")
     unbatched = wave.ndim == 1
     x = wave.astype(jnp.float32)
+    if wave.dtype == jnp.int16:
+        x = x / jnp.float32(INT16_SCALE)
     if unbatched:
         x = x[None]
 

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-_INT16_SCALE = 32767.0
+INT16_SCALE = 32767.0
 
 
 class AudioError(Exception):
@@ -46,12 +46,12 @@ def to_int16(wave: np.ndarray) -> np.ndarray:
     wave = np.asarray(wave, dtype=np.float32)
     if not np.isfinite(wave).all():
         raise ValueError("cannot convert non-finite samples (NaN/Inf) to int16")
-    return np.round(np.clip(wave, -1.0, 1.0) * _INT16_SCALE).astype(np.int16)
+    return np.round(np.clip(wave, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
 
 
 def from_int16(pcm: np.ndarray) -> np.ndarray:
     """int16 PCM -> float32 ``pcm / 32767`` (the inverse of ``to_int16`` within 0.5 / 32767)."""
-    return np.asarray(pcm, dtype=np.int16).astype(np.float32) / np.float32(_INT16_SCALE)
+    return np.asarray(pcm, dtype=np.int16).astype(np.float32) / np.float32(INT16_SCALE)
 
 
 def _decode(path: str) -> tuple[np.ndarray, int]:

@@ -1,17 +1,22 @@
-"""The grain input pipeline for pretraining: ArrayRecord shards of clip records -> batches of random crops.
+"""The grain input pipeline for pretraining: ArrayRecord shards of clip records -> batches of random int16 crops.
 
 Pipeline (``pretrain_dataset``)::
 
-    ArrayRecordDataSource(sorted files) -> MapDataset.source -> shuffle -> repeat() -> decode + random crop
+    ArrayRecordDataSource(sorted files) -> MapDataset.source -> EpochShuffle (infinite) -> decode + random crop
       -> [process_index::process_count] -> to_iter_dataset -> skip short clips -> batch(B_local) -> mp_prefetch
 
-Epochs and seeds (grain 0.2.x): ``shuffle`` before an infinite ``repeat`` reshuffles every epoch, epoch ``e`` using the
-permutation seed ``shuffle_seed + e``; the crop offset of element ``i`` of the repeated stream comes from
-``random_map``'s Philox generator keyed by ``(crop_seed, i)``, so it differs per epoch and does not depend on the
-number of processes or workers. ``shuffle_seed`` and ``crop_seed`` are hashed from ``seed`` (``SeedSequence``), so runs
-with seeds ``s`` and ``s + 1`` do not share epoch permutations. The batch sequence is a deterministic function of
-(files, seed, global_batch, crop, process_count, workers): ``mp_prefetch`` gives each worker a slice of the element
-stream and batches within a worker, so changing ``workers`` changes which elements share a batch (not the crops).
+Batches hold int16 PCM (``{'audio': int16 [B_local, crop]}``): half the bytes of float32 to move between worker
+processes and to the device; the train step scales them to float (``/ 32767``, as ``from_int16``) on device.
+
+Epochs and seeds: element ``i`` of the infinite stream is record ``perm_e[i % n]`` of epoch ``e = i // n``, where
+``perm_e = default_rng([shuffle_seed, e]).permutation(n)`` is computed once per epoch (``EpochShuffle``; grain's own
+``shuffle`` evaluates a keyed index permutation per element, which cost ~0.2 CPU-ms per record, a third of the
+pipeline). The crop offset of element ``i`` comes from ``random_map``'s Philox generator keyed by ``(crop_seed, i)``,
+so it differs per epoch and does not depend on the number of processes or workers. ``shuffle_seed`` and ``crop_seed``
+are hashed from ``seed`` (``SeedSequence``), so runs with seeds ``s`` and ``s + 1`` share no permutation. The batch
+sequence is a deterministic function of (files, seed, global_batch, crop, process_count, workers): ``mp_prefetch``
+gives each worker a slice of the element stream and batches within a worker, so changing ``workers`` changes which
+elements share a batch (not the crops).
 
 Short clips: ``'pad'`` zero-pads them at the end; ``'skip'`` drops them. Dropped clips are not counted here (a count
 would not survive worker processes or a restore): the number of clips shorter than a crop is a property of the data,
@@ -24,12 +29,13 @@ pipeline (same arguments, same worker count) continues with exactly the batches 
 
 from __future__ import annotations
 
+import ctypes
 import glob
+import sys
 
 import grain
 import numpy as np
 
-from matpac_jax.audio.io import from_int16
 from matpac_jax.data.records import decode_pcm
 
 SHORT_CLIPS = ("skip", "pad")
@@ -49,21 +55,70 @@ def expand_files(files: list[str] | str) -> list[str]:
     return sorted(paths)
 
 
+class EpochShuffle(grain.MapDataset):
+    """Infinite repetition of ``parent`` in a new random order every epoch: element ``i`` is
+    ``parent[perm_e[i % n]]`` with ``e = i // n`` and ``perm_e = default_rng([seed, e]).permutation(n)``.
+
+    The permutation of the current epoch is cached (8 bytes per record: 16 MB for AudioSet's 2 M clips), so an element
+    costs one array lookup; each worker process holds its own copy.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._n, self._seed = len(parent), int(seed)
+        if self._n == 0:
+            raise ValueError("EpochShuffle: the dataset is empty")
+        self._epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, pos = divmod(int(index), self._n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+            self._epoch = epoch
+        return self._parent[int(self._perm[pos])]
+
+
+def _keep_large_buffers(worker_index: int = 0, worker_count: int = 1) -> None:
+    """Worker init: let glibc's malloc reuse freed batch-sized buffers instead of mmap/munmap-ing each one.
+
+    A fresh process maps every buffer above 128 kB (a record, a crop, a batch) anew and unmaps it on free, so each
+    allocation page-faults its memory in again: measured 2x the CPU per crop in a grain worker (0.61 vs 0.30 CPU-ms,
+    bench/input_pipeline.py). Raising the mmap threshold to 64 MB and the trim threshold to 256 MB keeps them in the
+    heap. A no-op where ``mallopt`` is not glibc's.
+    """
+    del worker_index, worker_count
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 class _DecodeCrop:
-    """``random_map`` transform: record bytes -> ``{'audio': float32 [crop]}``, or None for a short clip to skip."""
+    """``random_map`` transform: record bytes -> ``{'audio': int16 [crop]}``, or None for a short clip to skip."""
 
     def __init__(self, crop: int, pad: bool):
         self.crop, self.pad = crop, pad
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict | None:
-        pcm = decode_pcm(data)[1]  # int16: crop first, convert only the crop
+        pcm = decode_pcm(data)[1]
         n = pcm.shape[0]
         if n < self.crop:
             if not self.pad:
                 return None
-            return {"audio": from_int16(np.pad(pcm, (0, self.crop - n)))}
+            return {"audio": np.pad(pcm, (0, self.crop - n))}
         start = int(rng.integers(0, n - self.crop + 1))
-        return {"audio": from_int16(pcm[start : start + self.crop])}
+        return {"audio": pcm[start : start + self.crop].copy()}  # a copy: do not keep the whole record alive
 
 
 class _SkipShort:
@@ -96,14 +151,16 @@ def pretrain_dataset(
     process_count: int | None = None,
     workers: int = 0,
     prefetch_buffer: int = 2,
-    read_threads: int | None = None,
+    read_threads: int = 0,
 ) -> grain.IterDataset:
-    """Infinite dataset of this process's batches ``{'audio': float32 [global_batch / process_count, crop_samples]}``.
+    """Infinite dataset of this process's batches ``{'audio': int16 [global_batch / process_count, crop_samples]}``.
 
     ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records. ``workers > 0`` decodes in
-    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker). ``read_threads`` are
-    grain's per-process read/decode threads: by default 0 with worker processes (the processes give the parallelism)
-    and 1 without. grain's default of 16 threads costs ~2x the CPU per crop (bench/input_pipeline.py).
+    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker); ``workers=0`` reads in
+    the calling thread, which the trainer overlaps with the device step through JAX's asynchronous dispatch.
+    ``read_threads`` are grain's read/decode threads per process: 0 (the default) reads in the process's own thread,
+    the cheapest per crop; grain's thread hand-off costs ~0.17 CPU-ms per crop, more than reading an uncompressed
+    record (bench/input_pipeline.py).
     """
     if short_clips not in SHORT_CLIPS:
         raise ValueError(f"short_clips={short_clips!r}: expected one of {', '.join(SHORT_CLIPS)}")
@@ -123,18 +180,14 @@ def pretrain_dataset(
     if len(source) == 0:
         raise ValueError(f"config.data.train: {len(paths)} files matching {files!r} hold no records")
     shuffle_seed, crop_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=shuffle_seed)
-        .repeat()
-        .random_map(_DecodeCrop(crop_samples, short_clips == "pad"), seed=crop_seed)
+    ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed).random_map(
+        _DecodeCrop(crop_samples, short_clips == "pad"), seed=crop_seed
     )
     ds = ds[process_index::process_count]
-    if read_threads is None:
-        read_threads = 0 if workers > 0 else 1
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)
     it = ds.to_iter_dataset(read_options=read_options, allow_nones=True).filter(_SkipShort(len(source), crop_samples))
     it = it.batch(global_batch // process_count, drop_remainder=True)
     if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_buffer))
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_buffer)
+        it = it.mp_prefetch(options, worker_init_fn=_keep_large_buffers)
     return it

@@ -1,8 +1,8 @@
 """Prepare a corpus of audio files as ArrayRecord shards of clip records (``records.py``) plus a manifest.
 
     python -m matpac_jax.data.prepare --input=<folder | csv> --output=<dir> --num-shards=N --workers=M \\
-        [--codec=pcm16|flac] [--labels=class_labels_indices.csv] [--audio-root=DIR] [--min-seconds=0] \\
-        [--sample-rate=16000]
+        [--codec=pcm16|flac] [--compression=none|zstd] [--labels=class_labels_indices.csv] [--audio-root=DIR] \\
+        [--min-seconds=0] [--sample-rate=16000]
 
 Inputs: a folder (walked recursively for audio files; key = path relative to the folder without extension, '/'
 separated, no labels); an AudioSet segment CSV (``#`` comments, rows ``YTID, start, end, "mid,mid"``; ``--labels``
@@ -36,7 +36,15 @@ import time
 from collections.abc import Iterable
 
 from matpac_jax.audio.io import AudioError, load_audio
-from matpac_jax.data.records import CODECS, ClipRecord, audioset_key, encode_record, shard_name, write_shard
+from matpac_jax.data.records import (
+    CODECS,
+    COMPRESSIONS,
+    ClipRecord,
+    audioset_key,
+    encode_record,
+    shard_name,
+    write_shard,
+)
 
 MANIFEST_VERSION = 1
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -177,7 +185,7 @@ def _build_shard(task: tuple[int, str, list[Clip], dict, str]) -> dict:
             num_samples += wave.shape[0]
             yield record
 
-    count = write_shard(path, records())
+    count = write_shard(path, records(), settings["compression"])
     side = {"index": index, "shard": os.path.basename(path), "clips": count, "seconds": num_samples / sr}
     side.update(skipped=skipped, fingerprint=fingerprint)
     _write_json(path + ".json", side)
@@ -199,6 +207,7 @@ def prepare(
     num_shards: int,
     workers: int = 1,
     codec: str = "pcm16",
+    compression: str = "none",
     labels_csv: str | None = None,
     audio_root: str | None = None,
     min_seconds: float = 0.0,
@@ -206,8 +215,11 @@ def prepare(
 ) -> dict:
     """Build (or resume) the shards of ``input`` under ``output`` and write ``manifest.json``; returns the manifest."""
     started = time.time()
-    if num_shards < 1 or codec not in CODECS or sample_rate <= 0 or min_seconds < 0:
-        raise PrepareError(f"bad settings: num_shards={num_shards}, codec={codec!r}, sample_rate={sample_rate}")
+    if num_shards < 1 or codec not in CODECS or compression not in COMPRESSIONS or sample_rate <= 0 or min_seconds < 0:
+        raise PrepareError(
+            f"bad settings: num_shards={num_shards}, codec={codec!r}, compression={compression!r}, "
+            f"sample_rate={sample_rate}, min_seconds={min_seconds}"
+        )
     input, output = os.path.abspath(input), os.path.abspath(output)
     clips, skipped, fmt = _collect(input, labels_csv, audio_root)
     if not clips:
@@ -225,7 +237,8 @@ def prepare(
             unique.append(clip)
     unique.sort(key=lambda c: c["key"])
     sources = {k: v and os.path.abspath(v) for k, v in (("labels_csv", labels_csv), ("audio_root", audio_root))}
-    settings = {"codec": codec, "sample_rate": int(sample_rate), "min_seconds": float(min_seconds)}
+    settings = {"codec": codec, "compression": compression, "sample_rate": int(sample_rate)}
+    settings["min_seconds"] = float(min_seconds)
     sidecars: dict[int, dict] = {}
     tasks = []
     for i in range(num_shards):
@@ -287,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (0 or 1: in-process)")
     parser.add_argument("--codec", choices=CODECS, default="pcm16")
+    parser.add_argument("--compression", choices=tuple(COMPRESSIONS), default="none", help="ArrayRecord compression")
     parser.add_argument("--labels", default=None, help="AudioSet class_labels_indices.csv")
     parser.add_argument("--audio-root", default=None, help="where CSV files are found (default: the CSV's folder)")
     parser.add_argument("--min-seconds", type=float, default=0.0, help="skip clips shorter than this")
@@ -294,9 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = prepare(
-            args.input, args.output, args.num_shards, args.workers, args.codec, args.labels, args.audio_root,
-            args.min_seconds, args.sample_rate,
-        )  # fmt: skip
+            args.input,
+            args.output,
+            args.num_shards,
+            workers=args.workers,
+            codec=args.codec,
+            compression=args.compression,
+            labels_csv=args.labels,
+            audio_root=args.audio_root,
+            min_seconds=args.min_seconds,
+            sample_rate=args.sample_rate,
+        )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
