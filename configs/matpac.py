@@ -1,8 +1,8 @@
 r"""MATPAC pretraining on AudioSet: MATPAC++ (configs/pp.py) with a single prediction head and no MCL.
 
 Launch:
-  python -m matpac_jax.main --config=configs/matpac.py --workdir=gs://BUCKET/matpac \
-      --config.data.train='gs://BUCKET/audioset/train-*.arrayrecord'
+  python -m matpac_jax.main --config=configs/matpac.py --workdir=/mnt/gcs/runs/matpac \
+      --config.data.train='/mnt/gcs/audioset/train-*.arrayrecord'
 
 Variants and keys as configs/pp.py (demo, smoke, batch=, steps=).
 Expected (published MATPAC, linear-probe average over the 7 tasks of SPEC §7): 75.2.

@@ -5,8 +5,8 @@ DINO-style unsupervised classification (2048 prototypes), global batch 2048, 294
 2,012,615 clips ≥ 6.08 s), AdamW (0.9, 0.95), lr 3e-4, bf16 compute with fp32 params and EMA.
 
 Launch (every host of a pod / cluster runs the same command; launch/ has the scripts):
-  python -m matpac_jax.main --config=configs/pp.py --workdir=gs://BUCKET/matpac_pp \
-      --config.data.train='gs://BUCKET/audioset/train-*.arrayrecord'
+  python -m matpac_jax.main --config=configs/pp.py --workdir=/mnt/gcs/runs/matpac_pp \
+      --config.data.train='/mnt/gcs/audioset/train-*.arrayrecord'
 
 Variants (`--config=configs/pp.py:VARIANT[,key=value,...]`):
   demo   tiny model on the built-in synthetic corpus, 2 CPU cores, a few minutes; ends with a linear probe

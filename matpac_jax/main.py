@@ -11,7 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pp.py:demo", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (local path or gs://).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (a local or mounted path).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -154,3 +154,42 @@ def test_too_short(tmp_path):
     err = _assert_audio_error(path, "too short", min_samples=16000)
     assert "1600" in err.reason and "16000" in err.reason
     assert load_audio(path, min_samples=1600).shape == (1600,)
+
+
+def _halved(tmp_path, name: str, **kw) -> str:
+    """A 2-s file written by libsndfile, then cut to half its bytes (a partial download / interrupted copy)."""
+    whole = tmp_path / f"whole-{name}"
+    sf.write(whole, (0.3 * np.sin(np.arange(32000) / 5)).astype(np.float32), 16000, **kw)
+    data = whole.read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) // 2])
+    assert load_audio(whole).shape == (32000,)  # the whole file is fine
+    return str(cut)
+
+
+@pytest.mark.parametrize(
+    "name, kw, reason",
+    [
+        ("t.wav", {}, "data chunk declares 64000 bytes"),
+        ("t.mp3", {"format": "MP3"}, "header announces 32000 frames"),
+        ("t.flac", {}, "cannot decode"),
+        ("t.ogg", {"subtype": "VORBIS"}, "cannot decode"),
+    ],
+)
+def test_truncated_files_are_errors_not_shorter_clips(tmp_path, name, kw, reason):
+    path = _halved(tmp_path, name, **kw)
+    with pytest.raises(AudioError, match=reason) as e:
+        load_audio(path)
+    assert e.value.path == path
+
+
+def test_streaming_wav_with_unknown_length_is_not_truncated(tmp_path):
+    import struct
+
+    path = tmp_path / "stream.wav"
+    sf.write(path, np.zeros(1600, np.float32) + 0.1, 16000)
+    data = bytearray(path.read_bytes())
+    i = data.index(b"data")
+    data[i + 4 : i + 8] = data[4:8] = struct.pack("<I", 0xFFFFFFFF)  # what a writer to a pipe leaves
+    path.write_bytes(bytes(data))
+    assert load_audio(path).shape == (1600,)

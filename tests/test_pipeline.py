@@ -151,6 +151,8 @@ def test_exact_resume(marked, workers):
 def test_errors(marked, tmp_path):
     with pytest.raises(ValueError, match="config.data.train: no files match"):
         _ds(str(tmp_path / "nothing-*.arrayrecord"))
+    with pytest.raises(ValueError, match="is a URL; shards are read from a filesystem path"):
+        _ds("gs://bucket/audioset/*.arrayrecord")
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         _ds(marked, process_count=3)
     with pytest.raises(ValueError, match="short_clips='drop'"):

@@ -10,6 +10,7 @@ All-zero audio is valid and returned as is. Samples are not clipped: a float fil
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -54,13 +55,34 @@ def from_int16(pcm: np.ndarray) -> np.ndarray:
     return np.asarray(pcm, dtype=np.int16).astype(np.float32) / np.float32(INT16_SCALE)
 
 
+_SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def _truncation(f: sf.SoundFile, decoded: int) -> str | None:
+    """Why an opened file looks truncated, or None: fewer frames decoded than its header announces (mp3, ...), or
+    (WAV-family) a ``data`` chunk shorter than its declared size, which libsndfile reports as "should be"."""
+    if decoded < f.frames:
+        return f"truncated: the header announces {f.frames} frames, {decoded} could be decoded"
+    match = _SHORT_CHUNK.search(f.extra_info)
+    if match and int(match.group(2)) < int(match.group(1)) < 0xFFFFFFF0:  # not a streaming writer's "unknown" size
+        return f"truncated: the data chunk declares {match.group(1)} bytes, the file holds {match.group(2)}"
+    return None
+
+
 def _decode(path: str) -> tuple[np.ndarray, int]:
-    """Decode to ([samples, channels] float32, native rate); AudioError when neither soundfile nor librosa can."""
+    """Decode to ([samples, channels] float32, native rate); AudioError when neither soundfile nor librosa can, or
+    when the file is truncated (its header announces more audio than it holds)."""
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-        return data, int(sr)
+        with sf.SoundFile(path) as f:
+            data = f.read(dtype="float32", always_2d=True)
+            problem = _truncation(f, data.shape[0])
+            sr = f.samplerate
     except Exception as sf_error:  # soundfile.LibsndfileError, RuntimeError, ...; fall back to librosa
         reason = f"cannot decode: {sf_error}"
+    else:
+        if problem:
+            raise AudioError(path, problem)
+        return data, int(sr)
     try:
         import librosa  # slow to import: only for files soundfile cannot read
 

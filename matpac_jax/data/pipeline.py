@@ -48,6 +48,11 @@ def expand_files(files: list[str] | str) -> list[str]:
         raise ValueError("config.data.train: no files given")
     paths = set()
     for pattern in patterns:
+        if "://" in pattern:
+            raise ValueError(
+                f"config.data.train: {pattern!r} is a URL; shards are read from a filesystem path: mount the bucket "
+                "(e.g. gcsfuse at /mnt/gcs) or copy the shards to local disk, and give that path's glob"
+            )
         matches = glob.glob(pattern)
         if not matches:
             raise ValueError(f"config.data.train: no files match {pattern!r}")
