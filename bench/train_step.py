@@ -24,27 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
-from matpac_jax.flops import count_matmul_flops  # noqa: E402
+from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
 from matpac_jax.train import loop  # noqa: E402
-
-# Dense bf16 peak FLOP/s per chip (datasheet), for MFU.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
-
-
-def device_peak() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak * jax.device_count()
-    return None
 
 
 def apply_overrides(config, overrides: str) -> None:
@@ -84,7 +65,7 @@ def measure(config, steps: int, warmup: int) -> dict:
         "warmup_s": compile_s,
         "loss": float(m["loss"]),
     }
-    peak = device_peak()
+    peak = peak_flops()
     if peak:
         out["mfu"] = flops / dt / peak
     return out

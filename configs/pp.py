@@ -29,8 +29,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.task = "pretrain"
     c.seed = 1337
     c.total_steps = 294_816
-    c.log_every = 100
-    c.checkpoint_every = 5_000
+    c.log_every = 100  # console line every N steps (metrics.jsonl and TensorBoard get every step)
+    c.checkpoint = dict(
+        every=5_000,  # save every N steps, at the end and on preemption (SIGTERM)
+        keep=3,  # keep the last N checkpoints ...
+        keep_period=0,  # ... and, if > 0, every checkpoint whose step is a multiple of this
+        async_save=True,  # write in the background; the step waits only for the device-to-host copy
+        reset_data=False,  # restore the state but restart the data pipeline (e.g. after changing the process count)
+    )
+    c.nonfinite = "stop"  # NaN/Inf loss or grad norm: 'stop' (report, save nothing new, exit 3) or 'skip' the update
+    c.profile_steps = ""  # 'a,b': jax.profiler trace of steps [a, b) into WORKDIR/profile
 
     c.audio = dict(  # SPEC §1: the teacher front-end
         sample_rate=16_000,
@@ -120,7 +128,7 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     """
     c.total_steps = 8 if smoke else 1200
     c.log_every = 2 if smoke else 100
-    c.checkpoint_every = 4 if smoke else 400
+    c.checkpoint.every = 2 if smoke else 400
     c.audio.crop_frames = 128  # 1.28 s crops: 5 x 8 = 40 patches
     c.model.dtype = "float32"  # CPUs have no fast bf16
     if smoke:

@@ -8,6 +8,11 @@ import os
 import ml_collections as mlc
 
 
+class ConfigError(ValueError):
+    """A config or environment problem found before any compute; the message names the key and the fix.
+    ``python -m matpac_jax.main`` prints it and exits 2."""
+
+
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     """Parse 'demo,batch=64' into a ConfigDict over `defaults` (whose types coerce the values).
 

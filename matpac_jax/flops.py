@@ -371,3 +371,25 @@ def count_matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int
     ]
     closed = jax.make_jaxpr(flat_fn)(*dyn_args)
     return jaxpr_matmul_flops(closed)
+
+
+# Dense bf16 peak FLOP/s per chip (datasheets), for MFU.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(devices=None) -> float | None:
+    """Summed dense bf16 peak FLOP/s of ``devices`` (default: all), or None for a device kind not in PEAK_FLOPS."""
+    devices = jax.devices() if devices is None else devices
+    kind = devices[0].device_kind.lower()
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind:
+            return peak * len(devices)
+    return None

@@ -85,7 +85,7 @@ def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
     learned, init = (float(x.split("=")[1]) for x in lines[-1].split()[1:])
     assert 0 <= learned <= 1 and 0 <= init <= 1
     assert any(line.startswith("step ") for line in lines)
-    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "8"]  # every 4 steps and the end
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "6", "8"]  # every 2 steps, the last 3 kept
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == load_config().total_steps
 
 
@@ -114,7 +114,7 @@ def records_config(data_dir):
     config.data.source, config.data.workers = "records", 0
     config.data.train = str(data_dir / "*.arrayrecord")
     config.probe.enabled = False
-    config.total_steps, config.checkpoint_every = 4, 2
+    config.total_steps, config.checkpoint.every = 4, 2
     return config
 
 

@@ -1,27 +1,30 @@
 """The trainer: one loop, read top to bottom.
 
-set up mesh -> model & optimizer -> sharded state (fresh or restored) -> input -> jitted step -> loop
-(metrics fetched one step late so the host never stalls the device) -> checkpoints -> closing probe
+early config checks -> mesh -> input -> model & optimizer -> sharded state (fresh or restored) -> jitted step -> loop
+(metrics fetched one step late so the host never stalls the device; checkpoints every N steps, on SIGTERM and at the
+end) -> closing probe
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
 from matpac_jax.checkpoint import Checkpointer
+from matpac_jax.config_lib import ConfigError
+from matpac_jax.flops import count_matmul_flops, peak_flops
 from matpac_jax.models.matpac import MatpacModel
+from matpac_jax.train.metrics_log import MetricsLog, without_timings
 from matpac_jax.train.optim import lr_schedule, make_optimizer
+from matpac_jax.train.preemption import PreemptionWatch
 from matpac_jax.train.state import create_train_state
-from matpac_jax.train.step import make_train_step
+from matpac_jax.train.step import NONFINITE_ACTIONS, make_train_step
 
 
 def frontend_config(config) -> LogMelConfig:
@@ -61,9 +64,13 @@ def build(config, mesh):
     return model, init_fn, train_step, abstract
 
 
+def crop_samples(config) -> int:
+    return num_samples_for_frames(config.audio.crop_frames, frontend_config(config))
+
+
 def make_input(config):
     """(source, demo splits). The demo source is a step-indexed in-memory batcher; 'records' a grain dataset."""
-    crop = num_samples_for_frames(config.audio.crop_frames, frontend_config(config))
+    crop = crop_samples(config)
     if config.data.source == "demo":
         from matpac_jax.data.demo import demo_splits
         from matpac_jax.data.in_memory import CropBatcher
@@ -97,77 +104,164 @@ def batch_iterator(source, first_step: int):
     return iter(source)
 
 
-def format_line(step: int, total: int, m: dict, rate: float, eta: float) -> str:
-    return (
-        f"step {step:>7d}/{total}  loss {m['loss']:.4f} (pred {m['loss_pred']:.4f} cls {m['loss_cls']:.4f})"
-        f"  lr {m['lr']:.2e}  {rate:,.1f} samples/s  eta {eta / 60:.1f} min"
-    )
+def tokens_per_sample(config) -> int:
+    """Encoder tokens (patches) per crop: (mel bins / patch) x (frames / patch)."""
+    return (config.audio.n_mels // config.model.patch) * (config.audio.crop_frames // config.model.patch)
+
+
+def parse_profile_steps(value: str) -> tuple[int, int] | None:
+    """``config.profile_steps``: '' (off) or 'a,b' with 0 <= a < b: trace steps a .. b-1."""
+    if not value:
+        return None
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        a = b = -1
+    if not 0 <= a < b:
+        raise ConfigError(f"config.profile_steps={value!r}: expected 'a,b' with 0 <= a < b (steps a .. b-1 are traced)")
+    return a, b
+
+
+def check_run(config, workdir: str) -> None:
+    """Config and environment errors that must surface before any data is read or anything is compiled."""
+    if "://" in workdir:
+        raise ConfigError(
+            f"--workdir={workdir} is a URL: the workdir must be a filesystem path (mount buckets, e.g. with gcsfuse)"
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror}): give a writable directory") from e
+    if config.nonfinite not in NONFINITE_ACTIONS:
+        raise ConfigError(f"config.nonfinite={config.nonfinite!r}: expected one of {', '.join(NONFINITE_ACTIONS)}")
+    c = config.checkpoint
+    if c.every < 1 or c.keep < 1 or c.keep_period < 0:
+        raise ConfigError(
+            f"config.checkpoint: every={c.every} and keep={c.keep} must be >= 1, keep_period={c.keep_period} >= 0"
+        )
+    if config.log_every < 1 or config.total_steps < 1:
+        raise ConfigError(f"config.log_every={config.log_every}, config.total_steps={config.total_steps}: must be >= 1")
+    parse_profile_steps(config.profile_steps)
+
+
+class Profiler:
+    """A jax.profiler trace of steps [a, b) into WORKDIR/profile (``config.profile_steps='a,b'``)."""
+
+    def __init__(self, value: str, workdir: str):
+        self.window = parse_profile_steps(value)
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before_step(self, step: int, state) -> None:
+        if self.window is None:
+            return
+        if step == self.window[0] and not self.active:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        elif step == self.window[1] and self.active:
+            self.stop(state)
+
+    def stop(self, state) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            if jax.process_index() == 0:
+                a, b = self.window
+                print(f"profile of steps {a}..{b - 1} written to {self.directory}", flush=True)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
+    """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}.
+
+    Raises ``NonFiniteError`` (config.nonfinite='stop') after writing WORKDIR/nonfinite_report.json.
+    """
+    check_run(config, workdir)
     # --- Mesh.
-    mesh = parallel.make_mesh(config.mesh.to_dict())
+    try:
+        mesh = parallel.make_mesh(config.mesh.to_dict())
+    except ValueError as e:
+        raise ConfigError(f"{e}: set config.mesh to fit {jax.device_count()} devices (-1 = all remaining)") from None
     dp = parallel.data_parallel_size(mesh)
     if config.data.batch_size % dp:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel "
-            f"size {dp} of mesh {dict(mesh.shape)}"
+            f"size {dp} of mesh {dict(mesh.shape)}: choose a multiple of {dp} or change config.mesh"
         )
 
     # --- Input (first: a data error should surface before any compilation).
-    source, splits = make_input(config)
-    ckpt = Checkpointer(workdir)
-    batches = batch_iterator(source, ckpt.latest_step() or 0)
+    try:
+        source, splits = make_input(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ckpt = Checkpointer.from_config(workdir, config)
+    first = ckpt.latest_step() or 0
+    batches = batch_iterator(source, first)
 
     # --- Model, optimizer, state.
     model, init_fn, train_step, abstract = build(config, mesh)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract, data_iter=batches)
-        print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
+    if first:
+        data_iter = None if config.checkpoint.reset_data else batches
+        state = ckpt.restore(abstract, data_iter=data_iter)
+        if jax.process_index() == 0:
+            print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
     else:
         state = init_fn(jax.random.key(config.seed))
 
     # --- Loop.
+    peak = peak_flops()
+    flops = None
+    if peak:  # counting traces the step once more: only where an MFU can be reported
+        audio = jax.ShapeDtypeStruct((config.data.batch_size, crop_samples(config)), jnp.int16)
+        flops = count_matmul_flops(train_step, abstract, {"audio": audio}, jax.random.key(0))
+    log = MetricsLog(workdir, config, first, tokens_per_sample(config), flops, peak)
+    profiler = Profiler(config.profile_steps, workdir)
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    pending, history = None, []
-    t0, first = time.time(), int(state.step)
-    with open(metrics_path, "a") as log:
-        for step in range(first, config.total_steps):
-            batch = parallel.global_batch(next(batches), mesh)
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
-            if pending is not None:  # the previous step's metrics: ready by now, no stall on the current step
-                history.append(emit(log, *pending, config, first, t0))
-            pending = (step + 1, metrics)
-            if (step + 1) % config.checkpoint_every == 0:
-                ckpt.save(step + 1, state, config, data_iter=batches)
-        if pending is not None:
-            history.append(emit(log, *pending, config, first, t0, force=True))
-    if ckpt.latest_step() != int(state.step):
-        ckpt.save(int(state.step), state, config, data_iter=batches, force=True)
-    ckpt.close()
-    if hasattr(batches, "close"):
-        batches.close()  # stops grain worker processes
+    every, preempted, step = config.checkpoint.every, False, first
+    try:
+        with PreemptionWatch() as watch:
+            for step in range(first, config.total_steps):
+                if watch.requested(step):  # before taking a batch: the input workers may be going down too
+                    preempted = True
+                    break
+                profiler.before_step(step, state)
+                t_start = time.perf_counter()
+                batch = parallel.global_batch(next(batches), mesh)
+                data_wait = time.perf_counter() - t_start
+                state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+                log.push(step + 1, metrics, t_start, data_wait)
+                if (step + 1) % every == 0:
+                    log.flush()  # a non-finite step raises here, before anything is saved
+                    ckpt.save(step + 1, state, config, data_iter=batches)
+            else:
+                step = config.total_steps
+            log.flush()
+            profiler.stop(state)
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, config, data_iter=batches, force=True)
+            ckpt.wait()
+    finally:
+        log.close()
+        ckpt.close()
+        if hasattr(batches, "close"):
+            batches.close()  # stops grain worker processes
+    if preempted:
+        if jax.process_index() == 0:
+            print(
+                f"preempted: saved step {step} to {ckpt.directory}; rerun the same command to resume from step {step}",
+                flush=True,
+            )
+        return {"final_metrics": without_timings(log.last), "preempted": True}
 
-    result = {"final_metrics": history[-1] if history else {}}
+    result = {"final_metrics": without_timings(log.last), "preempted": False}
     if config.probe.enabled:
         result["probe"] = closing_probe(config, model, state.student, splits)
     return result
-
-
-def emit(log, step: int, metrics, config, first: int, t0: float, force: bool = False) -> dict:
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    m["step"] = step
-    elapsed = time.time() - t0
-    m["samples_per_s"] = (step - first) * config.data.batch_size / max(elapsed, 1e-9)
-    log.write(json.dumps(m) + "\n")
-    if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"step {step}: loss is {m['loss']} (non-finite); stopping")
-    if force or step % config.log_every == 0 or step == first + 1:
-        eta = (config.total_steps - step) * elapsed / max(step - first, 1)
-        print(format_line(step, config.total_steps, m, m["samples_per_s"], eta), flush=True)
-    return m
 
 
 def closing_probe(config, model, student, splits) -> dict:

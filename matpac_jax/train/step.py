@@ -5,6 +5,8 @@ Order within a step follows the reference:
   2. log-mel on device, masking, student / predictor / teacher forward
   3. prediction loss (annealed MCL over K hypotheses), cls loss on the winning hypothesis, total 0.5 / 0.5
   4. AdamW update of the student; the cls-head center moves (takes effect next step)
+  5. non-finite guard: if the loss or the gradient norm is NaN/Inf, the state keeps its previous values (only the step
+     counter advances) and ``metrics['nonfinite']`` is 1; the trainer then stops or skips (``config.nonfinite``)
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import optax
 from matpac_jax.audio.frontend import log_mel
 from matpac_jax.objectives import matpac as obj
 from matpac_jax.train.state import TrainState
+
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def prediction_std(x: jax.Array) -> jax.Array:
@@ -29,6 +33,8 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
     """Build train_step(state, batch, rng) for a MatpacModel and a config (config.objective, total_steps)."""
     o = config.objective
     total = config.total_steps
+    if config.nonfinite not in NONFINITE_ACTIONS:
+        raise ValueError(f"config.nonfinite must be one of {NONFINITE_ACTIONS}, got {config.nonfinite!r}")
     if o.center_from not in ("probs", "logits"):
         raise ValueError(f"config.objective.center_from must be 'probs' or 'logits', got {o.center_from!r}")
 
@@ -41,6 +47,7 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             "encoder": obj.ema(state.teacher["encoder"], state.student["encoder"], jnp.where(started, d_enc, 1.0)),
             "cls_head": obj.ema(state.teacher["cls_head"], state.student["cls_head"], jnp.where(started, d_head, 1.0)),
         }
+        audio_is_float = jnp.issubdtype(batch["audio"].dtype, jnp.floating)
         mel = log_mel(batch["audio"], frontend_cfg)  # [B, F, T]
         mcl_t = obj.mcl_temperature(step, o.mcl_temp_init, o.mcl_temp_decay)
         tau_t = obj.teacher_temperature(step, o.teacher_temp_warmup, o.teacher_temp, o.teacher_temp_warmup_steps)
@@ -71,6 +78,11 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         student = optax.apply_updates(state.student, updates)
         stat = aux["probs"] if o.center_from == "probs" else aux["t_logits"]
         center = obj.update_center(state.center, stat, o.center_momentum)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = (student, teacher, center, opt_state)
+        kept = (state.student, state.teacher, state.center, state.opt_state)
+        student, teacher, center, opt_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
         new_state = TrainState(step=step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state)
 
         probs = aux["probs"]
@@ -83,7 +95,9 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             loss_pred=aux["loss_pred"],
             loss_cls=aux["loss_cls"],
             lr=lr_fn(step),
-            grad_norm=optax.tree_utils.tree_norm(grads),
+            grad_norm=grad_norm,
+            nonfinite=1.0 - finite.astype(jnp.float32),
+            nonfinite_inputs=jnp.sum(~jnp.isfinite(batch["audio"])) if audio_is_float else jnp.zeros((), jnp.int32),
             ema_decay=d_enc,
             head_ema_decay=d_head,
             teacher_temp=tau_t,
