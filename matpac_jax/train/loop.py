@@ -145,6 +145,11 @@ def check_run(config, workdir: str) -> None:
         )
     if config.log_every < 1 or config.total_steps < 1:
         raise ConfigError(f"config.log_every={config.log_every}, config.total_steps={config.total_steps}: must be >= 1")
+    if not 0 <= config.optim.warmup_steps < config.total_steps:
+        raise ConfigError(
+            f"config.optim.warmup_steps={config.optim.warmup_steps} must be in [0, config.total_steps="
+            f"{config.total_steps}): lower it or train longer"
+        )
     parse_profile_steps(config.profile_steps)
 
 

@@ -1,0 +1,298 @@
+r"""Convert between the published PyTorch state dicts (SPEC §5 key names) and this package's encoders.
+
+    python -m matpac_jax.convert --torch-checkpoint=matpac_plus_6s_2048_enconly.pt --output=models/pp
+    python -m matpac_jax.convert --torch-checkpoint=as_ft_with_head.pt --output=models/pp_as      # + 527-class head
+    python -m matpac_jax.convert --torch-checkpoint=enc.pt --probe=esc50.pth --output=models/pp_esc50
+    python -m matpac_jax.convert --checkpoint=runs/pp --to-torch=pp.pt     # ours -> published layout (.pt with
+                                                                           # torch installed, else .safetensors)
+
+Keys read (every key of the file must be one of these, or the conversion fails listing the others):
+
+- encoder: ``cls_token`` [1,1,D], ``pos_embed`` [1,1+F·T,D] (the fixed 2-D sin-cos table, checked, not stored),
+  ``patch_embed.proj.weight`` [D,1,16,16] + ``.bias``, ``student_encoder.blocks.{i}.norm1|norm2.weight|bias``,
+  ``...attn.qkv.weight`` [3D,D] (rows q;k;v) + ``.bias``, ``...attn.proj.weight|bias``, ``...mlp.fc1.weight|bias``,
+  ``...mlp.fc2.weight|bias``, ``student_encoder.norm.weight|bias``;
+- AudioSet fine-tuned head: ``head_norm.running_mean|running_var|num_batches_tracked`` (BatchNorm1d without affine),
+  ``head.weight`` [527,D], ``head.bias`` (with 992-frame positions: pos_embed [1,311,D]);
+- a linear probe (``--probe`` file or in the same file): ``probe.weight`` [C,F·D], ``probe.bias``.
+
+Full training checkpoints (``decoder.*``, ``mcl_heads.*``, ``cls_student_head.*``, ``cls_head_loss.center``, EMA
+teacher ``blocks.*`` / ``norm.*``) are recognised; converting their predictor, heads and teachers is not implemented:
+``--encoder-only`` converts the student encoder and prints how many training-only keys it left out.
+PyTorch is needed only to read or write ``.pt`` files (``pip install 'matpac_jax[torch]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+
+from matpac_jax.audio.frontend import LogMelConfig
+from matpac_jax.inference import Encoder, EncoderSpec, load_encoder
+from matpac_jax.models.vit import sincos_pos_embed_2d
+
+TRAINING_ONLY = re.compile(
+    r"^(decoder\.|mcl_heads\.|cls_student_head\.|cls_teacher_head\.|cls_head_loss\.|blocks\.|norm\.)"
+)
+_BLOCK = "student_encoder.blocks.{i}."
+# (torch suffix, our path inside encoder/blocks_i, transpose?)
+_BLOCK_KEYS = [
+    ("norm1.weight", "norm1/scale", False),
+    ("norm1.bias", "norm1/bias", False),
+    ("attn.qkv.weight", "attn/qkv/kernel", True),
+    ("attn.qkv.bias", "attn/qkv/bias", False),
+    ("attn.proj.weight", "attn/proj/kernel", True),
+    ("attn.proj.bias", "attn/proj/bias", False),
+    ("norm2.weight", "norm2/scale", False),
+    ("norm2.bias", "norm2/bias", False),
+    ("mlp.fc1.weight", "mlp/fc1/kernel", True),
+    ("mlp.fc1.bias", "mlp/fc1/bias", False),
+    ("mlp.fc2.weight", "mlp/fc2/kernel", True),
+    ("mlp.fc2.bias", "mlp/fc2/bias", False),
+]
+
+
+class ConversionError(ValueError):
+    """Keys missing, unknown or of the wrong shape; the message lists them."""
+
+
+def _pos_table(dim: int, grid_f: int, grid_t: int) -> np.ndarray:
+    return sincos_pos_embed_2d(dim, grid_f, grid_t, cls_row=True).astype(np.float32)[None]
+
+
+def from_torch(
+    sd: dict[str, np.ndarray], heads: int | None = None, n_mels: int = 80, encoder_only: bool = False
+) -> tuple[EncoderSpec, dict, list[str]]:
+    """Published state dict (numpy arrays) -> (spec, params, training-only keys left out). Strict about keys."""
+    sd = dict(sd)
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias") if k not in sd]
+    if missing:
+        raise ConversionError(f"not a MATPAC encoder state dict: missing {missing} (have {sorted(sd)[:8]}...)")
+    dim = sd["cls_token"].shape[-1]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    depth = 0
+    while f"{_BLOCK.format(i=depth)}norm1.weight" in sd:
+        depth += 1
+    grid_f = n_mels // patch
+    n_tokens = sd["pos_embed"].shape[1] - 1
+    if depth == 0 or n_tokens % grid_f:
+        raise ConversionError(f"cannot read the shape: {depth} blocks, pos_embed {sd['pos_embed'].shape}")
+    grid_t = n_tokens // grid_f
+    heads = heads or dim // 64
+    spec = EncoderSpec(dim, depth, heads, sd[f"{_BLOCK.format(i=0)}mlp.fc1.weight"].shape[0] / dim, patch, n_mels,
+                       grid_t * patch, LogMelConfig())  # fmt: skip
+    table = _pos_table(dim, grid_f, grid_t)
+    err = float(np.max(np.abs(sd["pos_embed"] - table)))
+    if err > 1e-5:
+        raise ConversionError(f"pos_embed differs from the 2-D sin-cos table by {err:.2e}: not a fixed-position model")
+
+    used = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    flat = {
+        "tokenizer/cls_token": sd["cls_token"],
+        "tokenizer/proj/kernel": np.transpose(sd["patch_embed.proj.weight"], (2, 3, 1, 0)),  # [D,1,f,t] -> [f,t,1,D]
+        "tokenizer/proj/bias": sd["patch_embed.proj.bias"],
+    }
+    problems = []
+    for i in range(depth):
+        for suffix, ours, transpose in _BLOCK_KEYS:
+            key = _BLOCK.format(i=i) + suffix
+            if key not in sd:
+                problems.append(f"missing {key}")
+                continue
+            used.add(key)
+            flat[f"encoder/blocks_{i}/{ours}"] = sd[key].T if transpose else sd[key]
+    for suffix, ours in (("weight", "scale"), ("bias", "bias")):
+        key = f"student_encoder.norm.{suffix}"
+        if key in sd:
+            used.add(key)
+            flat[f"encoder/norm/{ours}"] = sd[key]
+        else:
+            problems.append(f"missing {key}")
+    if "head.weight" in sd:
+        keys = ("head.weight", "head.bias", "head_norm.running_mean", "head_norm.running_var")
+        problems += [f"missing {k}" for k in keys if k not in sd]
+        if all(k in sd for k in keys):
+            flat["head/kernel"], flat["head/bias"] = sd["head.weight"].T, sd["head.bias"]
+            flat["head/norm_mean"], flat["head/norm_var"] = sd["head_norm.running_mean"], sd["head_norm.running_var"]
+            used.update(keys + ("head_norm.num_batches_tracked",))
+    if "probe.weight" in sd:
+        if "probe.bias" not in sd:
+            problems.append("missing probe.bias")
+        else:
+            flat.update({"probe/kernel": sd["probe.weight"].T, "probe/bias": sd["probe.bias"]})
+            used.update(("probe.weight", "probe.bias"))
+    rest = sorted(set(sd) - used)
+    training = [k for k in rest if TRAINING_ONLY.match(k)]
+    unknown = [k for k in rest if not TRAINING_ONLY.match(k)]
+    if unknown:
+        problems.append(f"unknown keys {unknown}")
+    if training and not encoder_only:
+        problems.append(
+            f"{len(training)} keys of a full training checkpoint (e.g. {training[:3]}): converting the predictor, "
+            "heads and EMA teachers is not implemented; pass --encoder-only to convert the student encoder alone"
+        )
+    if problems:
+        raise ConversionError("; ".join(problems))
+    from matpac_jax.inference import unflatten
+
+    params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    _check_shapes(spec, params)
+    return spec, params, training
+
+
+def _check_shapes(spec: EncoderSpec, params: dict) -> None:
+    """Trace the encoder once with these parameters: any shape that does not fit the spec fails here."""
+    import jax
+
+    enc = Encoder(spec, {"tokenizer": params["tokenizer"], "encoder": params["encoder"]})
+    mel = np.zeros((1, spec.n_mels, spec.crop_frames), np.float32)
+    try:
+        jax.eval_shape(lambda p: enc._encode_chunks(p, mel, False), enc.params)
+    except Exception as e:  # flax ScopeParamShapeError and friends
+        raise ConversionError(f"parameter shapes do not fit a ViT of {spec}: {e}") from None
+
+
+def to_torch(spec: EncoderSpec, params: dict) -> dict[str, np.ndarray]:
+    """Our encoder (+ head / probe) -> the published key layout (numpy arrays, float32)."""
+    from matpac_jax.inference import flatten
+
+    flat = flatten(params)
+    grid_f, grid_t = spec.n_mels // spec.patch, spec.crop_frames // spec.patch
+    sd = {
+        "cls_token": flat["tokenizer/cls_token"],
+        "pos_embed": _pos_table(spec.dim, grid_f, grid_t),
+        "patch_embed.proj.weight": np.transpose(flat["tokenizer/proj/kernel"], (3, 2, 0, 1)),
+        "patch_embed.proj.bias": flat["tokenizer/proj/bias"],
+    }
+    for i in range(spec.depth):
+        for suffix, ours, transpose in _BLOCK_KEYS:
+            v = flat[f"encoder/blocks_{i}/{ours}"]
+            sd[_BLOCK.format(i=i) + suffix] = v.T if transpose else v
+    sd["student_encoder.norm.weight"] = flat["encoder/norm/scale"]
+    sd["student_encoder.norm.bias"] = flat["encoder/norm/bias"]
+    if "head/kernel" in flat:
+        sd["head.weight"], sd["head.bias"] = flat["head/kernel"].T, flat["head/bias"]
+        sd["head_norm.running_mean"], sd["head_norm.running_var"] = flat["head/norm_mean"], flat["head/norm_var"]
+    if "probe/kernel" in flat:
+        sd.update({"probe.weight": flat["probe/kernel"].T, "probe.bias": flat["probe/bias"]})
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+# --- Files: .pt (torch) and .safetensors (written and read here, no dependency).
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """The safetensors layout: u64 header length, JSON header {name: dtype, shape, data_offsets}, raw data."""
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], np.float32)
+        blobs.append(a.tobytes())
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for b in blobs:
+            f.write(b)
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        if h["dtype"] not in ("F32", "F16", "BF16"):
+            raise ConversionError(f"{path}: tensor {name} has dtype {h['dtype']}, expected floats")
+        start, stop = (8 + n + o for o in h["data_offsets"])
+        raw = np.frombuffer(data[start:stop], {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[h["dtype"]])
+        if h["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        out[name] = raw.astype(np.float32).reshape(h["shape"])
+    return out
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            f"reading {path} needs PyTorch: pip install 'matpac_jax[torch]' (or give a .safetensors file)"
+        ) from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")} | {
+        k: np.asarray(v) for k, v in sd.items() if not hasattr(v, "detach")
+    }
+
+
+def write_state_dict(path: str, sd: dict[str, np.ndarray]) -> str:
+    """``.pt`` with torch installed, else ``.safetensors`` (the path's extension is changed and returned)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if path.endswith(".pt") and torch is not None:
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+        return path
+    if not path.endswith(".safetensors"):
+        path = os.path.splitext(path)[0] + ".safetensors"
+    write_safetensors(path, sd)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m matpac_jax.convert", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--torch-checkpoint", help="published state dict (.pt / .pth / .safetensors)")
+    src.add_argument("--checkpoint", help="ours: an encoder directory, a training workdir or checkpoints/<step>")
+    ap.add_argument("--output", help="encoder directory to write (with --torch-checkpoint)")
+    ap.add_argument("--to-torch", help="state dict file to write (with --checkpoint)")
+    ap.add_argument("--probe", help="a linear-probe state dict (probe.weight / probe.bias) to add")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: width / 64, 12 for ViT-B)")
+    ap.add_argument("--encoder-only", action="store_true", help="convert a full training checkpoint's student encoder")
+    args = ap.parse_args(argv)
+    try:
+        if args.torch_checkpoint:
+            if not args.output:
+                ap.error("--torch-checkpoint needs --output=DIR")
+            sd = read_state_dict(args.torch_checkpoint)
+            if args.probe:
+                sd |= read_state_dict(args.probe)
+            spec, params, left = from_torch(sd, heads=args.heads, encoder_only=args.encoder_only)
+            Encoder(spec, params).save(args.output)
+            extra = f"; left out {len(left)} training-only keys" if left else ""
+            print(f"wrote {args.output}: ViT {spec.depth}x{spec.dim}, {spec.crop_frames}-frame chunks, "
+                  f"groups {sorted(params)}{extra}")  # fmt: skip
+        else:
+            if not args.to_torch:
+                ap.error("--checkpoint needs --to-torch=FILE")
+            enc = load_encoder(args.checkpoint)
+            path = write_state_dict(args.to_torch, to_torch(enc.spec, jax_to_numpy(enc.params)))
+            print(f"wrote {path}")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def jax_to_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

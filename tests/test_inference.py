@@ -1,0 +1,212 @@
+"""Using models: load_encoder / embed / tag against a float64 numpy implementation of SPEC §5 written on the
+published (PyTorch) key layout, conversion in both directions, strict key accounting, long audio."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import reference as ref
+from helpers import ROOT
+from test_frontend import reference_log_mel
+
+from matpac_jax.convert import ConversionError, from_torch, read_safetensors, to_torch, write_safetensors
+from matpac_jax.inference import Encoder, flatten, load_encoder
+
+DIM, DEPTH, HEADS, GRID_T, PATCH, N_MELS = 64, 2, 4, 8, 16, 80  # a small ViT: 128-frame chunks
+
+
+def published_state_dict(seed=0, grid_t=GRID_T, head_classes=0) -> dict[str, np.ndarray]:
+    """Random weights under the SPEC §5 key names and shapes (float32, like a torch file)."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape, s=0.05: rng.normal(0, s, shape).astype(np.float32)  # noqa: E731
+    sd = {
+        "cls_token": n(1, 1, DIM, s=0.5),
+        "pos_embed": ref.sincos_pos_embed_2d(DIM, N_MELS // PATCH, grid_t)[None].astype(np.float32),
+        "patch_embed.proj.weight": n(DIM, 1, PATCH, PATCH, s=0.1),
+        "patch_embed.proj.bias": n(DIM),
+        "student_encoder.norm.weight": 1 + n(DIM),
+        "student_encoder.norm.bias": n(DIM),
+    }
+    for i in range(DEPTH):
+        p = f"student_encoder.blocks.{i}."
+        sd |= {
+            p + "norm1.weight": 1 + n(DIM), p + "norm1.bias": n(DIM),
+            p + "attn.qkv.weight": n(3 * DIM, DIM, s=0.2), p + "attn.qkv.bias": n(3 * DIM),
+            p + "attn.proj.weight": n(DIM, DIM, s=0.2), p + "attn.proj.bias": n(DIM),
+            p + "norm2.weight": 1 + n(DIM), p + "norm2.bias": n(DIM),
+            p + "mlp.fc1.weight": n(4 * DIM, DIM, s=0.2), p + "mlp.fc1.bias": n(4 * DIM),
+            p + "mlp.fc2.weight": n(DIM, 4 * DIM, s=0.2), p + "mlp.fc2.bias": n(DIM),
+        }  # fmt: skip
+    if head_classes:
+        var = 0.5 + rng.uniform(0, 1, DIM).astype(np.float32)
+        sd |= {"head_norm.running_mean": n(DIM), "head_norm.running_var": var, "head_norm.num_batches_tracked": 1000}
+        sd |= {"head.weight": n(head_classes, DIM), "head.bias": n(head_classes)}
+    return sd
+
+
+def numpy_layers(sd: dict, mel: np.ndarray) -> np.ndarray:
+    """SPEC §5 on one clip's log-mel [F, T], float64: every layer's frame features [DEPTH, T', (F/16)·D]."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    grid_f = N_MELS // PATCH
+    grid_t = (sd["pos_embed"].shape[1] - 1) // grid_f
+    crop = grid_t * PATCH
+    t = mel.shape[1]
+    mel = np.pad(mel, ((0, 0), (0, -t % PATCH)))  # the whole clip padded to a patch multiple, then cut in chunks
+    out = []
+    for start in range(0, mel.shape[1], crop):
+        chunk = mel[:, start : start + crop]
+        tp = chunk.shape[1] // PATCH
+        patches = chunk.reshape(grid_f, PATCH, tp, PATCH).transpose(0, 2, 1, 3).reshape(grid_f * tp, PATCH * PATCH)
+        w = sd["patch_embed.proj.weight"].reshape(DIM, PATCH * PATCH)
+        x = patches @ w.T + sd["patch_embed.proj.bias"]  # tokens, freq-major
+        pos = sd["pos_embed"][0, 1:].reshape(grid_f, grid_t, DIM)[:, :tp].reshape(-1, DIM)
+        x = np.concatenate([sd["cls_token"][0] + sd["pos_embed"][0, :1], x + pos])
+        layers = []
+        for i in range(DEPTH):
+            p = lambda name: sd[f"student_encoder.blocks.{i}.{name}"]  # noqa: E731, B023
+            h = ref.layer_norm(x, p("norm1.weight"), p("norm1.bias"))
+            q, k, v = np.split(h @ p("attn.qkv.weight").T + p("attn.qkv.bias"), 3, axis=-1)
+            split = lambda a: a.reshape(-1, HEADS, DIM // HEADS).transpose(1, 0, 2)  # noqa: E731
+            att = ref.softmax(split(q) @ split(k).transpose(0, 2, 1) / np.sqrt(DIM // HEADS))
+            o = (att @ split(v)).transpose(1, 0, 2).reshape(-1, DIM)
+            x = x + o @ p("attn.proj.weight").T + p("attn.proj.bias")
+            h = ref.layer_norm(x, p("norm2.weight"), p("norm2.bias"))
+            h = ref.gelu_exact(h @ p("mlp.fc1.weight").T + p("mlp.fc1.bias"))
+            x = x + h @ p("mlp.fc2.weight").T + p("mlp.fc2.bias")
+            layers.append(x)
+        layers[-1] = ref.layer_norm(x, sd["student_encoder.norm.weight"], sd["student_encoder.norm.bias"])
+        feats = np.stack(layers)[:, 1:].reshape(DEPTH, grid_f, tp, DIM).transpose(0, 2, 1, 3)
+        out.append(feats.reshape(DEPTH, tp, grid_f * DIM))
+    return np.concatenate(out, axis=1)
+
+
+def _rel(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def published():
+    sd = published_state_dict()
+    spec, params, left = from_torch(sd, heads=HEADS)
+    assert left == [] and spec.crop_frames == GRID_T * PATCH and spec.depth == DEPTH
+    return sd, Encoder(spec, params)
+
+
+def test_embed_matches_the_float64_spec_implementation(published):
+    sd, enc = published
+    rng = np.random.default_rng(1)
+    waves = (0.1 * rng.standard_normal((2, 48_000))).astype(np.float32)  # 3 s: 298 frames = 128 + 128 + 42 (-> 48)
+    out = enc.embed(waves, 16_000, layers=True)
+    assert out["frames"].shape == (2, 19, 320) and out["layers"].shape == (2, DEPTH, 19, 320)
+    for b in range(2):
+        want = numpy_layers(sd, reference_log_mel(waves[b], enc.spec.frontend))
+        assert _rel(out["layers"][b], want) <= 1e-5
+        assert _rel(out["frames"][b], want[-1]) <= 1e-5
+        assert _rel(out["clip"][b], want[-1].mean(axis=0)) <= 1e-5
+
+
+def test_one_waveform_other_rates_and_short_audio(published):
+    _, enc = published
+    wave = (0.1 * np.random.default_rng(2).standard_normal(44_100)).astype(np.float32)
+    out = enc.embed(wave, 44_100)  # 1 s at 44.1 kHz -> 16 kHz -> 98 frames -> one chunk padded to 112
+    assert out["clip"].shape == (1, 320) and out["frames"].shape == (1, 7, 320)
+    from matpac_jax.audio.io import resample
+
+    same = enc.embed(resample(wave, 44_100, 16_000), 16_000)
+    np.testing.assert_array_equal(out["clip"], same["clip"])
+    with pytest.raises(ValueError, match="shorter than one analysis window"):
+        enc.embed(np.zeros(100, np.float32))
+
+
+def test_twenty_minutes_in_bounded_chunk_batches(published):
+    _, enc = published
+    enc.chunk_batch = 64
+    minutes = 20
+    wave = (0.05 * np.random.default_rng(3).standard_normal(minutes * 60 * 16_000)).astype(np.float32)
+    out = enc.embed(wave)
+    frames = 1 + (wave.size - 400) // 160
+    assert out["frames"].shape == (1, -(-frames // PATCH), 320)
+    assert np.isfinite(out["clip"]).all()
+    # the first minute embedded alone gives the same first frames (chunks are independent)
+    head = enc.embed(wave[: 60 * 16_000 + 240])["frames"]  # 6,000 frames: 46 full chunks + 112
+    np.testing.assert_allclose(out["frames"][0, : 46 * GRID_T], head[0, : 46 * GRID_T], rtol=0, atol=2e-5)
+
+
+def test_audioset_head_tags_like_the_spec():
+    sd = published_state_dict(seed=4, grid_t=62, head_classes=527)
+    spec, params, _ = from_torch(sd, heads=HEADS)
+    assert spec.crop_frames == 992
+    enc = Encoder(spec, params)
+    wave = (0.1 * np.random.default_rng(5).standard_normal(16_000 * 12)).astype(np.float32)  # 1,198 frames: 2 chunks
+    probs = enc.tag(wave)
+    last = numpy_layers(sd, reference_log_mel(wave, spec.frontend))[-1]  # [T', F·D]
+    x = last.reshape(last.shape[0], -1, DIM).mean(axis=(0, 1))  # freq-average, time-mean
+    x = (x - sd["head_norm.running_mean"]) / np.sqrt(sd["head_norm.running_var"].astype(np.float64) + 1e-5)
+    want = ref.softmax(x @ sd["head.weight"].T.astype(np.float64) + sd["head.bias"])
+    assert probs.shape == (1, 527) and _rel(probs[0], want) <= 1e-5
+
+
+def test_round_trip_ours_to_published_layout_and_back_is_exact(published, tmp_path):
+    sd, enc = published
+    params = jax.device_get(enc.params)
+    back = to_torch(enc.spec, params)
+    assert sorted(back) == sorted(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k].astype(np.float32))
+    path = str(tmp_path / "m.safetensors")
+    write_safetensors(path, back)
+    again = read_safetensors(path)
+    spec, params, _ = from_torch(again, heads=HEADS)
+    for k, v in flatten(params).items():
+        np.testing.assert_array_equal(v, flatten(params)[k])
+
+
+def test_strict_keys(published):
+    sd, _ = published
+    with pytest.raises(ConversionError, match=r"unknown keys \['something.else'\]"):
+        from_torch(sd | {"something.else": np.zeros(1)}, heads=HEADS)
+    broken = dict(sd)
+    del broken["student_encoder.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ConversionError, match="missing student_encoder.blocks.1.mlp.fc2.bias"):
+        from_torch(broken, heads=HEADS)
+    training = sd | {"decoder.decoder_embed.weight": np.zeros((2, 2)), "cls_head_loss.center": np.zeros((1, 4))}
+    with pytest.raises(ConversionError, match="pass --encoder-only"):
+        from_torch(training, heads=HEADS)
+    _, _, left = from_torch(training, heads=HEADS, encoder_only=True)
+    assert left == ["cls_head_loss.center", "decoder.decoder_embed.weight"]
+    wrong = sd | {"student_encoder.blocks.0.attn.proj.weight": np.zeros((DIM, DIM + 1), np.float32)}
+    with pytest.raises(ConversionError, match="shapes do not fit"):
+        from_torch(wrong, heads=HEADS)
+
+
+def test_cli_both_ways_and_a_training_checkpoint(tmp_path):
+    """Training workdir -> published layout (.safetensors without torch) -> encoder directory: same embeddings."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run("matpac_jax.main", "--config=configs/pp.py:smoke", f"--workdir={tmp_path / 'run'}", "--config.total_steps=3",
+        "--config.probe.enabled=False")  # fmt: skip
+    out = run("matpac_jax.convert", f"--checkpoint={tmp_path / 'run'}", f"--to-torch={tmp_path / 'pp.pt'}")
+    written = out.strip().split()[-1]
+    assert written.endswith(".pt" if _has_torch() else ".safetensors") and os.path.exists(written)
+    run("matpac_jax.convert", f"--torch-checkpoint={written}", f"--output={tmp_path / 'enc'}", "--heads=4")
+    wave = (0.1 * np.random.default_rng(6).standard_normal(40_000)).astype(np.float32)
+    a = load_encoder(str(tmp_path / "run")).embed(wave, layers=True)
+    b = load_encoder(str(tmp_path / "enc")).embed(wave, layers=True)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
