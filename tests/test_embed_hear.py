@@ -1,0 +1,85 @@
+"""The embed CLI on a folder with a bad file, and the HEAR 2021 module (numpy path; the official validator when
+hearvalidator and its torch + tensorflow requirements are installed)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from helpers import ROOT
+from test_inference import HEADS, published_state_dict
+
+import matpac_jax.hear as hear
+from matpac_jax.audio.io import load_audio
+from matpac_jax.convert import from_torch
+from matpac_jax.inference import Encoder, load_encoder
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    spec, params, _ = from_torch(published_state_dict(seed=7), heads=HEADS)
+    return Encoder(spec, params).save(str(tmp_path_factory.mktemp("enc") / "pp"))
+
+
+def _run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_embed_cli_folder_with_a_bad_file(encoder_dir, tmp_path):
+    folder = tmp_path / "audio"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sf.write(folder / "a.wav", 0.1 * rng.standard_normal(16_000 * 2), 16_000)
+    sf.write(folder / "sub" / "b.flac", 0.1 * rng.standard_normal((44_100 * 3, 2)), 44_100)
+    (folder / "broken.mp3").write_bytes(b"not an mp3 at all" * 20)
+    out = tmp_path / "emb.npz"
+    r = _run("matpac_jax.embed", f"--checkpoint={encoder_dir}", f"--input={folder}", f"--output={out}", "--frames")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "embedded 2 files" in r.stdout and "skipped 1" in r.stdout
+    assert "skipped: " in r.stderr and "broken.mp3" in r.stderr
+    skipped = json.loads((tmp_path / "emb.npz.skipped.json").read_text())
+    assert [os.path.basename(s["path"]) for s in skipped] == ["broken.mp3"]
+    data = np.load(out)
+    assert list(data["paths"]) == ["a.wav", "sub/b.flac"]
+    enc = load_encoder(encoder_dir)
+    for i, name in enumerate(data["paths"]):
+        want = enc.embed(load_audio(folder / name))
+        np.testing.assert_allclose(data["clip"][i], want["clip"][0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(data[f"frames/{i}"], want["frames"][0], rtol=0, atol=1e-6)
+    per_file = tmp_path / "per_file"
+    r = _run("matpac_jax.embed", f"--checkpoint={encoder_dir}", f"--input={folder / 'a.wav'}", f"--output={per_file}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_allclose(np.load(per_file / "a.wav.clip.npy"), data["clip"][0], rtol=0, atol=1e-6)
+
+
+def test_hear_api(encoder_dir):
+    model = hear.load_model(encoder_dir)
+    assert model.sample_rate == 16_000 and model.scene_embedding_size == model.timestamp_embedding_size == 320
+    audio = (0.1 * np.random.default_rng(1).standard_normal((3, 16_000 * 2))).astype(np.float32)
+    scene = hear.get_scene_embeddings(audio, model)
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    frames = 1 + (32_000 - 400) // 160  # 198 front-end frames -> 13 patches of 16 (padded)
+    assert scene.shape == (3, 320) and emb.shape == (3, 13, 320) and ts.shape == (3, 13)
+    assert scene.dtype == emb.dtype == np.float32
+    np.testing.assert_allclose(ts[0], 160 * np.arange(13) + 87.5)  # centre of frames 16i .. 16i+15, 10 ms hop
+    assert frames == 198
+    enc = load_encoder(encoder_dir)
+    np.testing.assert_allclose(scene, enc.embed(audio)["clip"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scene, emb.mean(axis=1), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a model path"):
+        hear.load_model("")
+
+
+_VALIDATOR = all(importlib.util.find_spec(m) for m in ("hearvalidator", "torch", "tensorflow"))
+
+
+@pytest.mark.skipif(not _VALIDATOR, reason="hearvalidator + torch + tensorflow not installed (optional)")
+def test_official_hear_validator(encoder_dir):
+    r = _run("hearvalidator", "matpac_jax.hear", "--model", encoder_dir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "Looks good!" in r.stdout or "validated" in r.stdout.lower()
