@@ -10,7 +10,8 @@
 Audio at any rate is resampled to 16 kHz (soxr HQ), turned into the log-mel of SPEC §1 on the device, and cut into
 chunks of ``crop_frames`` (608) frames; the last chunk is zero-padded to a multiple of 16 frames and sees the
 positional table truncated along time. Full chunks of all clips are encoded together in jitted batches of
-``chunk_batch`` chunks, so the memory needed is bounded whatever the audio length (1 s to hours). Padding frames of the
+``chunk_batch`` chunks split over every local device, so the memory needed is bounded whatever the audio length (1 s
+to hours) and all devices work. Padding frames of the
 last chunk are part of the output, as in the published extractor.
 
 An encoder directory (``encoder.json`` + ``params.npz``) holds the encoder's shape, the front-end and the parameters
@@ -88,14 +89,35 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 class Encoder:
     """A loaded encoder; ``params`` = {'tokenizer', 'encoder'[, 'head'][, 'probe']} (see the module docstring)."""
 
-    def __init__(self, spec: EncoderSpec, params: dict, chunk_batch: int = 16):
-        self.spec, self.chunk_batch = spec, chunk_batch
-        self.params = jax.tree.map(jnp.asarray, params)
+    def __init__(self, spec: EncoderSpec, params: dict, chunk_batch: int = 16, devices=None):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.spec = spec
+        devices = list(jax.devices() if devices is None else devices)
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.chunk_batch = chunk_batch
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
         grid_f = spec.n_mels // spec.patch
         self.tokenizer = Tokenizer(spec.dim, spec.patch, grid_f, spec.crop_frames // spec.patch)
         self.encoder = Transformer(spec.dim, spec.depth, spec.heads, spec.mlp_ratio)
         self._mel = jax.jit(log_mel, static_argnums=1)
         self._chunks = jax.jit(self._encode_chunks, static_argnums=2)
+        # Full chunks: a batch split over every device (data parallel), the parameters replicated.
+        split = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._split_chunks = jax.jit(
+            self._encode_chunks, static_argnums=2, in_shardings=(replicated, split), out_shardings=split
+        )
+
+    @property
+    def chunk_batch(self) -> int:
+        return self._chunk_batch
+
+    @chunk_batch.setter
+    def chunk_batch(self, value: int) -> None:
+        """Chunks per device call, rounded up to a multiple of the device count (each device gets the same share)."""
+        n = self.mesh.devices.size
+        self._chunk_batch = max(n, -(-int(value) // n) * n)
 
     # --- Saving / loading.
 
@@ -133,7 +155,7 @@ class Encoder:
                 n = part.shape[0]
                 if n < self.chunk_batch:  # one compiled shape for every full-chunk batch
                     part = jnp.pad(part, ((0, self.chunk_batch - n), (0, 0), (0, 0)))
-                out.append(self._chunks(self.params, part, layers)[:n])
+                out.append(self._split_chunks(self.params, part, layers)[:n])
             feats = jnp.concatenate(out)  # [B*full, L, crop/patch, Fp*D]
             _, num, tp, c = feats.shape
             parts.append(jnp.transpose(feats.reshape(b, full, num, tp, c), (0, 2, 1, 3, 4)).reshape(b, num, -1, c))
