@@ -15,7 +15,7 @@ embeddings are its frame features, one every 160 ms, stamped at the centre of th
 own ``HearModel``.
 
 Validate (needs ``pip install hearvalidator`` and its torch + tensorflow requirements):
-    python -m hearvalidator matpac_jax.hear --model models/pp
+    hear-validator matpac_jax.hear --model models/pp
 """
 
 from __future__ import annotations
