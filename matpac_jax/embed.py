@@ -8,6 +8,10 @@ r"""Embed audio files with a trained encoder.
 paths are resolved against the CSV's folder). Files are decoded like the training data (any rate and channel count ->
 16 kHz mono); a file that cannot be decoded is skipped, listed at the end and in ``<output>.skipped.json``.
 
+AudioSet tagging (fine-tuned checkpoints with their 527-class head): ``--tag --labels=class_labels_indices.csv
+[--top-k=5]`` prints each file's top-k labels and stores the probabilities (``tags`` [N, 527] in the ``.npz``). The
+head's class ``i`` is the ``i``-th row of the label file sorted by ``mid``, as in the published model.
+
 ``--output`` ending in ``.npz``: arrays ``paths`` [N] (as given / relative to the folder) and ``clip`` [N, 3840], and
 with ``--frames`` one ``frames/<i>`` [T_i, 3840] per file (row i of ``paths``). Otherwise a folder receiving
 ``<path>.clip.npy`` (and ``<path>.frames.npy``) per file, mirroring the input tree.
@@ -50,8 +54,18 @@ def list_inputs(path: str) -> list[tuple[str, str]]:
     raise FileNotFoundError(f"--input={path}: no such file or folder")
 
 
-def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: list, progress: bool = True):
-    """Yields (name, clip [D], frames [T, D] or None) per decodable file; appends {path, reason} to ``skipped``."""
+def audioset_labels(path: str) -> list[str]:
+    """Display names in the published head's class order: ``class_labels_indices.csv`` rows sorted by ``mid``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"mid", "display_name"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected AudioSet's class_labels_indices.csv (columns index, mid, display_name)")
+    return [r["display_name"] for r in sorted(rows, key=lambda r: r["mid"])]
+
+
+def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: list, progress: bool = True, tag=False):
+    """Yields (name, clip [D], frames [T, D] or None, tags [C] or None) per decodable file; appends {path, reason}
+    to ``skipped``."""
     bar = None
     if progress:
         try:
@@ -66,8 +80,10 @@ def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: li
         except AudioError as e:
             skipped.append({"path": path, "reason": e.reason})
         else:
-            out = encoder.embed(wave, encoder.spec.frontend.sample_rate)
-            yield name, out["clip"][0], (out["frames"][0] if frames else None)
+            rate = encoder.spec.frontend.sample_rate
+            out = encoder.embed(wave, rate)
+            tags = encoder.tag(wave, rate)[0] if tag else None
+            yield name, out["clip"][0], (out["frames"][0] if frames else None), tags
         if bar:
             bar.update(1)
     if bar:
@@ -81,21 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="FILE.npz or a folder")
     ap.add_argument("--frames", action="store_true", help="also write frame embeddings (one every 160 ms)")
     ap.add_argument("--chunk-batch", type=int, default=16, help="608-frame chunks encoded per device call")
+    ap.add_argument("--tag", action="store_true", help="AudioSet class probabilities (fine-tuned head needed)")
+    ap.add_argument("--labels", default=None, help="class_labels_indices.csv, to print labels with --tag")
+    ap.add_argument("--top-k", type=int, default=5)
     args = ap.parse_args(argv)
     from matpac_jax.inference import load_encoder
 
     try:
         files = list_inputs(args.input)
         encoder = load_encoder(args.checkpoint, chunk_batch=args.chunk_batch)
+        labels = audioset_labels(args.labels) if args.labels else None
+        if args.tag and "head" not in encoder.params:
+            raise ValueError(
+                f"--tag: {args.checkpoint} has no AudioSet head (convert a fine-tuned checkpoint with head.*)"
+            )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not files:
         print(f"error: no audio files in {args.input}", file=sys.stderr)
         return 2
-    names, clips, frames, skipped = [], [], [], []
+    names, clips, frames, tags, skipped = [], [], [], [], []
     to_npz = args.output.endswith(".npz")
-    for name, clip, frame in embed_files(encoder, files, args.frames, skipped):
+    for name, clip, frame, tag in embed_files(encoder, files, args.frames, skipped, tag=args.tag):
+        if tag is not None:
+            top = np.argsort(-tag)[: args.top_k]
+            print(f"{name}: " + ", ".join(f"{labels[i] if labels else i} ({tag[i]:.2f})" for i in top))
+            tags.append(tag)
         if to_npz:
             names.append(name)
             clips.append(clip)
@@ -112,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         arrays = {"paths": np.array(names), "clip": np.stack(clips) if clips else np.zeros((0, 0), np.float32)}
         if args.frames:
             arrays |= {f"frames/{i}": f for i, f in enumerate(frames)}
+        if tags:
+            arrays["tags"] = np.stack(tags)
         np.savez(args.output, **arrays)
     report = args.output.rstrip("/") + ".skipped.json"
     with open(report, "w") as f:

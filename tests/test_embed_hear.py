@@ -83,3 +83,27 @@ def test_official_hear_validator(encoder_dir):
     r = _run("hearvalidator.validate", "matpac_jax.hear", "--model", encoder_dir, "--device", "cpu")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert r.stdout.strip().endswith("Looks good!")
+
+
+def test_embed_cli_tags_with_audioset_labels(tmp_path):
+    from test_inference import published_state_dict as sd_with
+
+    spec, params, _ = from_torch(sd_with(seed=8, grid_t=62, head_classes=527), heads=HEADS)
+    enc_dir = Encoder(spec, params).save(str(tmp_path / "as"))
+    mids = [f"/m/{(i * 7919) % 100000:05d}" for i in range(527)]  # CSV order differs from mid order
+    rows = "\n".join(f'{i},{mid},"label {i}"' for i, mid in enumerate(mids))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n" + rows + "\n")
+    sf.write(tmp_path / "x.wav", 0.1 * np.random.default_rng(9).standard_normal(16_000 * 3), 16_000)
+    out = tmp_path / "t.npz"
+    r = _run("matpac_jax.embed", f"--checkpoint={enc_dir}", f"--input={tmp_path / 'x.wav'}", f"--output={out}",
+             "--tag", f"--labels={tmp_path / 'labels.csv'}", "--top-k=3")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    probs = load_encoder(enc_dir).tag(load_audio(tmp_path / "x.wav"))[0]
+    np.testing.assert_allclose(np.load(out)["tags"][0], probs, rtol=0, atol=1e-6)
+    by_mid = [f"label {i}" for i in sorted(range(527), key=lambda i: mids[i])]  # head index -> mid-sorted row
+    top = np.argsort(-probs)[:3]
+    assert r.stdout.splitlines()[0] == "x.wav: " + ", ".join(f"{by_mid[i]} ({probs[i]:.2f})" for i in top)
+    spec2, params2, _ = from_torch(published_state_dict(seed=7), heads=HEADS)
+    plain = Encoder(spec2, params2).save(str(tmp_path / "plain"))
+    r = _run("matpac_jax.embed", f"--checkpoint={plain}", f"--input={tmp_path / 'x.wav'}", f"--output={out}", "--tag")
+    assert r.returncode == 2 and "has no AudioSet head" in r.stderr
