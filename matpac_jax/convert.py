@@ -16,9 +16,15 @@ Keys read (every key of the file must be one of these, or the conversion fails l
   ``head.weight`` [527,D], ``head.bias`` (with 992-frame positions: pos_embed [1,311,D]);
 - a linear probe (``--probe`` file or in the same file): ``probe.weight`` [C,F·D], ``probe.bias``.
 
-Full training checkpoints (``decoder.*``, ``mcl_heads.*``, ``cls_student_head.*``, ``cls_head_loss.center``, EMA
-teacher ``blocks.*`` / ``norm.*``) are recognised; converting their predictor, heads and teachers is not implemented:
-``--encoder-only`` converts the student encoder and prints how many training-only keys it left out.
+- a full training checkpoint (a fairseq file: the weights under ``model``): the predictor ``decoder.decoder_embed``,
+  ``decoder.mask_token``, ``decoder.decoder_pos_embed`` (checked), ``decoder.decoder_blocks.{i}.*``,
+  ``decoder.decoder_norm``, the MCL heads ``mcl_heads.mcl_heads.{k}`` (MATPAC++; ``decoder.decoder_pred`` is then
+  unused by the published model and kept as ``predictor/decoder_pred``) or ``decoder.decoder_pred`` (MATPAC), the
+  student cls head ``cls_student_head.mlp.{0,2,4}`` + ``last_layer.weight_g|weight_v``, the EMA teachers as the nested
+  dicts ``_ema`` (``blocks.*``, ``norm.*``) and ``_cls_head_ema`` (``mlp.*``, ``last_layer.*``), and
+  ``cls_head_loss.center``. They become the groups ``predictor``, ``cls_head``, ``teacher``, ``center`` of the encoder
+  directory (``load_encoder`` uses the encoder; the rest is there for analysis and converts back exactly).
+  ``--encoder-only`` converts the student encoder alone and reports how many keys it left out.
 PyTorch is needed only to read or write ``.pt`` files (``pip install 'matpac_jax[torch]'``).
 """
 
@@ -37,9 +43,7 @@ from matpac_jax.audio.frontend import LogMelConfig
 from matpac_jax.inference import Encoder, EncoderSpec, load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
 
-TRAINING_ONLY = re.compile(
-    r"^(decoder\.|mcl_heads\.|cls_student_head\.|cls_teacher_head\.|cls_head_loss\.|blocks\.|norm\.)"
-)
+TRAINING_ONLY = re.compile(r"^(decoder\.|mcl_heads\.|cls_student_head\.|cls_head_loss\.|_ema\.|_cls_head_ema\.)")
 _BLOCK = "student_encoder.blocks.{i}."
 # (torch suffix, our path inside encoder/blocks_i, transpose?)
 _BLOCK_KEYS = [
@@ -56,6 +60,96 @@ _BLOCK_KEYS = [
     ("mlp.fc2.weight", "mlp/fc2/kernel", True),
     ("mlp.fc2.bias", "mlp/fc2/bias", False),
 ]
+
+
+def _map_blocks(sd: dict, torch_prefix: str, ours: str, flat: dict, used: set, problems: list) -> int:
+    """Transformer blocks ``{torch_prefix}{i}.*`` -> ``{ours}/blocks_{i}/*``; returns the depth found."""
+    depth = 0
+    while f"{torch_prefix}{depth}.norm1.weight" in sd:
+        for suffix, name, transpose in _BLOCK_KEYS:
+            key = f"{torch_prefix}{depth}.{suffix}"
+            if key not in sd:
+                problems.append(f"missing {key}")
+                continue
+            used.add(key)
+            flat[f"{ours}/blocks_{depth}/{name}"] = sd[key].T if transpose else sd[key]
+        depth += 1
+    return depth
+
+
+def _map_linear(sd: dict, torch_name: str, ours: str, flat: dict, used: set, problems: list, bias=True) -> None:
+    for suffix, name, transpose in (("weight", "kernel", True),) + ((("bias", "bias", False),) if bias else ()):
+        key = f"{torch_name}.{suffix}"
+        if key not in sd:
+            problems.append(f"missing {key}")
+            continue
+        used.add(key)
+        flat[f"{ours}/{name}"] = sd[key].T if transpose else sd[key]
+
+
+def _map_norm(sd: dict, torch_name: str, ours: str, flat: dict, used: set, problems: list) -> None:
+    for suffix, name in (("weight", "scale"), ("bias", "bias")):
+        key = f"{torch_name}.{suffix}"
+        if key not in sd:
+            problems.append(f"missing {key}")
+            continue
+        used.add(key)
+        flat[f"{ours}/{name}"] = sd[key]
+
+
+def _map_cls_head(sd: dict, prefix: str, ours: str, flat: dict, used: set, problems: list) -> None:
+    """DINO-style head: ``mlp.{0,2,4}`` linears and the weight-normalised ``last_layer`` (``weight_g`` [P,1],
+    ``weight_v`` [P,bottleneck]) -> ``mlp_{0,2,4}``, ``weight_g`` [P], ``weight_v`` [bottleneck,P]."""
+    for i in (0, 2, 4):
+        _map_linear(sd, f"{prefix}mlp.{i}", f"{ours}/mlp_{i}", flat, used, problems)
+    for name in ("weight_g", "weight_v"):
+        key = f"{prefix}last_layer.{name}"
+        if key not in sd:
+            problems.append(f"missing {key}")
+            continue
+        used.add(key)
+        flat[f"{ours}/{name}"] = sd[key].reshape(-1) if name == "weight_g" else sd[key].T
+
+
+def _map_training(sd: dict, grid_f: int, grid_t: int, flat: dict, used: set, problems: list) -> None:
+    """Predictor (``decoder.*`` + ``mcl_heads.mcl_heads.{k}``), student cls head, EMA teachers (``_ema.*`` encoder
+    blocks / norm, ``_cls_head_ema.*`` cls head) and ``cls_head_loss.center`` -> groups predictor, cls_head, teacher,
+    center. Without MCL heads, ``decoder.decoder_pred`` is the single prediction head; with them it is unused by the
+    published model and kept as ``predictor/decoder_pred`` so that the layout round-trips."""
+    if "decoder.decoder_embed.weight" in sd:
+        _map_linear(sd, "decoder.decoder_embed", "predictor/embed", flat, used, problems)
+        for key, ours in (("decoder.mask_token", "predictor/mask_token"),):
+            if key in sd:
+                used.add(key)
+                flat[ours] = sd[key]
+            else:
+                problems.append(f"missing {key}")
+        if "decoder.decoder_pos_embed" in sd:
+            used.add("decoder.decoder_pos_embed")
+            pos = sd["decoder.decoder_pos_embed"]
+            table = _pos_table(pos.shape[-1], grid_f, grid_t)
+            if pos.shape != table.shape or np.max(np.abs(pos - table)) > 1e-5:
+                problems.append("decoder.decoder_pos_embed is not the 2-D sin-cos table of the encoder's grid")
+        _map_blocks(sd, "decoder.decoder_blocks.", "predictor/trunk", flat, used, problems)
+        _map_norm(sd, "decoder.decoder_norm", "predictor/trunk/norm", flat, used, problems)
+        k = 0
+        while f"mcl_heads.mcl_heads.{k}.weight" in sd:
+            _map_linear(sd, f"mcl_heads.mcl_heads.{k}", f"predictor/heads_{k}", flat, used, problems)
+            k += 1
+        if k == 0:
+            _map_linear(sd, "decoder.decoder_pred", "predictor/heads_0", flat, used, problems)
+        elif "decoder.decoder_pred.weight" in sd:
+            _map_linear(sd, "decoder.decoder_pred", "predictor/decoder_pred", flat, used, problems)
+    if "cls_student_head.mlp.0.weight" in sd:
+        _map_cls_head(sd, "cls_student_head.", "cls_head", flat, used, problems)
+    if any(key.startswith("_ema.") for key in sd):
+        _map_blocks(sd, "_ema.blocks.", "teacher/encoder", flat, used, problems)
+        _map_norm(sd, "_ema.norm", "teacher/encoder/norm", flat, used, problems)
+    if any(key.startswith("_cls_head_ema.") for key in sd):
+        _map_cls_head(sd, "_cls_head_ema.", "teacher/cls_head", flat, used, problems)
+    if "cls_head_loss.center" in sd:
+        used.add("cls_head_loss.center")
+        flat["center"] = sd["cls_head_loss.center"].reshape(-1)
 
 
 class ConversionError(ValueError):
@@ -98,22 +192,11 @@ def from_torch(
         "tokenizer/proj/kernel": np.transpose(sd["patch_embed.proj.weight"], (2, 3, 1, 0)),  # [D,1,f,t] -> [f,t,1,D]
         "tokenizer/proj/bias": sd["patch_embed.proj.bias"],
     }
-    problems = []
-    for i in range(depth):
-        for suffix, ours, transpose in _BLOCK_KEYS:
-            key = _BLOCK.format(i=i) + suffix
-            if key not in sd:
-                problems.append(f"missing {key}")
-                continue
-            used.add(key)
-            flat[f"encoder/blocks_{i}/{ours}"] = sd[key].T if transpose else sd[key]
-    for suffix, ours in (("weight", "scale"), ("bias", "bias")):
-        key = f"student_encoder.norm.{suffix}"
-        if key in sd:
-            used.add(key)
-            flat[f"encoder/norm/{ours}"] = sd[key]
-        else:
-            problems.append(f"missing {key}")
+    problems: list[str] = []
+    _map_blocks(sd, "student_encoder.blocks.", "encoder", flat, used, problems)
+    _map_norm(sd, "student_encoder.norm", "encoder/norm", flat, used, problems)
+    if not encoder_only:
+        _map_training(sd, grid_f, grid_t, flat, used, problems)
     if "head.weight" in sd:
         keys = ("head.weight", "head.bias", "head_norm.running_mean", "head_norm.running_var")
         problems += [f"missing {k}" for k in keys if k not in sd]
@@ -128,21 +211,18 @@ def from_torch(
             flat.update({"probe/kernel": sd["probe.weight"].T, "probe/bias": sd["probe.bias"]})
             used.update(("probe.weight", "probe.bias"))
     rest = sorted(set(sd) - used)
-    training = [k for k in rest if TRAINING_ONLY.match(k)]
-    unknown = [k for k in rest if not TRAINING_ONLY.match(k)]
+    training = [k for k in rest if encoder_only and TRAINING_ONLY.match(k)]
+    unknown = [k for k in rest if k not in training]
     if unknown:
         problems.append(f"unknown keys {unknown}")
-    if training and not encoder_only:
-        problems.append(
-            f"{len(training)} keys of a full training checkpoint (e.g. {training[:3]}): converting the predictor, "
-            "heads and EMA teachers is not implemented; pass --encoder-only to convert the student encoder alone"
-        )
     if problems:
         raise ConversionError("; ".join(problems))
     from matpac_jax.inference import unflatten
 
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     _check_shapes(spec, params)
+    if "teacher" in params and "tokenizer" in params:
+        _check_shapes(spec, {"tokenizer": params["tokenizer"], "encoder": params["teacher"]["encoder"]})
     return spec, params, training
 
 
@@ -181,7 +261,61 @@ def to_torch(spec: EncoderSpec, params: dict) -> dict[str, np.ndarray]:
         sd["head_norm.running_mean"], sd["head_norm.running_var"] = flat["head/norm_mean"], flat["head/norm_var"]
     if "probe/kernel" in flat:
         sd.update({"probe.weight": flat["probe/kernel"].T, "probe.bias": flat["probe/bias"]})
+    _training_to_torch(flat, sd, grid_f, grid_t)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def _blocks_to_torch(flat: dict, ours: str, torch_prefix: str, sd: dict) -> None:
+    i = 0
+    while f"{ours}/blocks_{i}/norm1/scale" in flat:
+        for suffix, name, transpose in _BLOCK_KEYS:
+            v = flat[f"{ours}/blocks_{i}/{name}"]
+            sd[f"{torch_prefix}{i}.{suffix}"] = v.T if transpose else v
+        i += 1
+
+
+def _cls_head_to_torch(flat: dict, ours: str, prefix: str, sd: dict) -> None:
+    for i in (0, 2, 4):
+        sd[f"{prefix}mlp.{i}.weight"], sd[f"{prefix}mlp.{i}.bias"] = (
+            flat[f"{ours}/mlp_{i}/kernel"].T,
+            flat[f"{ours}/mlp_{i}/bias"],
+        )
+    sd[f"{prefix}last_layer.weight_g"] = flat[f"{ours}/weight_g"][:, None]
+    sd[f"{prefix}last_layer.weight_v"] = flat[f"{ours}/weight_v"].T
+
+
+def _training_to_torch(flat: dict, sd: dict, grid_f: int, grid_t: int) -> None:
+    """The inverse of ``_map_training`` for whichever training groups ``flat`` holds."""
+    if "predictor/embed/kernel" in flat:
+        sd["decoder.decoder_embed.weight"] = flat["predictor/embed/kernel"].T
+        sd["decoder.decoder_embed.bias"] = flat["predictor/embed/bias"]
+        sd["decoder.mask_token"] = flat["predictor/mask_token"]
+        sd["decoder.decoder_pos_embed"] = _pos_table(flat["predictor/embed/bias"].shape[0], grid_f, grid_t)
+        _blocks_to_torch(flat, "predictor/trunk", "decoder.decoder_blocks.", sd)
+        sd["decoder.decoder_norm.weight"] = flat["predictor/trunk/norm/scale"]
+        sd["decoder.decoder_norm.bias"] = flat["predictor/trunk/norm/bias"]
+        k = 0
+        while f"predictor/heads_{k}/kernel" in flat:
+            k += 1
+        heads = [(f"predictor/heads_{i}", f"mcl_heads.mcl_heads.{i}") for i in range(k)]
+        if k == 1 and "predictor/decoder_pred/kernel" not in flat:
+            heads = [("predictor/heads_0", "decoder.decoder_pred")]  # MATPAC: the decoder's own prediction layer
+        elif "predictor/decoder_pred/kernel" in flat:
+            heads.append(("predictor/decoder_pred", "decoder.decoder_pred"))
+        for ours, name in heads:
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = flat[f"{ours}/kernel"].T, flat[f"{ours}/bias"]
+    if "cls_head/weight_v" in flat:
+        _cls_head_to_torch(flat, "cls_head", "cls_student_head.", sd)
+    if "teacher/encoder/norm/scale" in flat:
+        _blocks_to_torch(flat, "teacher/encoder", "_ema.blocks.", sd)
+        sd["_ema.norm.weight"], sd["_ema.norm.bias"] = (
+            flat["teacher/encoder/norm/scale"],
+            flat["teacher/encoder/norm/bias"],
+        )
+    if "teacher/cls_head/weight_v" in flat:
+        _cls_head_to_torch(flat, "teacher/cls_head", "_cls_head_ema.", sd)
+    if "center" in flat:
+        sd["cls_head_loss.center"] = flat["center"][None]
 
 
 # --- Files: .pt (torch) and .safetensors (written and read here, no dependency).
@@ -230,12 +364,23 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise SystemExit(
             f"reading {path} needs PyTorch: pip install 'matpac_jax[torch]' (or give a .safetensors file)"
         ) from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(sd, dict):
         raise ConversionError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")} | {
-        k: np.asarray(v) for k, v in sd.items() if not hasattr(v, "detach")
-    }
+    if "model" in sd and isinstance(sd["model"], dict):  # a fairseq training checkpoint: the weights are in 'model'
+        sd = sd["model"]
+    return flatten_nested(sd, lambda v: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v))
+
+
+def flatten_nested(sd: dict, convert=np.asarray, prefix: str = "") -> dict[str, np.ndarray]:
+    """{'_ema': {'blocks.0.x': t}} -> {'_ema.blocks.0.x': array}: the EMA teachers are nested dicts in the file."""
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out.update(flatten_nested(v, convert, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = convert(v)
+    return out
 
 
 def write_state_dict(path: str, sd: dict[str, np.ndarray]) -> str:
@@ -245,7 +390,12 @@ def write_state_dict(path: str, sd: dict[str, np.ndarray]) -> str:
     except ImportError:
         torch = None
     if path.endswith(".pt") and torch is not None:
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+        tensors, nested = {}, {}
+        for k, v in sd.items():  # the EMA teachers go back into nested dicts, as the published files hold them
+            group = k.split(".", 1)[0]
+            target = nested.setdefault(group, {}) if group in ("_ema", "_cls_head_ema") else tensors
+            target[k.split(".", 1)[1] if target is not tensors else k] = torch.from_numpy(np.array(v))
+        torch.save(tensors | nested, path)
         return path
     if not path.endswith(".safetensors"):
         path = os.path.splitext(path)[0] + ".safetensors"

@@ -228,8 +228,9 @@ def _read_training_checkpoint(path: str) -> Encoder:
     with open(os.path.join(step_dir, "config", "metadata")) as f:
         config = mlc.ConfigDict(json.load(f))
     state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, "state")))
-    student = state["student"] if isinstance(state, dict) else state.student
-    params = {"tokenizer": student["tokenizer"], "encoder": student["encoder"]}
+    get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
+    # the encoder, plus the training-only parts, so that `convert --to-torch` can write the full published layout
+    params = {**get("student"), "teacher": get("teacher"), "center": get("center")}
     return Encoder(EncoderSpec.from_config(config), jax.tree.map(np.asarray, params))
 
 

@@ -174,8 +174,8 @@ def test_strict_keys(published):
     with pytest.raises(ConversionError, match="missing student_encoder.blocks.1.mlp.fc2.bias"):
         from_torch(broken, heads=HEADS)
     training = sd | {"decoder.decoder_embed.weight": np.zeros((2, 2)), "cls_head_loss.center": np.zeros((1, 4))}
-    with pytest.raises(ConversionError, match="pass --encoder-only"):
-        from_torch(training, heads=HEADS)
+    with pytest.raises(ConversionError, match="missing decoder.decoder_embed.bias; missing decoder.mask_token"):
+        from_torch(training, heads=HEADS)  # an incomplete predictor is an error, listing what is missing
     _, _, left = from_torch(training, heads=HEADS, encoder_only=True)
     assert left == ["cls_head_loss.center", "decoder.decoder_embed.weight"]
     wrong = sd | {"student_encoder.blocks.0.attn.proj.weight": np.zeros((DIM, DIM + 1), np.float32)}
@@ -199,10 +199,14 @@ def test_cli_both_ways_and_a_training_checkpoint(tmp_path):
     assert written.endswith(".pt" if _has_torch() else ".safetensors") and os.path.exists(written)
     run("matpac_jax.convert", f"--torch-checkpoint={written}", f"--output={tmp_path / 'enc'}", "--heads=4")
     wave = (0.1 * np.random.default_rng(6).standard_normal(40_000)).astype(np.float32)
-    a = load_encoder(str(tmp_path / "run")).embed(wave, layers=True)
-    b = load_encoder(str(tmp_path / "enc")).embed(wave, layers=True)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+    a, b = load_encoder(str(tmp_path / "run")), load_encoder(str(tmp_path / "enc"))
+    pa, pb = flatten(jax.device_get(a.params)), flatten(jax.device_get(b.params))
+    assert sorted(pa) == sorted(pb) and any(k.startswith("teacher/") for k in pa)  # the full training layout
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    ea, eb = a.embed(wave, layers=True), b.embed(wave, layers=True)
+    for k in ea:
+        np.testing.assert_array_equal(ea[k], eb[k])
 
 
 def _has_torch() -> bool:
@@ -211,3 +215,82 @@ def _has_torch() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _training_state_dict(mcl_heads: int):
+    """A full training checkpoint in the published layout, made from a fresh smoke model of ours."""
+    from helpers import load_config
+
+    from matpac_jax.convert import to_torch
+    from matpac_jax.inference import EncoderSpec
+    from matpac_jax.models.matpac import MatpacModel
+
+    config = load_config()
+    config.model.mcl_heads = mcl_heads
+    model = MatpacModel.from_config(config)
+    student, teacher = jax.device_get(model.init(jax.random.key(3)))
+    center = np.random.default_rng(0).normal(size=config.model.cls_head.prototypes).astype(np.float32)
+    params = {**student, "teacher": teacher, "center": center}
+    spec = EncoderSpec.from_config(config)
+    return spec, params, to_torch(spec, params), model
+
+
+@pytest.mark.parametrize("mcl_heads", [5, 1])
+def test_full_training_checkpoint_round_trip(mcl_heads):
+    spec, params, sd, _ = _training_state_dict(mcl_heads)
+    want = {"decoder.decoder_embed.weight", "decoder.mask_token", "decoder.decoder_pos_embed",
+            "decoder.decoder_blocks.0.attn.qkv.weight", "decoder.decoder_norm.weight",
+            "cls_student_head.mlp.4.weight", "cls_student_head.last_layer.weight_g",
+            "cls_student_head.last_layer.weight_v", "cls_head_loss.center", "_ema.blocks.1.mlp.fc2.bias",
+            "_ema.norm.weight", "_cls_head_ema.last_layer.weight_v"}  # fmt: skip
+    assert want <= set(sd)
+    if mcl_heads == 5:
+        assert sd["mcl_heads.mcl_heads.4.weight"].shape == (64, 32) and "decoder.decoder_pred.weight" not in sd
+    else:
+        assert "decoder.decoder_pred.weight" in sd and not any(k.startswith("mcl_heads.") for k in sd)
+    assert sd["cls_student_head.last_layer.weight_g"].shape == (64, 1) and sd["cls_head_loss.center"].shape == (1, 64)
+    spec2, back, left = from_torch(sd, heads=spec.heads)
+    assert left == [] and spec2 == spec
+    got, exp = flatten(back), flatten(params)
+    assert sorted(got) == sorted(exp)
+    for k in exp:
+        np.testing.assert_array_equal(got[k], exp[k])
+    _, only, left = from_torch(sd, heads=spec.heads, encoder_only=True)
+    assert sorted(only) == ["encoder", "tokenizer"] and len(left) == len(sd) - len(to_torch(spec, only))
+
+
+def test_converted_cls_head_computes_the_published_head():
+    """DINO head in the published layout (float64): Linear-GELU-Linear-GELU-Linear, L2-normalise, weight-normalised
+    last layer g·v/|v|; ours with the converted parameters gives the same logits."""
+    spec, params, sd, model = _training_state_dict(5)
+    _, back, _ = from_torch(sd, heads=spec.heads)
+    x = np.random.default_rng(1).normal(size=(3, 64))
+    h = x
+    for i in (0, 2, 4):
+        h = h @ sd[f"cls_student_head.mlp.{i}.weight"].T.astype(np.float64) + sd[f"cls_student_head.mlp.{i}.bias"]
+        h = ref.gelu_exact(h) if i < 4 else h
+    h = h / np.linalg.norm(h, axis=-1, keepdims=True)
+    v = sd["cls_student_head.last_layer.weight_v"].astype(np.float64)
+    w = sd["cls_student_head.last_layer.weight_g"] * v / np.linalg.norm(v, axis=1, keepdims=True)
+    want = h @ w.T
+    got = np.asarray(model.cls_head.apply({"params": back["cls_head"]}, x.astype(np.float32)))
+    assert _rel(got, want) <= 1e-5
+
+
+@pytest.mark.skipif(not _has_torch(), reason="torch not installed (optional extra)")
+def test_pt_files_keep_the_published_nesting(tmp_path):
+    """.pt written like a published training checkpoint (EMA teachers as nested dicts) reads back key for key."""
+    import torch
+
+    from matpac_jax.convert import read_state_dict, write_state_dict
+
+    spec, _, sd, _ = _training_state_dict(5)
+    path = write_state_dict(str(tmp_path / "full.pt"), sd)
+    raw = torch.load(path, weights_only=False)
+    assert isinstance(raw["_ema"], dict) and "blocks.0.norm1.weight" in raw["_ema"]
+    torch.save({"model": raw, "cfg": {"note": "fairseq wrapper"}}, tmp_path / "fairseq.pt")
+    for p in (path, str(tmp_path / "fairseq.pt")):
+        back = read_state_dict(p)
+        assert sorted(back) == sorted(sd)
+        for k in sd:
+            np.testing.assert_array_equal(back[k], sd[k])
