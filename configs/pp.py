@@ -105,7 +105,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
     c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
 
-    c.probe = dict(enabled=False, steps=1000)  # demo's closing linear probe
+    c.probe = dict(
+        enabled=False,  # the demo's closing probe: learned vs initial encoder, mean ± 95 % CI over seeds
+        steps=1000,  # max Adam steps per probe (early stopping on validation)
+        seeds=3,
+        every=0,  # > 0: probe the current student every N steps (demo split and/or datasets below)
+        datasets="",  # 'esc50=/data/ESC-50;folder=/data/my_set': adapters of matpac_jax.evaluate.datasets
+    )
 
     if arg.variant in ("demo", "smoke"):
         tiny(c, smoke=arg.variant == "smoke")

@@ -8,11 +8,13 @@ end) -> closing probe
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
@@ -204,6 +206,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         source, splits = make_input(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        periodic_probe = PeriodicProbe(config, MatpacModel.from_config(config), splits, workdir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.probe.datasets: {e}") from None
     ckpt = Checkpointer.from_config(workdir, config)
     first = ckpt.latest_step() or 0
     batches = batch_iterator(source, first)
@@ -243,6 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if (step + 1) % every == 0:
                     log.flush()  # a non-finite step raises here, before anything is saved
                     ckpt.save(step + 1, state, config, data_iter=batches)
+                periodic_probe(step + 1, state.student, log.tb)
             else:
                 step = config.total_steps
             log.flush()
@@ -269,32 +276,84 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return result
 
 
-def closing_probe(config, model, student, splits) -> dict:
-    """Linear probe of the learned and the initial encoder on the demo's held-out labelled split.
-
-    The initial encoder is re-created from the seed (initialisation is deterministic), so a resumed run compares
-    against the same starting point.
-    """
+def _demo_embeddings(config, model, params, splits) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clip embeddings of the demo's train + test clips: (x [N, D], labels [N], number of train clips)."""
     from matpac_jax.embeddings import clip_embeddings
-    from matpac_jax.evaluate.probe import linear_probe
 
     train, test = splits
     fe = frontend_config(config)
-    student = jax.device_get(student)
-    initial_student = jax.device_get(model.init(jax.random.key(config.seed))[0])
-    out = {}
-    for name, params in (("learned", student), ("init", initial_student)):
-        params = jax.tree.map(jnp.asarray, params)
-        xtr = clip_embeddings(model, params, train["waves"], fe)
-        xte = clip_embeddings(model, params, test["waves"], fe)
-        res = linear_probe(
-            xtr,
-            train["labels"],
-            xte,
-            test["labels"],
-            num_classes=len(train["class_names"]),
-            seed=config.seed,
-            max_steps=config.probe.steps,
-        )
-        out[name] = res["test_accuracy"]
-    return out
+    params = jax.tree.map(jnp.asarray, jax.device_get(params))
+    x = np.concatenate(
+        [clip_embeddings(model, params, train["waves"], fe), clip_embeddings(model, params, test["waves"], fe)]
+    )
+    return x, np.concatenate([train["labels"], test["labels"]]), len(train["labels"])
+
+
+def _probe_demo(config, model, params, splits, seeds) -> dict:
+    """The harness (evaluate.harness) on the demo's labelled split: {'mean', 'ci95', 'runs'}."""
+    from matpac_jax.evaluate.harness import confidence_interval, probe_split
+
+    x, labels, n_train = _demo_embeddings(config, model, params, splits)
+    runs = probe_split(
+        x, labels, np.arange(n_train), np.arange(n_train, len(labels)), multilabel=False,
+        num_classes=len(splits[0]["class_names"]), seeds=seeds, val_fraction=0.2, max_steps=config.probe.steps,
+    )  # fmt: skip
+    mean, half = confidence_interval([r["test"] for r in runs])
+    return {"mean": mean, "ci95": half, "runs": runs}
+
+
+def closing_probe(config, model, student, splits) -> dict:
+    """Linear probes (the evaluation harness, ``config.probe.seeds`` seeds) of the learned and of the initial encoder
+    on the demo's held-out labelled split. The initial encoder is re-created from the seed (initialisation is
+    deterministic), so a resumed run compares against the same starting point."""
+    seeds = tuple(range(config.seed, config.seed + config.probe.seeds))
+    initial_student = model.init(jax.random.key(config.seed))[0]
+    out = {name: _probe_demo(config, model, params, splits, seeds)
+           for name, params in (("learned", student), ("init", initial_student))}  # fmt: skip
+    if jax.process_index() == 0:
+        print("| encoder | demo probe accuracy (mean ± 95 % CI over seeds) |\n|---|---|")
+        for name, r in out.items():
+            print(f"| {name} | {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} |")
+    return {name: r["mean"] for name, r in out.items()} | {f"{name}_ci95": r["ci95"] for name, r in out.items()}
+
+
+class PeriodicProbe:
+    """Probe the current student every ``config.probe.every`` steps during training, on the demo's labelled split
+    (demo input) and on ``config.probe.datasets`` ('name=root;name=root', dataset adapters of evaluate.datasets).
+    Results go to WORKDIR/probe.jsonl, TensorBoard (probe/<task>) and the console."""
+
+    def __init__(self, config, model, splits, workdir: str):
+        self.config, self.model, self.splits = config, model, splits
+        self.every = int(config.probe.every)
+        self.tasks = []
+        if self.every:
+            from matpac_jax.evaluate.datasets import load_task
+
+            for item in filter(None, config.probe.datasets.split(";")):
+                name, _, root = item.partition("=")
+                self.tasks.append(load_task(name.strip(), root.strip()))
+        self.path = os.path.join(workdir, "probe.jsonl")
+
+    def __call__(self, step: int, student, tb=None) -> None:
+        if not self.every or step % self.every:
+            return
+        results = {}
+        if self.splits is not None:
+            results["demo"] = _probe_demo(self.config, self.model, student, self.splits, (self.config.seed,))["mean"]
+        if self.tasks:
+            from matpac_jax.evaluate.harness import evaluate_task
+            from matpac_jax.inference import Encoder, EncoderSpec
+            from matpac_jax.probe import embed_task
+
+            params = jax.device_get(student)
+            encoder = Encoder(EncoderSpec.from_config(self.config), {k: params[k] for k in ("tokenizer", "encoder")})
+            for task in self.tasks:
+                x = embed_task(encoder, task, progress=False)
+                results[task.name] = evaluate_task(task, x, seeds=(self.config.seed,))["mean"]
+        if jax.process_index() == 0 and results:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **results}) + "\n")
+            for name, value in results.items():
+                if tb is not None:
+                    tb.add_scalar(f"probe/{name}", value, step)
+            print(f"probe at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()), flush=True)

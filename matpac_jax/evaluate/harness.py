@@ -1,0 +1,224 @@
+"""The linear-probe protocol of SPEC §7 on frozen clip embeddings, several seeds at once.
+
+For one train / validation / test split (``probe_split``): features are standardised with the statistics of the
+examples the probe is fitted on; one linear layer is trained by full-batch Adam; every ``eval_every`` steps the
+validation score is computed (accuracy for single-label tasks, minus the loss for multi-label tasks) and the first
+best weights are kept; training stops after ``patience`` evaluations without a score better by 1e-4. Softmax
+cross-entropy and accuracy for single-label tasks, sigmoid binary cross-entropy and mAP (macro average precision over
+the classes with a positive test example, optionally masked to known labels) for multi-label ones. The seeds are one
+``vmap``: each seed draws its own initial weights and, when the dataset defines no validation split, its own
+validation part of the training data (stratified for single-label tasks); the whole fit is one jitted ``scan``.
+
+``evaluate_task`` runs that over a dataset's folds (each fold the test set once, the others train) or over its fixed
+split, and reports mean ± 95 % confidence interval (Student t over all fold × seed runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_STD_EPS = 1e-6
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one class: mean precision at the rank of each positive (ties in rank order); nan without positives."""
+    order = np.argsort(-scores, kind="stable")
+    t = targets[order] > 0.5
+    if not t.any():
+        return float("nan")
+    hits = np.cumsum(t)
+    return float(np.mean(hits[t] / (np.flatnonzero(t) + 1)))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Macro mAP over classes with at least one known positive; ``mask`` (1 = label known) drops unknown pairs."""
+    aps = []
+    for c in range(targets.shape[1]):
+        keep = np.ones(len(targets), bool) if mask is None else mask[:, c] > 0
+        ap = average_precision(scores[keep, c], targets[keep, c])
+        if not math.isnan(ap):
+            aps.append(ap)
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of a Student-t interval; half-width nan for a single value."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return float(v.mean()), float("nan")
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+def _losses(params, x, y, multilabel: bool):
+    logits = x @ params["w"].T + params["b"]
+    if multilabel:
+        per = optax.sigmoid_binary_cross_entropy(logits, y).mean(axis=-1)
+        correct = jnp.zeros(x.shape[0])
+    else:
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return per, correct, logits
+
+
+@functools.partial(jax.jit, static_argnames=("multilabel", "num_classes", "evals", "eval_every", "patience", "lr"))
+def _fit(x, y, fit_w, val_w, keys, *, multilabel, num_classes, evals, eval_every, patience, lr):
+    """x [N, D] raw features, fit_w / val_w [S, N] example weights per seed -> (best params [S], best step [S])."""
+    tx = optax.adam(lr)
+
+    def one_seed(fw, vw, key):
+        n_fit = jnp.maximum(fw.sum(), 1.0)
+        mean = (fw[:, None] * x).sum(0) / n_fit
+        std = jnp.maximum(jnp.sqrt((fw[:, None] * (x - mean) ** 2).sum(0) / n_fit), _STD_EPS)
+        xs = (x - mean) / std
+        params = {"w": 0.01 * jax.random.normal(key, (num_classes, x.shape[1])), "b": jnp.zeros(num_classes)}
+        state = tx.init(params)
+
+        def val_score(p):
+            per, correct, _ = _losses(p, xs, y, multilabel)
+            n_val = jnp.maximum(vw.sum(), 1.0)
+            loss = (vw * per).sum() / n_val
+            acc = (vw * correct).sum() / n_val
+            return (-loss, loss) if multilabel else (acc, loss)  # higher is better, then lower loss
+
+        def step(c, _):
+            p, s = c
+            g = jax.grad(lambda q: (fw * _losses(q, xs, y, multilabel)[0]).sum() / n_fit)(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        def chunk(carry):
+            i, p, s, best_p, best, best_loss, best_step, since = carry
+            (p, s), _ = jax.lax.scan(step, (p, s), None, length=eval_every)
+            score, loss = val_score(p)
+            # improvement: a score better by more than 1e-4; ties keep the earlier weights (a loss that keeps creeping
+            # down at a perfect validation accuracy does not keep training alive)
+            better = score > best + 1e-4
+            best_p = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best_p)
+            best = jnp.where(better, score, best)
+            best_loss = jnp.where(better, loss, best_loss)
+            best_step = jnp.where(better, (i + 1) * eval_every, best_step)
+            since = jnp.where(better, 0, since + 1)
+            return i + 1, p, s, best_p, best, best_loss, best_step, since
+
+        def running(carry):  # stops early: the loop ends once every seed has stopped improving
+            i, *_, since = carry
+            return (i < evals) & (since < patience)
+
+        init = (0, params, state, params, -jnp.inf, jnp.inf, 0, 0)
+        _, _, _, best_p, _, _, best_step, _ = jax.lax.while_loop(running, chunk, init)
+        return best_p, best_step, mean, std
+
+    return jax.vmap(one_seed)(fit_w, val_w, keys)
+
+
+def _validation_masks(train_idx, labels, multilabel, seeds, fraction):
+    """Per seed, (fit, val) boolean masks over the training examples: a stratified / random ``fraction`` held out."""
+    fits, vals = [], []
+    n = len(train_idx)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        val = np.zeros(n, bool)
+        if multilabel:
+            val[rng.permutation(n)[: max(1, round(fraction * n))]] = True
+        else:
+            y = labels[train_idx]
+            for c in np.unique(y):
+                idx = rng.permutation(np.flatnonzero(y == c))
+                if len(idx) >= 2:
+                    val[idx[: int(np.clip(round(fraction * len(idx)), 1, len(idx) - 1))]] = True
+        fits.append(~val)
+        vals.append(val)
+    return np.stack(fits), np.stack(vals)
+
+
+def probe_split(
+    x: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    *,
+    multilabel: bool,
+    num_classes: int,
+    valid_idx: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    seeds=(0, 1, 2),
+    val_fraction: float = 0.1,
+    lr: float = 1e-3,
+    max_steps: int = 1000,
+    eval_every: int = 10,
+    patience: int = 10,
+) -> list[dict]:
+    """One split, every seed: [{'seed', 'test', 'val_best_step'}] with ``test`` = accuracy or mAP on ``test_idx``."""
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN/Inf")
+    if valid_idx is None:
+        fit_m, val_m = _validation_masks(train_idx, labels, multilabel, seeds, val_fraction)
+        rows = np.asarray(train_idx)
+    else:
+        rows = np.concatenate([train_idx, valid_idx])
+        fit_m = np.tile(np.r_[np.ones(len(train_idx), bool), np.zeros(len(valid_idx), bool)], (len(seeds), 1))
+        val_m = ~fit_m
+    y = labels[rows]
+    y = jnp.asarray(y, jnp.float32 if multilabel else jnp.int32)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+    params, best_step, mean, std = _fit(
+        jnp.asarray(x[rows]),
+        y,
+        jnp.asarray(fit_m, jnp.float32),
+        jnp.asarray(val_m, jnp.float32),
+        jax.vmap(jax.random.wrap_key_data)(keys),
+        multilabel=multilabel,
+        num_classes=int(num_classes),
+        evals=max(1, max_steps // eval_every),
+        eval_every=int(eval_every),
+        patience=int(patience),
+        lr=float(lr),
+    )
+    params, best_step, mean, std = jax.device_get((params, best_step, mean, std))
+    out = []
+    for i, seed in enumerate(seeds):
+        xs = (x[test_idx] - mean[i]) / std[i]
+        logits = xs @ params["w"][i].T + params["b"][i]
+        if multilabel:
+            score = mean_average_precision(logits, labels[test_idx], None if mask is None else mask[test_idx])
+        else:
+            score = float(np.mean(np.argmax(logits, -1) == labels[test_idx]))
+        out.append({"seed": int(seed), "test": score, "val_best_step": int(best_step[i])})
+    return out
+
+
+def evaluate_task(task, x: np.ndarray, seeds=(0, 1, 2), **kwargs) -> dict:
+    """All folds (or the fixed split) of a ``datasets.Task`` with embeddings ``x`` [N, D] (rows = ``task.files``).
+
+    Returns {'task', 'metric', 'mean', 'ci95', 'runs': [{'fold', 'seed', 'test', ...}], 'num_clips', 'seeds'}.
+    """
+    labels = np.asarray(task.labels)
+    num_classes = len(task.class_names)
+    common = dict(multilabel=task.multilabel, num_classes=num_classes, mask=task.mask, seeds=tuple(seeds), **kwargs)
+    runs = []
+    if task.folds is not None:
+        for fold in np.unique(task.folds):
+            test = np.flatnonzero(task.folds == fold)
+            train = np.flatnonzero(task.folds != fold)
+            runs += [r | {"fold": int(fold)} for r in probe_split(x, labels, train, test, **common)]
+    else:
+        split = np.asarray(task.split)
+        train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+        valid = np.flatnonzero(split == "valid")
+        if not len(train) or not len(test):
+            raise ValueError(f"{task.name}: the split needs train and test examples ({len(train)}, {len(test)})")
+        valid_idx = valid if len(valid) else None
+        runs += [r | {"fold": 0} for r in probe_split(x, labels, train, test, valid_idx=valid_idx, **common)]
+    mean, half = confidence_interval([r["test"] for r in runs])
+    return {"task": task.name, "metric": task.metric, "mean": mean, "ci95": half, "runs": runs,
+            "num_clips": int(len(labels)), "seeds": list(seeds)}  # fmt: skip
