@@ -3,7 +3,8 @@
 For one train / validation / test split (``probe_split``): features are standardised with the statistics of the
 examples the probe is fitted on; one linear layer is trained by full-batch Adam; every ``eval_every`` steps the
 validation score is computed (accuracy for single-label tasks, minus the loss for multi-label tasks) and the first
-best weights are kept; training stops after ``patience`` evaluations without a score better by 1e-4. Softmax
+best weights are kept (ties broken by the lower validation loss); training stops after ``patience`` evaluations
+without a score better by 1e-4. Softmax
 cross-entropy and accuracy for single-label tasks, sigmoid binary cross-entropy and mAP (macro average precision over
 the classes with a positive test example, optionally masked to known labels) for multi-label ones. The seeds are one
 ``vmap``: each seed draws its own initial weights and, when the dataset defines no validation split, its own
@@ -99,14 +100,15 @@ def _fit(x, y, fit_w, val_w, keys, *, multilabel, num_classes, evals, eval_every
             i, p, s, best_p, best, best_loss, best_step, since = carry
             (p, s), _ = jax.lax.scan(step, (p, s), None, length=eval_every)
             score, loss = val_score(p)
-            # improvement: a score better by more than 1e-4; ties keep the earlier weights (a loss that keeps creeping
-            # down at a perfect validation accuracy does not keep training alive)
-            better = score > best + 1e-4
-            best_p = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best_p)
-            best = jnp.where(better, score, best)
-            best_loss = jnp.where(better, loss, best_loss)
-            best_step = jnp.where(better, (i + 1) * eval_every, best_step)
-            since = jnp.where(better, 0, since + 1)
+            # Weights: the best score, ties broken by the lower loss. Patience: only a score better by more than 1e-4
+            # counts as progress, so a loss that keeps creeping down at a perfect validation score ends the run.
+            progress = score > best + 1e-4
+            keep = progress | ((score >= best - 1e-6) & (loss < best_loss))
+            best_p = jax.tree.map(lambda a, b: jnp.where(keep, a, b), p, best_p)
+            best = jnp.maximum(score, best)
+            best_loss = jnp.where(keep, loss, best_loss)
+            best_step = jnp.where(keep, (i + 1) * eval_every, best_step)
+            since = jnp.where(progress, 0, since + 1)
             return i + 1, p, s, best_p, best, best_loss, best_step, since
 
         def running(carry):  # stops early: the loop ends once every seed has stopped improving

@@ -297,6 +297,7 @@ def _probe_demo(config, model, params, splits, seeds) -> dict:
     runs = probe_split(
         x, labels, np.arange(n_train), np.arange(n_train, len(labels)), multilabel=False,
         num_classes=len(splits[0]["class_names"]), seeds=seeds, val_fraction=0.2, max_steps=config.probe.steps,
+        eval_every=20,
     )  # fmt: skip
     mean, half = confidence_interval([r["test"] for r in runs])
     return {"mean": mean, "ci95": half, "runs": runs}
