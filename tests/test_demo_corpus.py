@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from matpac_jax.data import CLASS_NAMES, demo_splits, make_demo_corpus
-from matpac_jax.evaluate import linear_probe
+from matpac_jax.evaluate import probe_split
 
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -137,15 +137,12 @@ def pair_accuracies() -> dict:
         tr = np.isin(train["labels"], (ia, ib))
         te = np.isin(test["labels"], (ia, ib))
         for name, fn in (("bag", _bag_of_frames), ("order", _order_features)):
-            result = linear_probe(
-                fn(lp_train[tr]),
-                (train["labels"][tr] == ib).astype(np.int32),
-                fn(lp_test[te]),
-                (test["labels"][te] == ib).astype(np.int32),
-                num_classes=2,
-                lr=1e-2,
-            )
-            accs[(a, name)] = result["test_accuracy"]
+            x = np.concatenate([fn(lp_train[tr]), fn(lp_test[te])])
+            y = np.concatenate([train["labels"][tr] == ib, test["labels"][te] == ib]).astype(np.int64)
+            n = int(tr.sum())
+            runs = probe_split(x, y, np.arange(n), np.arange(n, len(y)), multilabel=False, num_classes=2, seeds=(0,),
+                               val_fraction=0.2, lr=1e-2, eval_every=20)  # fmt: skip
+            accs[(a, name)] = runs[0]["test"]
     return accs
 
 

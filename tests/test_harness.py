@@ -18,6 +18,7 @@ from matpac_jax.evaluate.harness import (
     evaluate_task,
     mean_average_precision,
     probe_split,
+    stratified_split,
 )
 
 
@@ -143,3 +144,45 @@ def test_probe_and_results_cli_on_a_generated_folder_dataset(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "matpac_jax.probe", f"--checkpoint={enc}", "--dataset=esc50",
                           f"--root={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "meta/esc50.csv" in bad.stderr
+
+
+def test_random_labels_give_chance_and_constant_features_stay_finite():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(500, 32)).astype(np.float32), rng.integers(0, 4, 500)
+    runs = probe_split(x, y, np.arange(400), np.arange(400, 500), multilabel=False, num_classes=4, seeds=(0,))
+    assert runs[0]["test"] <= 0.25 + 0.15
+    xb, yb = _blobs(n=200, d=8, c=3, seed=4)
+    xb[:150, 0], xb[150:, 0] = 5.0, 7.0  # constant in training, another constant at test: the std clamp holds
+    runs = probe_split(xb, yb, np.arange(150), np.arange(150, 200), multilabel=False, num_classes=3, seeds=(0,))
+    assert runs[0]["test"] >= 0.9
+
+
+def test_stratified_split_keeps_class_proportions_and_is_a_partition():
+    labels = np.repeat(np.arange(4), [50, 20, 10, 2])
+    fit, val = stratified_split(labels, 0.2, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([fit, val])), np.arange(len(labels)))
+    np.testing.assert_array_equal(np.bincount(labels[val], minlength=4), [10, 4, 2, 1])
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=1)[1], val)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(labels=np.arange(39) % 3), "shape mismatch: 39 labels for 40 embeddings"),
+        (dict(x=np.zeros(40)), "non-empty 2-D array"),
+        (dict(x=np.full((40, 4), np.nan)), "NaN/Inf"),
+        (dict(labels=np.arange(40) % 4), r"labels out of range \[0, 3\)"),
+        (dict(labels=(np.arange(40) % 3).astype(float)), "1-D integer class ids"),
+        (dict(test_idx=np.arange(0)), "empty split"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(val_fraction=1.0), "val_fraction"),
+        (dict(labels=np.arange(40), num_classes=40), "validation split is empty"),
+    ],
+)
+def test_bad_inputs_name_the_problem(change, match):
+    rng = np.random.default_rng(0)
+    args = dict(x=rng.normal(size=(40, 4)), labels=np.arange(40) % 3, train_idx=np.arange(30),
+                test_idx=np.arange(30, 40), multilabel=False, num_classes=3) | change  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        probe_split(args.pop("x"), args.pop("labels"), args.pop("train_idx"), args.pop("test_idx"), **args)

@@ -1,5 +1,5 @@
-"""Evaluation utilities for matpac_jax (linear probes on frozen embeddings)."""
+"""Evaluation: linear probes on frozen embeddings (harness) and the downstream dataset adapters (datasets)."""
 
-from matpac_jax.evaluate.probe import linear_probe, stratified_split
+from matpac_jax.evaluate.harness import evaluate_task, probe_split, stratified_split
 
-__all__ = ["linear_probe", "stratified_split"]
+__all__ = ["evaluate_task", "probe_split", "stratified_split"]

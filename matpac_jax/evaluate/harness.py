@@ -78,7 +78,8 @@ def _fit(x, y, fit_w, val_w, keys, *, multilabel, num_classes, evals, eval_every
     def one_seed(fw, vw, key):
         n_fit = jnp.maximum(fw.sum(), 1.0)
         mean = (fw[:, None] * x).sum(0) / n_fit
-        std = jnp.maximum(jnp.sqrt((fw[:, None] * (x - mean) ** 2).sum(0) / n_fit), _STD_EPS)
+        std = jnp.sqrt((fw[:, None] * (x - mean) ** 2).sum(0) / n_fit)
+        std = jnp.where(std < _STD_EPS, jnp.inf, std)  # a feature constant in training carries nothing: it becomes 0
         xs = (x - mean) / std
         params = {"w": 0.01 * jax.random.normal(key, (num_classes, x.shape[1])), "b": jnp.zeros(num_classes)}
         state = tx.init(params)
@@ -122,24 +123,62 @@ def _fit(x, y, fit_w, val_w, keys, *, multilabel, num_classes, evals, eval_every
     return jax.vmap(one_seed)(fit_w, val_w, keys)
 
 
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split example indices into (fit, val), ``round(val_fraction * n_c)`` of each class to val (at least one, and
+    at least one left to fit, for every class with two or more examples). Deterministic given ``seed``."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) >= 2:
+            val[idx[: int(np.clip(round(val_fraction * len(idx)), 1, len(idx) - 1))]] = True
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
 def _validation_masks(train_idx, labels, multilabel, seeds, fraction):
     """Per seed, (fit, val) boolean masks over the training examples: a stratified / random ``fraction`` held out."""
     fits, vals = [], []
     n = len(train_idx)
     for seed in seeds:
-        rng = np.random.default_rng(seed)
         val = np.zeros(n, bool)
         if multilabel:
-            val[rng.permutation(n)[: max(1, round(fraction * n))]] = True
+            val[np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))]] = True
         else:
-            y = labels[train_idx]
-            for c in np.unique(y):
-                idx = rng.permutation(np.flatnonzero(y == c))
-                if len(idx) >= 2:
-                    val[idx[: int(np.clip(round(fraction * len(idx)), 1, len(idx) - 1))]] = True
+            val[stratified_split(labels[train_idx], fraction, seed)[1]] = True
+        if not val.any():
+            raise ValueError("validation split is empty: every class has a single training example")
         fits.append(~val)
         vals.append(val)
     return np.stack(fits), np.stack(vals)
+
+
+def _check_inputs(x, labels, train_idx, test_idx, multilabel, num_classes, hyper) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"embeddings must be a non-empty 2-D array [clips, dim], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN/Inf or are not numbers")
+    labels = np.asarray(labels)
+    if len(labels) != len(x):
+        raise ValueError(f"shape mismatch: {len(labels)} labels for {len(x)} embeddings")
+    if int(num_classes) != num_classes or num_classes < (1 if multilabel else 2):
+        raise ValueError(f"num_classes must be an integer >= 2 (>= 1 multi-label), got {num_classes!r}")
+    if multilabel:
+        if labels.shape != (len(x), num_classes):
+            raise ValueError(f"multi-label targets must be [clips, {num_classes}], got {labels.shape}")
+    else:
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"single-label targets must be 1-D integer class ids, got {labels.dtype} {labels.shape}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels out of range [0, {num_classes}): {labels.min()} .. {labels.max()}")
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise ValueError(f"empty split: {len(train_idx)} training and {len(test_idx)} test examples")
+    for name, value in hyper.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not 0 < hyper["val_fraction"] < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {hyper['val_fraction']!r}")
+    return x.astype(np.float32), labels
 
 
 def probe_split(
@@ -159,10 +198,13 @@ def probe_split(
     eval_every: int = 10,
     patience: int = 10,
 ) -> list[dict]:
-    """One split, every seed: [{'seed', 'test', 'val_best_step'}] with ``test`` = accuracy or mAP on ``test_idx``."""
-    x = np.asarray(x, np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN/Inf")
+    """One split, every seed: [{'seed', 'test', 'val_best_step'}] with ``test`` = accuracy or mAP on ``test_idx``.
+
+    ``x`` [N, D] embeddings, ``labels`` [N] class ids or [N, C] multi-hot targets; ``valid_idx`` None draws each seed's
+    validation part from ``train_idx`` (``val_fraction``, stratified for single-label tasks). ValueError names any
+    malformed input."""
+    hyper = dict(val_fraction=val_fraction, lr=lr, max_steps=max_steps, eval_every=eval_every, patience=patience)
+    x, labels = _check_inputs(x, labels, train_idx, test_idx, multilabel, num_classes, hyper)
     if valid_idx is None:
         fit_m, val_m = _validation_masks(train_idx, labels, multilabel, seeds, val_fraction)
         rows = np.asarray(train_idx)
@@ -189,7 +231,7 @@ def probe_split(
     params, best_step, mean, std = jax.device_get((params, best_step, mean, std))
     out = []
     for i, seed in enumerate(seeds):
-        xs = (x[test_idx] - mean[i]) / std[i]
+        xs = (x[test_idx] - mean[i]) / std[i]  # std inf -> 0 for features constant in training
         logits = xs @ params["w"][i].T + params["b"][i]
         if multilabel:
             score = mean_average_precision(logits, labels[test_idx], None if mask is None else mask[test_idx])
