@@ -1,0 +1,1 @@
+"""S-SONDO distillation (SPEC §6): teacher embeddings, cluster-balanced sampling, students."""

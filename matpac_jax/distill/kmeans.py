@@ -1,0 +1,89 @@
+"""k-means of teacher clip embeddings at corpus scale (S-SONDO balanced sampling, SPEC §6: k = 50).
+
+``fit_kmeans(x, k, seed)``: greedy k-means++ initialisation on a random sample, then mini-batch k-means (Sculley
+2010: each centre moves towards the mean of the points assigned to it with step 1 / (its running count)) over random
+batches, then assignment of every embedding. ``x`` may be a memory-mapped ``.npy``
+(``np.load(path, mmap_mode="r")``): only batches are read and sent to the device, so 2 M × 3840 float16 (15 GB)
+needs one batch of device memory, not the corpus. Distances run on the device in float32 as
+``|x|² − 2 x·c + |c|²``; every step and the assignment are jitted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.jit
+def _sq_distances(x: jax.Array, c: jax.Array) -> jax.Array:
+    """[B, D], [K, D] -> [B, K] squared distances (up to the per-row constant |x|², plus it)."""
+    x = x.astype(jnp.float32)
+    return jnp.sum(x * x, 1, keepdims=True) - 2.0 * x @ c.T + jnp.sum(c * c, 1)[None]
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ centres [k, D] from the rows of ``x`` (a sample of the corpus): each new centre is the best,
+    by total squared distance, of ``2 + log k`` candidates drawn with probability ∝ D² (as scikit-learn does)."""
+    x = np.asarray(x, np.float32)
+    if len(x) < k:
+        raise ValueError(f"k-means++ needs at least k={k} points, got {len(x)}")
+    xj = jnp.asarray(x)
+    trials = 2 + int(np.log(k))
+    centres = [x[rng.integers(len(x))]]
+    d2 = np.maximum(np.asarray(_sq_distances(xj, jnp.asarray(centres[0][None])))[:, 0], 0.0)
+    for _ in range(1, k):
+        if d2.sum() > 0:
+            candidates = rng.choice(len(x), size=trials, p=d2 / d2.sum())
+        else:
+            candidates = rng.integers(len(x), size=trials)
+        new = np.maximum(np.asarray(_sq_distances(xj, jnp.asarray(x[candidates]))), 0.0)  # [N, trials]
+        pot = np.minimum(d2[:, None], new).sum(0)
+        best = int(np.argmin(pot))
+        centres.append(x[candidates[best]])
+        d2 = np.minimum(d2, new[:, best])
+    return np.stack(centres)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _minibatch_step(centres: jax.Array, counts: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One mini-batch k-means update: per centre, count += n_assigned; centre += (sum − n·centre) / count."""
+    batch = batch.astype(jnp.float32)
+    nearest = jnp.argmin(_sq_distances(batch, centres), axis=1)
+    onehot = jax.nn.one_hot(nearest, centres.shape[0], dtype=jnp.float32)  # [B, K]
+    n = onehot.sum(0)
+    sums = onehot.T @ batch
+    counts = counts + n
+    step = jnp.where(counts > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0)[:, None]
+    return centres + step * (sums - n[:, None] * centres), counts
+
+
+def assign(x: np.ndarray, centres: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """Nearest centre of every row of ``x`` (streamed in batches): int32 [N]."""
+    c = jnp.asarray(centres, jnp.float32)
+    out = [
+        np.asarray(jnp.argmin(_sq_distances(jnp.asarray(x[i : i + batch]), c), axis=1)) for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(out).astype(np.int32)
+
+
+def fit_kmeans(x: np.ndarray, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096,
+               init_sample: int = 20_000) -> dict:  # fmt: skip
+    """{'centroids' [k, D] float32, 'assignments' [N] int32, 'sizes' [k] int64, 'inertia' (mean squared distance)}."""
+    if k < 1 or len(x) < k:
+        raise ValueError(f"k={k} clusters need at least k embeddings, got {len(x)}")
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(x), size=min(init_sample, len(x)), replace=False))
+    centres = jnp.asarray(kmeans_pp(x[sample], k, rng))
+    counts = jnp.zeros((k,), jnp.float32)
+    for _ in range(steps):
+        idx = np.sort(rng.integers(0, len(x), size=min(batch, len(x))))  # sorted: sequential reads of a memmap
+        centres, counts = _minibatch_step(centres, counts, jnp.asarray(np.asarray(x[idx], np.float32)))
+    centroids = np.asarray(centres)
+    assignments = assign(x, centroids)
+    sizes = np.bincount(assignments, minlength=k).astype(np.int64)
+    d2 = [float(np.asarray(_sq_distances(jnp.asarray(x[i : i + 8192]), jnp.asarray(centroids)).min(1)).sum())
+          for i in range(0, len(x), 8192)]  # fmt: skip
+    return {"centroids": centroids, "assignments": assignments, "sizes": sizes, "inertia": sum(d2) / len(x)}

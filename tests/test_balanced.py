@@ -1,0 +1,74 @@
+"""S-SONDO balanced sampling: mini-batch k-means (k-means++ init) on device against a float64 numpy reference, and
+the 1/|cluster| sampler: uniform cluster frequencies over a long draw, determinism, slices, exact resume."""
+
+import numpy as np
+import pytest
+
+from matpac_jax.distill.kmeans import fit_kmeans, kmeans_pp
+from matpac_jax.distill.sampler import BalancedIndices
+
+
+def _blobs(n=6000, d=16, k=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 6
+    truth = rng.integers(0, k, n)
+    return (centres[truth] + rng.normal(size=(n, d))).astype(np.float16), truth, centres
+
+
+def test_kmeans_recovers_separated_clusters_from_a_memmap(tmp_path):
+    x, truth, centres = _blobs()
+    np.save(tmp_path / "emb.npy", x)
+    mm = np.load(tmp_path / "emb.npy", mmap_mode="r")  # streamed in batches, as at corpus scale
+    out = fit_kmeans(mm, k=5, seed=1, steps=60, batch=1024, init_sample=2000)
+    assert out["centroids"].shape == (5, 16) and out["sizes"].sum() == len(x)
+    # one found cluster per true cluster (purity 1), centroids at the true centres
+    for c in range(5):
+        assert len(np.unique(out["assignments"][truth == c])) == 1
+    match = np.argmin(((out["centroids"][:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    assert sorted(match) == list(range(5))
+    assert np.abs(out["centroids"] - centres[match]).max() < 0.2
+    # assignments = nearest centroid, checked in float64 numpy
+    x64 = x.astype(np.float64)
+    d2 = ((x64[:, None] - out["centroids"].astype(np.float64)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(out["assignments"], d2.argmin(1))
+    assert out["inertia"] == pytest.approx(d2.min(1).mean(), rel=1e-4)
+
+
+def test_kmeans_pp_spreads_initial_centres():
+    x, truth, _ = _blobs(n=2000)
+    init = kmeans_pp(x, 5, np.random.default_rng(0))
+    nearest = ((x.astype(np.float32)[:, None] - init[None]) ** 2).sum(-1).argmin(0)  # the data point of each centre
+    assert len(set(truth[nearest])) == 5  # D² sampling lands one centre in every blob
+
+
+def test_balanced_draws_make_clusters_uniform():
+    sizes = [3000, 600, 90, 9, 1]
+    assignments = np.repeat(np.arange(5), sizes)[np.random.default_rng(0).permutation(sum(sizes))]
+    ds = BalancedIndices(assignments, seed=3)
+    n = 50_000
+    draws = np.array([ds[j] for j in range(n)])
+    freq = np.bincount(assignments[draws], minlength=5) / n
+    sigma = np.sqrt(0.2 * 0.8 / n)
+    assert np.abs(freq - 0.2).max() < 5 * sigma, freq  # ∝ 1/|cluster|: every cluster 1/5 of the draws
+    singleton = np.flatnonzero(assignments == 4)[0]
+    assert abs(np.mean(draws == singleton) - 0.2) < 5 * sigma
+    p = ds.probabilities()
+    assert p.sum() == pytest.approx(1.0) and p[singleton] == pytest.approx(0.2)
+
+
+def test_sampler_is_deterministic_sliceable_and_resumes_exactly():
+    assignments = np.arange(100) % 7
+    ds = BalancedIndices(assignments, seed=11)
+    first = [ds[j] for j in range(40)]
+    assert first == [BalancedIndices(assignments, seed=11)[j] for j in range(40)]
+    assert first != [BalancedIndices(assignments, seed=12)[j] for j in range(40)]
+    halves = [list(ds[p::2][:20]) for p in (0, 1)]  # per-process slices interleave to the whole sequence
+    assert [x for pair in zip(*halves, strict=True) for x in pair] == first
+    it = iter(ds.to_iter_dataset())
+    for _ in range(25):
+        next(it)
+    state = it.get_state()
+    rest = [next(it) for _ in range(15)]
+    fresh = iter(ds.to_iter_dataset())
+    fresh.set_state(state)
+    assert [next(fresh) for _ in range(15)] == rest == first[25:40]
