@@ -1,0 +1,127 @@
+"""S-SONDO students (SPEC §6), pure Flax: MobileNetV3 of the EfficientAT "mn" family and the projection head.
+
+``MobileNetV3(width=1.0)`` ("mn10") is the MobileNetV3-Large feature extractor on a 1-channel log-mel image: a 3×3
+stride-2 stem (16 channels, hard-swish), the 15 inverted-residual blocks below (depthwise k×k, optional
+squeeze-excitation with hard-sigmoid gate, ReLU or hard-swish), and a 1×1 convolution to 960 channels (hard-swish),
+then global average pooling: a 960-d embedding. Convolutions have no bias and are followed by BatchNorm (eps 1e-3,
+momentum 0.01 in PyTorch terms, i.e. 0.99 here); channel counts scale with ``width`` rounded to multiples of 8 (the
+last convolution keeps ``6 × last block channels``). With width 1.0 the backbone has 2,971,664 parameters (PyTorch's
+mobilenet_v3_large features, 2,971,952, minus the 288 weights of two missing input channels), SPEC's "2.97 M".
+
+``ProjectionHead``: Linear(d → 1280) → Hardswish → Dropout 0.2 → Linear(1280 → 3840), trained with the student and
+dropped afterwards (the student's embedding is its backbone output).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (kernel, expanded, out, squeeze-excitation, activation, stride) per block, width 1.0 (MobileNetV3-Large)
+LARGE = (
+    (3, 16, 16, False, "relu", 1),
+    (3, 64, 24, False, "relu", 2),
+    (3, 72, 24, False, "relu", 1),
+    (5, 72, 40, True, "relu", 2),
+    (5, 120, 40, True, "relu", 1),
+    (5, 120, 40, True, "relu", 1),
+    (3, 240, 80, False, "hardswish", 2),
+    (3, 200, 80, False, "hardswish", 1),
+    (3, 184, 80, False, "hardswish", 1),
+    (3, 184, 80, False, "hardswish", 1),
+    (3, 480, 112, True, "hardswish", 1),
+    (3, 672, 112, True, "hardswish", 1),
+    (5, 672, 160, True, "hardswish", 2),
+    (5, 960, 160, True, "hardswish", 1),
+    (5, 960, 160, True, "hardswish", 1),
+)
+_ACT = {"relu": nn.relu, "hardswish": nn.hard_swish}
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of ``divisor``, never below 90 % of ``v`` (the MobileNet rule)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+class ConvBN(nn.Module):
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    groups: int = 1
+    act: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pad = (self.kernel - 1) // 2
+        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding=((pad, pad),) * 2,
+                    feature_group_count=self.groups, use_bias=False, name="conv")(x)  # fmt: skip
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name="bn")(x)
+        return _ACT[self.act](x) if self.act else x
+
+
+class SqueezeExcite(nn.Module):
+    squeeze: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(nn.Conv(self.squeeze, (1, 1), name="fc1")(s))
+        s = nn.hard_sigmoid(nn.Conv(x.shape[-1], (1, 1), name="fc2")(s))
+        return x * s
+
+
+class InvertedResidual(nn.Module):
+    kernel: int
+    expanded: int
+    out: int
+    se: bool
+    act: str
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        inp = x.shape[-1]
+        y = x
+        if self.expanded != inp:
+            y = ConvBN(self.expanded, 1, act=self.act, name="expand")(y, train)
+        y = ConvBN(self.expanded, self.kernel, self.stride, self.expanded, self.act, name="depthwise")(y, train)
+        if self.se:
+            y = SqueezeExcite(make_divisible(self.expanded // 4), name="se")(y)
+        y = ConvBN(self.out, 1, name="project")(y, train)
+        return x + y if self.stride == 1 and inp == self.out else y
+
+
+class MobileNetV3(nn.Module):
+    """mel [B, F, T] -> embedding [B, 6 × last channels] (960 for width 1.0)."""
+
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
+        x = mel[..., None]  # [B, F, T, 1]
+        x = ConvBN(make_divisible(16 * self.width), 3, 2, act="hardswish", name="stem")(x, train)
+        for i, (k, e, o, se, act, s) in enumerate(LARGE):
+            x = InvertedResidual(k, make_divisible(e * self.width), make_divisible(o * self.width), se, act, s,
+                                 name=f"block_{i}")(x, train)  # fmt: skip
+        x = ConvBN(6 * x.shape[-1], 1, act="hardswish", name="last")(x, train)
+        return jnp.mean(x, axis=(1, 2))
+
+
+class ProjectionHead(nn.Module):
+    """d -> 1280 -> Hardswish -> Dropout 0.2 -> 3840 (the teacher's clip-embedding space)."""
+
+    hidden: int = 1280
+    out: int = 3840
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.hard_swish(nn.Dense(self.hidden, name="fc1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.out, name="fc2")(x)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

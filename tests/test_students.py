@@ -1,0 +1,52 @@
+"""S-SONDO students: MobileNetV3 "mn" backbones and the projection head; parameter counts against published and
+hand-computed figures, shapes, BatchNorm statistics in training mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matpac_jax.distill.students import MobileNetV3, ProjectionHead, count_params, make_divisible
+
+
+def _init(model, x):
+    return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+
+
+def test_mn10_backbone_is_mobilenet_v3_large_features_on_one_channel():
+    variables = jax.eval_shape(lambda: _init(MobileNetV3(1.0), jnp.zeros((1, 128, 200))))
+    # torchvision mobilenet_v3_large: 5,483,032 parameters, of which the classifier holds 960*1280 + 1280 +
+    # 1280*1000 + 1000 = 2,511,080; the features take 3-channel images: one input channel has 2 x 16*3*3 fewer weights
+    assert count_params(variables["params"]) == 5_483_032 - 2_511_080 - 2 * 16 * 3 * 3 == 2_971_664
+    assert {"mean", "var"} <= {k for v in jax.tree_util.tree_leaves_with_path(variables["batch_stats"]) for k in
+                               [str(v[0][-1].key)]}  # fmt: skip
+
+
+def test_width_scales_channels_and_output_is_six_times_the_last_block():
+    for width, out in ((1.0, 960), (0.5, 480), (2.0, 1920)):
+        model = MobileNetV3(width)
+        x = jax.ShapeDtypeStruct((2, 128, 64), jnp.float32)
+        y = jax.eval_shape(
+            lambda v, x, m=model: m.apply(v, x), jax.eval_shape(lambda m=model: _init(m, jnp.zeros((1, 128, 64)))), x
+        )
+        assert y.shape == (2, out) == (2, 6 * make_divisible(160 * width))
+
+
+def test_batchnorm_statistics_move_only_in_training():
+    model = MobileNetV3(0.4)
+    v = _init(model, jnp.zeros((1, 128, 32)))
+    x = jax.random.normal(jax.random.key(2), (4, 128, 32))
+    y_train, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+    assert y_train.shape == (4, 6 * make_divisible(160 * 0.4))
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), v["batch_stats"], updates["batch_stats"])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_projection_head():
+    head = ProjectionHead()
+    v = _init(head, jnp.zeros((1, 960)))
+    assert count_params(v["params"]) == 960 * 1280 + 1280 + 1280 * 3840 + 3840
+    x = jnp.ones((3, 960))
+    a = head.apply(v, x)
+    b = head.apply(v, x, train=True, rngs={"dropout": jax.random.key(5)})
+    assert a.shape == (3, 3840) and not np.allclose(a, b)  # dropout only when training
+    np.testing.assert_array_equal(a, head.apply(v, x))
