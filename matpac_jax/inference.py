@@ -119,6 +119,13 @@ class Encoder:
         n = self.mesh.devices.size
         self._chunk_batch = max(n, -(-int(value) // n) * n)
 
+    def _padded_size(self, n: int) -> int:
+        """Chunks per device call for ``n`` chunks: the next power of two, a multiple of the device count, at most
+        ``chunk_batch``: a few compiled shapes (log2 of chunk_batch), and one clip is not padded to a full batch."""
+        ndev = self.mesh.devices.size
+        size = 1 << max(0, (n - 1).bit_length())
+        return min(self.chunk_batch, -(-size // ndev) * ndev)
+
     # --- Saving / loading.
 
     def save(self, directory: str) -> str:
@@ -153,8 +160,9 @@ class Encoder:
             for i in range(0, chunks.shape[0], self.chunk_batch):
                 part = chunks[i : i + self.chunk_batch]
                 n = part.shape[0]
-                if n < self.chunk_batch:  # one compiled shape for every full-chunk batch
-                    part = jnp.pad(part, ((0, self.chunk_batch - n), (0, 0), (0, 0)))
+                size = self._padded_size(n)
+                if n < size:
+                    part = jnp.pad(part, ((0, size - n), (0, 0), (0, 0)))
                 out.append(self._split_chunks(self.params, part, layers)[:n])
             feats = jnp.concatenate(out)  # [B*full, L, crop/patch, Fp*D]
             _, num, tp, c = feats.shape
