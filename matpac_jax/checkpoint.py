@@ -32,9 +32,24 @@ def _is_grain_iterator(it) -> bool:
     return it is not None and hasattr(it, "get_state") and hasattr(it, "set_state")
 
 
+def _remove_unfinished(directory: str) -> None:
+    """Delete leftovers of saves that never finished (``<step>.orbax-checkpoint-tmp-*``) before the manager starts.
+    Orbax's own clean-up runs in a background future that close() does not wait for, so it is done here, at once."""
+    import shutil
+
+    import jax
+
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if ".orbax-checkpoint-tmp" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, keep_period: int = 0, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        _remove_unfinished(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
