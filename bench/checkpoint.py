@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.checkpoint import Checkpointer  # noqa: E402
-from matpac_jax.train import loop  # noqa: E402
+from matpac_jax.train import pretrain  # noqa: E402
 
 
 def measure(state, config, directory: str, async_save: bool, repeats: int) -> tuple[list[float], list[float]]:
@@ -50,7 +50,7 @@ def main() -> None:
     path, _, arg = args.config.partition(":")
     config = config_lib.load_config_file(path, os.path.basename(path), arg or None)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    _, init_fn, _, _ = loop.build(config, mesh)
+    _, init_fn, _, _ = pretrain.build(config, mesh)
     t0 = time.perf_counter()
     state = jax.block_until_ready(init_fn(jax.random.key(0)))
     init_s = time.perf_counter() - t0

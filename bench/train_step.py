@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
-from matpac_jax.train import loop  # noqa: E402
+from matpac_jax.train import pretrain  # noqa: E402
 
 
 def apply_overrides(config, overrides: str) -> None:
@@ -40,9 +40,9 @@ def apply_overrides(config, overrides: str) -> None:
 
 def measure(config, steps: int, warmup: int) -> dict:
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    _, init_fn, train_step, abstract = loop.build(config, mesh)
+    _, init_fn, train_step, abstract = pretrain.build(config, mesh)
     b = config.data.batch_size
-    n = num_samples_for_frames(config.audio.crop_frames, loop.frontend_config(config))
+    n = num_samples_for_frames(config.audio.crop_frames, pretrain.frontend_config(config))
     audio = np.random.default_rng(0).normal(0, 0.1, (b, n)).astype(np.float32)
     batch = parallel.global_batch({"audio": audio}, mesh)
     rng = jax.random.key(0)

@@ -50,7 +50,7 @@ class EncoderSpec:
 
     @classmethod
     def from_config(cls, config) -> EncoderSpec:
-        from matpac_jax.train.loop import frontend_config
+        from matpac_jax.train.pretrain import frontend_config
 
         e = config.model.encoder
         a = config.audio

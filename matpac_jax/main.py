@@ -1,6 +1,8 @@
 """Entry point: python -m matpac_jax.main --config=configs/pp.py[:variant,key=value] --workdir=DIR
 
-Flags only; the work is in train.loop.train_and_evaluate (one trainer for every task). Exit status: 0 when the run
+Flags only. ``config.task`` picks the work: 'pretrain' (MATPAC / MATPAC++) and 'distill' (S-SONDO students) run the
+one trainer, train.loop.train_and_evaluate; 'teacher_pass' runs the S-SONDO teacher-embedding pass and its k-means
+into WORKDIR (distill.teacher_pass.run_from_config). Exit status: 0 when the run
 finished or was preempted (SIGTERM: it saved and says where it resumes), 3 when it stopped on a non-finite loss or
 gradient (WORKDIR/nonfinite_report.json), 2 for a config error found before any compute (the message names the key
 and the fix), 1 for anything else.
@@ -33,9 +35,11 @@ def main(argv) -> None:
     from matpac_jax.train.loop import train_and_evaluate
     from matpac_jax.train.metrics_log import NonFiniteError
 
-    if config.task != "pretrain":
-        raise app.UsageError(f"config.task={config.task!r}: only 'pretrain' is available")
     try:
+        if config.task == "teacher_pass":
+            from matpac_jax.distill.teacher_pass import run_from_config
+
+            sys.exit(run_from_config(config, _WORKDIR.value))
         result = train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -44,8 +48,8 @@ def main(argv) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
     if "probe" in result:
-        p = result["probe"]
-        print(f"probe: learned={p['learned']:.4f} init={p['init']:.4f}", flush=True)
+        means = {k: v for k, v in result["probe"].items() if not k.endswith("_ci95")}
+        print("probe: " + " ".join(f"{k}={v:.4f}" for k, v in means.items()), flush=True)
 
 
 if __name__ == "__main__":

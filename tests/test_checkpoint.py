@@ -15,13 +15,13 @@ from helpers import load_config
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer
 from matpac_jax.config_lib import ConfigError
-from matpac_jax.train import loop
+from matpac_jax.train import loop, pretrain
 from matpac_jax.train.metrics_log import TIMING_KEYS, NonFiniteError
 
 
 def _state_on(mesh_config, devices, config):
     mesh = parallel.make_mesh(mesh_config, devices)
-    _, init_fn, step_fn, abstract = loop.build(config, mesh)
+    _, init_fn, step_fn, abstract = pretrain.build(config, mesh)
     return mesh, init_fn, step_fn, abstract
 
 
@@ -35,7 +35,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     devices = jax.devices()[:8]
     mesh, init_fn, step_fn, _ = _state_on({"data": 8}, devices, config)
     state = init_fn(jax.random.key(0))
-    audio = np.random.default_rng(0).normal(0, 0.1, (8, loop.crop_samples(config))).astype(np.float32)
+    audio = np.random.default_rng(0).normal(0, 0.1, (8, pretrain.crop_samples(config))).astype(np.float32)
     state, _ = step_fn(state, parallel.global_batch({"audio": audio}, mesh), jax.random.key(1))
     saved = jax.device_get(state)
     ckpt = Checkpointer(str(tmp_path))
@@ -80,7 +80,7 @@ def test_missing_data_state_names_reset_data(tmp_path):
     ckpt.close()
     write_demo_shards(tmp_path / "data")
     config = records_config(tmp_path / "data")
-    it = iter(loop.make_input(config)[0])
+    it = iter(pretrain.make_input(config)[0])
     with pytest.raises(ValueError, match="reset_data=True"):
         Checkpointer(str(tmp_path / "run")).restore({"x": jax.ShapeDtypeStruct((2,), jnp.float32)}, data_iter=it)
 
@@ -93,7 +93,7 @@ def test_step_keeps_the_state_on_a_nan_batch():
     mesh, init_fn, step_fn, _ = _state_on({"data": 1}, jax.devices()[:1], config)
     state = init_fn(jax.random.key(0))
     before = jax.device_get(state)
-    audio = np.zeros((8, loop.crop_samples(config)), np.float32)
+    audio = np.zeros((8, pretrain.crop_samples(config)), np.float32)
     audio[3, 100] = np.nan
     after, m = step_fn(state, parallel.global_batch({"audio": audio}, mesh), jax.random.key(1))
     assert float(m["nonfinite"]) == 1.0 and int(m["nonfinite_inputs"]) == 1 and not np.isfinite(float(m["loss"]))
@@ -143,7 +143,7 @@ def test_nonfinite_skip_skips_the_update_and_finishes(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["nonfinite"] for m in lines] == [0, 0, 1, 0, 0, 0]
     config = _smoke(nonfinite="skip")
-    abstract = loop.build(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))[3]
+    abstract = pretrain.build(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))[3]
     for step in Checkpointer(str(tmp_path)).all_steps():
         state = Checkpointer(str(tmp_path)).restore(abstract, step=step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from matpac_jax.data import CLASS_NAMES, demo_splits, make_demo_corpus
+from matpac_jax.data.demo import CLASS_NAMES, demo_splits, make_demo_corpus
 from matpac_jax.evaluate import probe_split
 
 NUM_CLASSES = len(CLASS_NAMES)

@@ -15,7 +15,7 @@ from helpers import ROOT
 
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer
-from matpac_jax.train import loop
+from matpac_jax.train import pretrain
 from matpac_jax.train.metrics_log import TIMING_KEYS
 
 STEPS = 10
@@ -78,7 +78,7 @@ def _final_state(workdir):
 
     config = load_config()
     config.mesh.data = 1
-    abstract = loop.build(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))[3]
+    abstract = pretrain.build(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))[3]
     return jax.device_get(Checkpointer(str(workdir)).restore(abstract, step=STEPS))
 
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import load_config
 
 from matpac_jax import parallel
-from matpac_jax.train import loop
+from matpac_jax.train import pretrain
 
 STEPS = 3
 
@@ -26,8 +26,8 @@ def run_on(mesh_config, devices):
 def _run(mesh_config, devices):
     config = load_config()
     mesh = parallel.make_mesh(mesh_config, devices)
-    _, init_fn, step_fn, _ = loop.build(config, mesh)
-    batches, _ = loop.make_input(config)
+    _, init_fn, step_fn, _ = pretrain.build(config, mesh)
+    batches, _ = pretrain.make_input(config)
     state = init_fn(jax.random.key(config.seed))
     losses = []
     for t in range(STEPS):

@@ -1,6 +1,7 @@
 """The S-SONDO teacher pass over a record corpus: embeddings equal Encoder.embed of the cropped / padded clip,
 resume skips finished shards, the completeness check lists missing keys, the CLI end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,14 @@ from test_inference import HEADS, published_state_dict
 from matpac_jax.audio.io import from_int16, to_int16
 from matpac_jax.convert import from_torch
 from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
-from matpac_jax.distill.teacher_pass import check_complete, fit_length, load_embeddings, output_name, teacher_pass
+from matpac_jax.distill.teacher_pass import (
+    check_complete,
+    fit_clip,
+    fit_length,
+    load_embeddings,
+    output_name,
+    teacher_pass,
+)
 from matpac_jax.inference import Encoder, load_encoder
 
 SECONDS = 2.0  # a short "10 s" keeps the test fast; the code path is the same
@@ -66,10 +74,27 @@ def test_teacher_pass_cli(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     r = subprocess.run([sys.executable, "-m", "matpac_jax.distill.teacher_pass",
                         f"--records={tmp_path / 'corpus' / '*.arrayrecord'}", f"--checkpoint={enc_dir}",
-                        f"--output={tmp_path / 'emb'}", f"--seconds={SECONDS}"],
+                        f"--output={tmp_path / 'emb'}", f"--seconds={SECONDS}", "--clusters=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "teacher pass: 2 clips" in r.stdout and "clips/s" in r.stdout
-    assert r.stdout.strip().endswith("every clip has exactly one embedding")
+    assert "every clip has exactly one embedding" in r.stdout
+    assert "k-means: 2 clusters of 2 embeddings" in r.stdout
     keys, emb = load_embeddings(str(tmp_path / "emb"))
     assert emb.dtype == np.float32 and len(keys) == 2  # stored float16 by default, loaded as float32
+    consolidated = np.load(tmp_path / "emb" / "embeddings.npy")  # corpus order, the stored dtype
+    assert consolidated.dtype == np.float16
+    np.testing.assert_array_equal(consolidated.astype(np.float32), emb)
+    assert json.loads((tmp_path / "emb" / "keys.json").read_text()) == keys
+    clusters = np.load(tmp_path / "emb" / "clusters.npz")
+    assert sorted(clusters["assignments"]) == [0, 1] and list(clusters["sizes"]) == [1, 1]
+
+
+def test_fit_clip_resamples_to_the_teacher_rate():
+    t32, t16 = np.arange(64_000) / 32_000, np.arange(20_000) / 16_000
+    pcm = to_int16(0.5 * np.sin(2 * np.pi * 1000 * t32))  # 2 s at 32 kHz
+    clip = fit_clip(pcm, 32_000, 16_000, 1.25)  # the first 1.25 s at 16 kHz
+    assert clip.shape == (20_000,)
+    np.testing.assert_allclose(clip[100:-100], 0.5 * np.sin(2 * np.pi * 1000 * t16)[100:-100], atol=2e-3)
+    padded = fit_clip(pcm[:16_000], 32_000, 16_000, 1.0)  # 0.5 s of audio, padded to 1 s
+    assert padded.shape == (16_000,) and np.abs(padded[8_200:]).max() < 1e-4  # silence (filter ringing aside)

@@ -8,7 +8,7 @@ import pytest
 from helpers import load_config
 
 from matpac_jax import parallel
-from matpac_jax.train import loop
+from matpac_jax.train import pretrain
 from matpac_jax.train.optim import decay_mask, lr_schedule, make_optimizer
 
 
@@ -16,8 +16,8 @@ from matpac_jax.train.optim import decay_mask, lr_schedule, make_optimizer
 def setup():
     config = load_config()
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    model, init_fn, step_fn, _ = loop.build(config, mesh)
-    batches, _ = loop.make_input(config)
+    model, init_fn, step_fn, _ = pretrain.build(config, mesh)
+    batches, _ = pretrain.make_input(config)
     return config, model, init_fn, step_fn, batches
 
 
@@ -149,8 +149,8 @@ def test_matpac_config_is_the_same_code_with_one_head():
     config = load_config("matpac.py", "smoke")
     assert config.model.mcl_heads == 1
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    model, init_fn, step_fn, _ = loop.build(config, mesh)
-    batches, _ = loop.make_input(config)
+    model, init_fn, step_fn, _ = pretrain.build(config, mesh)
+    batches, _ = pretrain.make_input(config)
     state, m = step_fn(init_fn(jax.random.key(0)), {"audio": jnp.asarray(batches(0)["audio"])}, jax.random.key(0))
     assert len(state.student["predictor"]) and "heads_1" not in state.student["predictor"]
     assert m["win_frac_0"] == 1.0 and np.isfinite(m["loss"])
@@ -165,8 +165,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_moments():
     config = load_config()
     config.model.dtype = "bfloat16"
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    _, init_fn, step_fn, _ = loop.build(config, mesh)
-    batches, _ = loop.make_input(config)
+    _, init_fn, step_fn, _ = pretrain.build(config, mesh)
+    batches, _ = pretrain.make_input(config)
     state, m = step_fn(init_fn(jax.random.key(0)), {"audio": jnp.asarray(batches(0)["audio"])}, jax.random.key(0))
     dtypes = {x.dtype for x in jax.tree.leaves((state.student, state.teacher, state.center)) if x.ndim}
     assert dtypes == {jnp.dtype("float32")}
@@ -180,7 +180,7 @@ def test_vit_b_step_costs_the_reference_flops_per_sample():
 
     config = load_config(arg=None)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    _, _, step_fn, abstract = loop.build(config, mesh)
+    _, _, step_fn, abstract = pretrain.build(config, mesh)
     b = 2
     audio = jax.ShapeDtypeStruct((b, 97_520), jnp.float32)
     flops = count_matmul_flops(step_fn, abstract, {"audio": audio}, jax.random.key(0))

@@ -59,6 +59,11 @@ class LogMelConfig:
     norm_mean: float | None = -7.056  # None = no normalisation
     norm_std: float | None = 4.193
 
+    @classmethod
+    def from_audio_config(cls, audio) -> LogMelConfig:
+        """From a config's ``audio`` section (extra keys such as ``crop_frames`` or ``seconds`` are ignored)."""
+        return cls(**{f.name: audio[f.name] for f in dataclasses.fields(cls)})
+
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
             raise ValueError(f"sample_rate, n_fft, hop_length and n_mels must be positive: {self}")

@@ -1,5 +1,1 @@
-"""Data utilities for matpac_jax."""
-
-from matpac_jax.data.demo import CLASS_NAMES, demo_splits, make_demo_corpus
-
-__all__ = ["CLASS_NAMES", "demo_splits", "make_demo_corpus"]
+"""Data: the demo corpus (demo), clip records and shards (records, prepare), input pipelines (pipeline, in_memory)."""

@@ -10,6 +10,11 @@ self-supervised pretraining learned something an untrained encoder does not have
 
 Everything is generated with numpy from a seed: the same arguments give bit-identical output (on a given numpy
 version).
+
+The training split as record shards (the input of the S-SONDO demo chain; keys ``demo-00000`` ...):
+
+    python -m matpac_jax.data.demo --output=/tmp/demo_corpus [--num-train=800 --num-test=800 --seconds=2 --seed=0
+        --sample-rate=32000 --num-shards=2]
 """
 
 from __future__ import annotations
@@ -194,3 +199,44 @@ def demo_splits(
     train = make_demo_corpus(num_train, seconds=seconds, sample_rate=sample_rate, seed=train_seed)
     test = make_demo_corpus(num_test, seconds=seconds, sample_rate=sample_rate, seed=test_seed)
     return train, test
+
+
+def write_records(output: str, num_train: int, num_test: int, seconds: float, seed: int, sample_rate: int,
+                  num_shards: int = 2) -> list[str]:  # fmt: skip
+    """The training split of ``demo_splits(num_train, num_test, seconds, seed, sample_rate)`` as pcm16 record shards
+    (labels included); returns the shard paths."""
+    from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
+
+    train, _ = demo_splits(num_train, num_test, seconds, seed, sample_rate)
+    records = [
+        encode_record(ClipRecord(f"demo-{i:05d}", w, sample_rate, (int(y),)))
+        for i, (w, y) in enumerate(zip(train["waves"], train["labels"], strict=True))
+    ]
+    paths = [shard_name(output, s, num_shards) for s in range(num_shards)]
+    for s, path in enumerate(paths):
+        write_shard(path, records[s::num_shards])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m matpac_jax.data.demo", description="Write the demo corpus's "
+                                 "training split as record shards.")  # fmt: skip
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--num-train", type=int, default=800)
+    ap.add_argument("--num-test", type=int, default=800)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-rate", type=int, default=32_000)
+    ap.add_argument("--num-shards", type=int, default=2)
+    a = ap.parse_args(argv)
+    paths = write_records(a.output, a.num_train, a.num_test, a.seconds, a.seed, a.sample_rate, a.num_shards)
+    print(f"{a.num_train} clips of {a.seconds} s at {a.sample_rate} Hz in {len(paths)} shards: {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -92,7 +92,7 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._perm[pos])]
 
 
-def _worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
+def worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
     """Init of each grain worker process.
 
     1. Ignore SIGTERM: a scheduler signals the whole process group on preemption, and the trainer must still read the
@@ -198,5 +198,5 @@ def pretrain_dataset(
     it = it.batch(global_batch // process_count, drop_remainder=True)
     if workers > 0:
         options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_buffer)
-        it = it.mp_prefetch(options, worker_init_fn=_worker_init)
+        it = it.mp_prefetch(options, worker_init_fn=worker_init)
     return it

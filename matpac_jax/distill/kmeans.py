@@ -60,13 +60,22 @@ def _minibatch_step(centres: jax.Array, counts: jax.Array, batch: jax.Array) -> 
     return centres + step * (sums - n[:, None] * centres), counts
 
 
+@jax.jit
+def _nearest(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    d2 = _sq_distances(x, c)
+    return jnp.argmin(d2, axis=1).astype(jnp.int32), jnp.maximum(jnp.min(d2, axis=1), 0.0)
+
+
+def assign_with_distances(x: np.ndarray, centres: np.ndarray, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centre of every row of ``x`` and its squared distance (one streamed pass): int32 [N], float32 [N]."""
+    c = jnp.asarray(centres, jnp.float32)
+    out = [jax.device_get(_nearest(jnp.asarray(x[i : i + batch]), c)) for i in range(0, len(x), batch)]
+    return np.concatenate([a for a, _ in out]), np.concatenate([d for _, d in out])
+
+
 def assign(x: np.ndarray, centres: np.ndarray, batch: int = 8192) -> np.ndarray:
     """Nearest centre of every row of ``x`` (streamed in batches): int32 [N]."""
-    c = jnp.asarray(centres, jnp.float32)
-    out = [
-        np.asarray(jnp.argmin(_sq_distances(jnp.asarray(x[i : i + batch]), c), axis=1)) for i in range(0, len(x), batch)
-    ]
-    return np.concatenate(out).astype(np.int32)
+    return assign_with_distances(x, centres, batch)[0]
 
 
 def fit_kmeans(x: np.ndarray, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096,
@@ -82,8 +91,11 @@ def fit_kmeans(x: np.ndarray, k: int = 50, seed: int = 0, steps: int = 200, batc
         idx = np.sort(rng.integers(0, len(x), size=min(batch, len(x))))  # sorted: sequential reads of a memmap
         centres, counts = _minibatch_step(centres, counts, jnp.asarray(np.asarray(x[idx], np.float32)))
     centroids = np.asarray(centres)
-    assignments = assign(x, centroids)
+    assignments, d2 = assign_with_distances(x, centroids)
     sizes = np.bincount(assignments, minlength=k).astype(np.int64)
-    d2 = [float(np.asarray(_sq_distances(jnp.asarray(x[i : i + 8192]), jnp.asarray(centroids)).min(1)).sum())
-          for i in range(0, len(x), 8192)]  # fmt: skip
-    return {"centroids": centroids, "assignments": assignments, "sizes": sizes, "inertia": sum(d2) / len(x)}
+    return {
+        "centroids": centroids,
+        "assignments": assignments,
+        "sizes": sizes,
+        "inertia": float(d2.mean(dtype=np.float64)),
+    }

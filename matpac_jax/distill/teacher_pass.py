@@ -1,9 +1,13 @@
 r"""The S-SONDO teacher-embedding pass (SPEC §6): one teacher clip embedding per clip of a record corpus.
 
+    python -m matpac_jax.main --config=configs/ssondo.py:teacher_pass --workdir=/data/teacher_pp \
+        --config.teacher.checkpoint=models/pp --config.data.train='/data/shards/*.arrayrecord'
     python -m matpac_jax.distill.teacher_pass --records='/data/shards/*.arrayrecord' --checkpoint=models/pp \
-        --output=/data/teacher_pp [--dtype=float16] [--batch=32] [--seconds=10]
+        --output=/data/teacher_pp [--dtype=float16] [--batch=32] [--seconds=10] [--clusters=50]
 
 Each clip is cropped or zero-padded to exactly ``--seconds`` (10 s, from its start: the clip the student will see),
+resampled to the teacher's rate when the corpus has another (a 32 kHz corpus serves both the 16 kHz teacher and the
+32 kHz student),
 embedded with the teacher's clip embedding of SPEC §5 (time-mean of the last layer's frame features, 3840-d), and
 written to an output shard with the same index as its input shard: ``teacher-<i>-of-<n>.arrayrecord``, one record per
 clip (``encode_embedding``: a JSON header {key, dim, dtype} and the raw vector). Input shards are divided between
@@ -11,6 +15,11 @@ processes (``i::process_count``) and each batch of clips is split over the local
 and ``.json`` sidecar exist is skipped, so a restarted pass continues where it stopped; outputs are written atomically.
 The pass ends by checking that every clip key of the corpus has exactly one embedding (missing / extra keys listed)
 and prints clips/s. Deterministic: no randomness anywhere.
+
+Then, for distillation (process 0): ``embeddings.npy`` ([N, D], the pass's dtype, memory-mappable) and ``keys.json``
+hold every embedding in corpus order (record ``i`` of the sorted input shards is row ``i``), and ``clusters.npz`` the
+k-means of SPEC §6 over them (``centroids``, ``assignments``, ``sizes``; ``--clusters=0`` skips it). Both are rebuilt
+only when missing.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import time
 
 import numpy as np
 
-from matpac_jax.audio.io import from_int16
+from matpac_jax.audio.io import from_int16, resample
 from matpac_jax.data.records import decode_pcm, read_shard, write_shard
 
 _HEADER = struct.Struct("<I")
@@ -54,21 +63,27 @@ def fit_length(pcm: np.ndarray, samples: int) -> np.ndarray:
     return out
 
 
+def fit_clip(pcm: np.ndarray, rate: int, target_rate: int, seconds: float) -> np.ndarray:
+    """float32 clip of exactly ``round(seconds × target_rate)`` samples: the first ``seconds`` of the int16 PCM at
+    ``rate``, zero-padded, resampled (soxr HQ) when the rates differ."""
+    samples = int(round(seconds * target_rate))
+    if rate == target_rate:
+        return fit_length(pcm, samples)
+    wave = resample(fit_length(pcm, int(round(seconds * rate))), rate, target_rate)
+    return np.pad(wave, (0, max(samples - len(wave), 0)))[:samples]
+
+
 def output_name(output: str, index: int, count: int) -> str:
     return os.path.join(output, f"teacher-{index:05d}-of-{count:05d}.arrayrecord")
 
 
-def _embed_shard(encoder, path: str, samples: int, batch: int, dtype: str) -> tuple[list[bytes], list[str]]:
+def _embed_shard(encoder, path: str, seconds: float, batch: int, dtype: str) -> tuple[list[bytes], list[str]]:
     keys, waves, out = [], [], []
     rate = encoder.spec.frontend.sample_rate
     for data in read_shard(path):
         header, pcm = decode_pcm(data)
-        if header["sample_rate"] != rate:
-            raise ValueError(
-                f"{path}: clip {header['key']!r} is at {header['sample_rate']} Hz, the teacher needs {rate}"
-            )
         keys.append(header["key"])
-        waves.append(fit_length(pcm, samples))
+        waves.append(fit_clip(pcm, header["sample_rate"], rate, seconds))
     for i in range(0, len(waves), batch):
         emb = encoder.embed(np.stack(waves[i : i + batch]), rate)["clip"]
         out += [encode_embedding(k, e, dtype) for k, e in zip(keys[i : i + batch], emb, strict=True)]
@@ -95,7 +110,6 @@ def teacher_pass(
     if not inputs:
         raise ValueError(f"--records={records!r} matches no shard")
     encoder = load_encoder(checkpoint)
-    samples = int(round(seconds * encoder.spec.frontend.sample_rate))
     os.makedirs(output, exist_ok=True)
     built = skipped = clips = 0
     t0 = time.perf_counter()
@@ -104,7 +118,7 @@ def teacher_pass(
         if os.path.exists(target) and os.path.exists(target + ".json"):
             skipped += 1
             continue
-        encoded, keys = _embed_shard(encoder, inputs[i], samples, batch, dtype)
+        encoded, keys = _embed_shard(encoder, inputs[i], seconds, batch, dtype)
         write_shard(target, encoded)
         with open(target + ".json.tmp", "w") as f:
             side = {"input": os.path.abspath(inputs[i]), "clips": len(keys), "seconds": seconds, "dtype": dtype}
@@ -147,6 +161,118 @@ def load_embeddings(output: str) -> tuple[list[str], np.ndarray]:
     return keys, np.stack(vecs)
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def consolidate(output: str) -> tuple[list[str], np.ndarray]:
+    """``embeddings.npy`` + ``keys.json`` in corpus order from the pass's shards (once); returns (keys, memmap)."""
+    emb_path, keys_path = os.path.join(output, "embeddings.npy"), os.path.join(output, "keys.json")
+    if not (os.path.exists(emb_path) and os.path.exists(keys_path)):
+        shards = sorted(glob.glob(os.path.join(output, "teacher-*.arrayrecord")))
+        if not shards:
+            raise ValueError(f"{output} holds no teacher-*.arrayrecord shards: run the teacher pass first")
+        keys, first = [], decode_embedding(next(iter(read_shard(shards[0]))))[1]
+        n = sum(_read_json(p + ".json")["clips"] for p in shards)
+        out = np.lib.format.open_memmap(emb_path + ".tmp.npy", "w+", first.dtype, (n, first.shape[0]))
+        for path in shards:
+            for r in read_shard(path):
+                k, v = decode_embedding(r)
+                out[len(keys)] = v
+                keys.append(k)
+        out.flush()
+        del out
+        with open(keys_path + ".tmp", "w") as f:
+            json.dump(keys, f)
+        os.replace(emb_path + ".tmp.npy", emb_path)
+        os.replace(keys_path + ".tmp", keys_path)
+    return _read_json(keys_path), np.load(emb_path, mmap_mode="r")
+
+
+def target_stats(output: str, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation (float32 [D] each) of ``embeddings.npy``, computed once in float64
+    in chunks and cached in ``target_stats.npz`` (for ``config.distill.targets`` = 'center' / 'standardize')."""
+    path = os.path.join(output, "target_stats.npz")
+    if not os.path.exists(path):
+        _, x = consolidate(output)
+        total, sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        for i in range(0, len(x), chunk):
+            part = np.asarray(x[i : i + chunk], np.float64)
+            total += part.sum(0)
+            sq += np.square(part).sum(0)
+        mean = total / len(x)
+        std = np.sqrt(np.maximum(sq / len(x) - mean * mean, 0.0))
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, mean=mean.astype(np.float32), std=std.astype(np.float32))
+        os.replace(path + ".tmp", path)
+    with np.load(path) as z:
+        return z["mean"], z["std"]
+
+
+def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096, log=print) -> dict:
+    """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz`` (once); returns its arrays."""
+    from matpac_jax.distill.kmeans import fit_kmeans
+
+    path = os.path.join(output, "clusters.npz")
+    if not os.path.exists(path):
+        _, x = consolidate(output)
+        t0 = time.perf_counter()
+        r = fit_kmeans(x, k, seed=seed, steps=steps, batch=batch)
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, centroids=r["centroids"], assignments=r["assignments"], sizes=r["sizes"], k=k, seed=seed)
+        os.replace(path + ".tmp", path)
+        sizes = r["sizes"]
+        took = time.perf_counter() - t0
+        log(f"k-means: {k} clusters of {len(x)} embeddings in {took:.1f} s; sizes min {sizes.min()} median "
+            f"{int(np.median(sizes))} max {sizes.max()}, {int((sizes == 0).sum())} empty")  # fmt: skip
+    with np.load(path) as z:
+        return {name: z[name] for name in z.files}
+
+
+def report_line(r: dict) -> str:
+    return (f"teacher pass: {r['clips']} clips in {r['seconds']:.1f} s ({r['clips_per_s']:.1f} clips/s); "
+            f"{r['built']} shards built, {r['skipped']} already done")  # fmt: skip
+
+
+def incomplete_message(r: dict) -> str | None:
+    if r["missing"] or r["extra"] or r["duplicates"]:
+        return (f"incomplete: missing {r['missing'][:10]} ({len(r['missing'])}), extra {r['extra'][:10]}, "
+                f"duplicates {r['duplicates'][:10]}")  # fmt: skip
+    return None
+
+
+def run_from_config(config, workdir: str) -> int:
+    """``config.task='teacher_pass'`` (configs/ssondo.py): the pass of ``config.data.train`` with
+    ``config.teacher.checkpoint`` into ``workdir``, then the consolidation and the k-means. Exit status 0 when
+    complete, 1 when clips are missing, 2 for a bad config."""
+    import jax
+
+    from matpac_jax.config_lib import ConfigError
+
+    t = config.teacher_pass
+    if not config.teacher.checkpoint or not config.data.train:
+        raise ConfigError("the teacher pass needs --config.teacher.checkpoint=DIR and --config.data.train='GLOB'")
+    try:
+        r = teacher_pass(config.data.train, config.teacher.checkpoint, workdir, config.audio.seconds, t.batch,
+                         t.dtype, jax.process_index(), jax.process_count())  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if jax.process_index() != 0:
+        return 0
+    print(report_line(r), flush=True)
+    if (message := incomplete_message(r)) is not None:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print("every clip has exactly one embedding", flush=True)
+    keys, x = consolidate(workdir)
+    target_stats(workdir)
+    print(f"{len(keys)} embeddings of dimension {x.shape[1]} ({x.dtype}) in {os.path.join(workdir, 'embeddings.npy')}")
+    if t.clusters:
+        cluster(workdir, t.clusters, seed=config.seed, steps=t.kmeans_steps, batch=t.kmeans_batch)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.distill.teacher_pass", description=__doc__.split("\n")[0])
     ap.add_argument("--records", required=True, help="glob of clip-record shards (python -m matpac_jax.data.prepare)")
@@ -155,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dtype", choices=DTYPES, default="float16")
+    ap.add_argument("--clusters", type=int, default=50, help="k of the k-means for balanced sampling (0: none)")
     args = ap.parse_args(argv)
     import jax
 
@@ -164,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"teacher pass: {r['clips']} clips in {r['seconds']:.1f} s ({r['clips_per_s']:.1f} clips/s); "
-          f"{r['built']} shards built, {r['skipped']} already done")  # fmt: skip
-    if r["missing"] or r["extra"] or r["duplicates"]:
-        print(f"error: incomplete: missing {r['missing'][:10]} ({len(r['missing'])}), extra {r['extra'][:10]}, "
-              f"duplicates {r['duplicates'][:10]}", file=sys.stderr)  # fmt: skip
+    print(report_line(r))
+    if (message := incomplete_message(r)) is not None:
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print("every clip has exactly one embedding")
+    if jax.process_index() == 0:
+        consolidate(args.output)
+        if args.clusters:
+            cluster(args.output, args.clusters)
     return 0
 
 

@@ -266,3 +266,16 @@ def evaluate_task(task, x: np.ndarray, seeds=(0, 1, 2), **kwargs) -> dict:
     mean, half = confidence_interval([r["test"] for r in runs])
     return {"task": task.name, "metric": task.metric, "mean": mean, "ci95": half, "runs": runs,
             "num_clips": int(len(labels)), "seeds": list(seeds)}  # fmt: skip
+
+
+def probe_with_ci(
+    x: np.ndarray, labels: np.ndarray, n_train: int, num_classes: int, seeds: tuple, max_steps: int
+) -> dict:
+    """Single-label probe with rows ``[:n_train]`` for training (20 % of them for validation) and the rest for test,
+    one run per seed: {'mean', 'ci95' (Student-t half-width), 'runs'}."""
+    runs = probe_split(
+        x, labels, np.arange(n_train), np.arange(n_train, len(labels)), multilabel=False, num_classes=num_classes,
+        seeds=seeds, val_fraction=0.2, max_steps=max_steps, eval_every=20,
+    )  # fmt: skip
+    mean, half = confidence_interval([r["test"] for r in runs])
+    return {"mean": mean, "ci95": half, "runs": runs}

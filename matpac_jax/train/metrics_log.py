@@ -22,6 +22,7 @@ import time
 
 import jax
 
+LINE_DETAIL = (("loss_pred", "pred"), ("loss_cls", "cls"), ("cos_to_teacher", "cos to teacher"))  # console line
 TIMING_KEYS = ("step_time_s", "data_wait_s", "samples_per_s", "tokens_per_s", "mfu")
 GUARDED = ("loss", "loss_pred", "loss_cls", "grad_norm")  # what the report checks for NaN / Inf
 
@@ -152,10 +153,10 @@ class MetricsLog:
         wait = self.waited / self.elapsed
         eta = (self.config.total_steps - step) * self.elapsed / self.steps
         mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
+        detail = " ".join(f"{short} {m[k]:.4f}" for k, short in LINE_DETAIL if k in m)
         return (
-            f"step {step:>7d}/{self.config.total_steps}  loss {m['loss']:.4f} (pred {m['loss_pred']:.4f} "
-            f"cls {m['loss_cls']:.4f})  lr {m['lr']:.2e}  {rate:,.1f} samples/s{mfu}  data wait {wait:.0%}"
-            f"  eta {_duration(eta)}"
+            f"step {step:>7d}/{self.config.total_steps}  loss {m['loss']:.4f} ({detail})  lr {m['lr']:.2e}  "
+            f"{rate:,.1f} samples/s{mfu}  data wait {wait:.0%}  eta {_duration(eta)}"
         )
 
     def close(self) -> None:

@@ -1,21 +1,46 @@
-"""Optimizer and learning-rate schedule (SPEC §4): AdamW after global-norm clipping, warm-up + half-cosine."""
+"""Optimizer and learning-rate schedules: AdamW after global-norm clipping (weight_decay 0 is Adam), and
+``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining) or 'warmup_ramp_down' (EfficientAT's, S-SONDO)."""
 
 from __future__ import annotations
 
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
+
+SCHEDULES = ("warmup_cosine", "warmup_ramp_down")
 
 # Parameters that the M2D-style switch excludes from weight decay: biases, LayerNorm scales, learned tokens.
 _NO_DECAY = re.compile(r"(bias|scale|cls_token|mask_token)$")
 
 
+def warmup_ramp_down(lr: float, warmup: int, ramp_start: int, ramp_steps: int, final: float) -> optax.Schedule:
+    """EfficientAT's ``exp_warmup_linear_down`` in steps: lr × exp(−5 (1 − max(t, 1) / warmup)²) while t < warmup,
+    then lr until ``ramp_start``, then linear to ``final × lr`` over ``ramp_steps``, then constant."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        phase = 1.0 - jnp.maximum(t, 1.0) / max(warmup, 1)
+        up = jnp.where(t < warmup, jnp.exp(-5.0 * phase * phase), 1.0)
+        down = final + (1.0 - final) * jnp.clip((ramp_start + ramp_steps - t) / max(ramp_steps, 1), 0.0, 1.0)
+        return lr * up * jnp.where(t <= ramp_start, 1.0, down)
+
+    return schedule
+
+
 def lr_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Linear warm-up 0 -> lr over warmup_steps, then half-cosine to 0 at total_steps."""
+    """'warmup_cosine': linear warm-up 0 -> lr over warmup_steps, then half-cosine to 0 at total_steps.
+    'warmup_ramp_down': ``warmup_ramp_down`` with optim.ramp_down_start, ramp_down_steps, final_lr_factor."""
     if optim.warmup_steps >= total_steps:
         raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be < total_steps ({total_steps})")
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps, end_value=0.0)
+    name = optim.get("schedule", "warmup_cosine")
+    if name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps, end_value=0.0)
+    if name == "warmup_ramp_down":
+        return warmup_ramp_down(optim.lr, optim.warmup_steps, optim.ramp_down_start, optim.ramp_down_steps,
+                                optim.final_lr_factor)  # fmt: skip
+    raise ValueError(f"config.optim.schedule={name!r}: expected one of {', '.join(SCHEDULES)}")
 
 
 def decay_mask(params, exclude_bias_norm_tokens: bool):

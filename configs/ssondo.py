@@ -1,0 +1,153 @@
+r"""S-SONDO: distil a MATPAC++ teacher into a small student from its clip embeddings (SPEC §6).
+
+Two jobs, same config file, every host of a pod running the same command:
+  1. the teacher pass (once per teacher and corpus): clip embeddings of every 10-s clip, then k-means (k = 50)
+       python -m matpac_jax.main --config=configs/ssondo.py:teacher_pass --workdir=/mnt/gcs/teacher_pp \
+           --config.teacher.checkpoint=/mnt/gcs/runs/matpac_pp --config.data.train='/mnt/gcs/as32k/train-*.arrayrecord'
+  2. distillation (the trainer of pretraining: same checkpoints, resume, metrics, mesh)
+       python -m matpac_jax.main --config=configs/ssondo.py --workdir=/mnt/gcs/runs/ssondo_mn10 \
+           --config.teacher.embeddings=/mnt/gcs/teacher_pp --config.data.train='/mnt/gcs/as32k/train-*.arrayrecord'
+The corpus is best prepared at the student's 32 kHz (`python -m matpac_jax.data.prepare --sample-rate=32000`): the
+teacher pass resamples it to 16 kHz for the teacher, the student reads it as is. The trained student (backbone only)
+is written to WORKDIR/student/; `python -m matpac_jax.distill.export` turns it into ONNX.
+
+Variants (`--config=configs/ssondo.py:VARIANT[,key=value,...]`):
+  (none)        the recipe: mn10 student, 1 - cos loss, cluster-balanced sampling
+  teacher_pass  job 1 of the recipe (the same as --config.task=teacher_pass)
+  demo          a tiny student of the demo teacher (configs/pp.py:demo) on the demo corpus, minutes on CPU, ending
+                with the student's and the teacher's linear probes side by side (README: "S-SONDO demo chain")
+  smoke         smallest sizes, a handful of steps (tests)
+  Keys: student=mn10|eres2net, loss=cosine|info_nce|kl_softmax|l1|mse, steps=N, batch=N.
+
+Expected (SPEC §6, 7-task linear-probe average, teacher MATPAC++ 75.7): mn10 73.0 (96.4 %), ERes2Net 70.8.
+"""
+
+import ml_collections as mlc
+
+from matpac_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    arg = config_lib.parse_arg(arg, variant="", student="mn10", loss="cosine", steps=0, batch=0)
+    c = mlc.ConfigDict()
+    c.task = "distill"  # or 'teacher_pass'
+    c.seed = 0
+    # EfficientAT's AudioSet schedule (SPEC §6 names its shape, not its lengths): 200 "epochs" of 100,000 clips at
+    # batch 120; warm-up 8 epochs, ramp-down from epoch 80 over 95 epochs to 1 % of the peak.
+    c.total_steps = 166_667
+    c.log_every = 100
+    c.checkpoint = dict(every=5_000, keep=3, keep_period=0, async_save=True, reset_data=False)
+    c.nonfinite = "stop"
+    c.profile_steps = ""
+
+    c.audio = dict(  # SPEC §6: the student front-end, computed on device
+        sample_rate=32_000,
+        n_fft=1024,
+        win_length=800,
+        hop_length=320,
+        n_mels=128,
+        f_min=50.0,
+        f_max=16_000.0,
+        log_offset=1e-3,
+        norm_mean=-4.5,  # EfficientAT's fixed normalisation: (log-mel + 4.5) / 5
+        norm_std=5.0,
+        seconds=10.0,  # every clip is exactly this long (first 10 s, zero-padded), for the teacher pass too
+    )
+
+    c.student = dict(
+        arch="mobilenet",  # 'mobilenet' (EfficientAT mn: width 1.0 = mn10, 2.97 M) or 'eres2net' (1.43 M)
+        width=1.0,
+        channels=32,  # eres2net
+        blocks=(1, 1, 2, 1),  # eres2net
+        head_hidden=1280,  # projection head d -> 1280 -> Hardswish -> Dropout -> teacher dimension (dropped after)
+        dropout=0.2,
+    )
+    c.teacher = dict(
+        checkpoint="",  # the teacher: encoder directory, training workdir or checkpoint (teacher pass, closing probe)
+        embeddings="",  # the teacher pass's workdir (embeddings.npy, keys.json, clusters.npz)
+    )
+    c.teacher_pass = dict(
+        batch=32,  # clips per forward pass (split over the local devices)
+        dtype="float16",  # stored embeddings: float16 (15 GB for 2 M x 3840) or float32
+        clusters=50,  # k of the k-means for balanced sampling (SPEC §6); 0 = none
+        kmeans_steps=200,  # mini-batch k-means steps
+        kmeans_batch=4096,
+    )
+    c.distill = dict(
+        loss="cosine",  # 1 - cos (SPEC §6 best); info_nce, kl_softmax, l1, mse
+        temperature=0.1,  # info_nce and kl_softmax
+        targets="raw",  # teacher embeddings as stored (SPEC §6); 'center' / 'standardize' with corpus statistics
+        balanced=True,  # sample clips with probability ∝ 1 / |k-means cluster| (with replacement)
+        mixup=0.0,  # α of EfficientAT's mixup (0.3 there); 0 = the un-augmented clip the teacher embedded (SPEC §6)
+    )
+    c.optim = dict(
+        lr=8e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,  # Adam
+        wd_exclude_bias_norm_tokens=False,
+        schedule="warmup_ramp_down",
+        warmup_steps=6_667,
+        ramp_down_start=66_667,
+        ramp_down_steps=79_167,
+        final_lr_factor=0.01,
+        clip_norm=5.0,
+    )
+    c.data = dict(
+        source="records",
+        train="",  # glob of the record shards the teacher pass read
+        batch_size=120,
+        workers=8,  # grain processes per host (decode, resample, batch)
+        demo=dict(num_train=800, num_test=800, seconds=2.0, seed=0, sample_rate=32_000),  # the closing probe's split
+    )
+    c.mesh = dict(data=-1, fsdp=1)
+    c.probe = dict(enabled=False, steps=1000, seeds=3, every=0, datasets="")
+
+    if arg.variant == "teacher_pass":
+        c.task = "teacher_pass"
+    elif arg.variant in ("demo", "smoke"):
+        tiny(c, smoke=arg.variant == "smoke")
+    elif arg.variant:
+        raise ValueError(f"unknown variant {arg.variant!r} of configs/ssondo.py: use teacher_pass, demo, smoke or none")
+    if arg.student == "eres2net":
+        c.student.arch = "eres2net"
+    elif arg.student != "mn10":
+        raise ValueError(f"student={arg.student!r}: use mn10 or eres2net")
+    c.distill.loss = arg.loss
+    if arg.steps:
+        c.total_steps = arg.steps
+    if arg.batch:
+        c.data.batch_size = arg.batch
+    return c
+
+
+def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
+    """2-s clips of the demo corpus (`python -m matpac_jax.data.demo`), a 64-mel front-end with a 20 ms hop, a
+    MobileNetV3 of width 0.1 (or an ERes2Net of 8 channels), batch 32, the schedule scaled to the run; the closing
+    probe compares student and teacher."""
+    c.total_steps = 6 if smoke else 600
+    c.log_every = 2 if smoke else 50
+    c.checkpoint.every = 3 if smoke else 200
+    c.audio.seconds = 1.0 if smoke else 2.0
+    c.audio.n_mels, c.audio.hop_length = 32 if smoke else 64, 640  # a quarter of the recipe's log-mel pixels (demo)
+    c.student.width = 0.1
+    c.student.channels = 8
+    c.student.head_hidden = 64 if smoke else 256
+    c.teacher_pass.batch = 64
+    c.teacher_pass.kmeans_steps = 50
+    c.teacher_pass.kmeans_batch = 512
+    c.teacher_pass.dtype = "float32"
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 2 if smoke else 50
+    c.optim.ramp_down_start = 3 if smoke else 200
+    c.optim.ramp_down_steps = 3 if smoke else 400
+    c.data.batch_size = 8 if smoke else 32
+    c.data.workers = 0
+    c.data.demo = dict(num_train=32, num_test=16, seconds=2.0, seed=0, sample_rate=32_000) if smoke else c.data.demo
+    c.distill.targets = "standardize"  # the demo teacher's embeddings share one direction (89 % of their energy)
+    if smoke:
+        c.teacher_pass.clusters = 4
+    c.probe.enabled = True
+    c.probe.steps = 100 if smoke else 1000
+    c.probe.seeds = 2 if smoke else 3

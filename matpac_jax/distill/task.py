@@ -1,0 +1,130 @@
+"""S-SONDO distillation as a task of the trainer (train.loop): a student learns to map its own log-mel of a clip to
+the teacher's clip embedding of the same clip (SPEC §6).
+
+Input: distill.data (the teacher pass's corpus and embeddings, cluster-balanced). State: distill.step.DistillState
+(params, BatchNorm statistics, optimizer). After training, ``closing`` writes the student (backbone only: the
+projection head is dropped) to ``WORKDIR/student/`` and, with ``config.probe.enabled``, probes the student's and the
+teacher's embeddings side by side on the demo's labelled split (evaluate.harness, ``config.probe.seeds`` seeds).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from matpac_jax import parallel
+from matpac_jax.audio.frontend import num_frames
+from matpac_jax.config_lib import ConfigError
+from matpac_jax.distill.data import distill_dataset
+from matpac_jax.distill.step import create_distill_state, make_distill_step
+from matpac_jax.distill.students import count_params, make_student
+from matpac_jax.distill.teacher_pass import target_stats
+from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.train.optim import lr_schedule, make_optimizer
+from matpac_jax.train.pretrain import frontend_config
+
+
+class DistillTask:
+    """What the trainer needs from distillation (train.loop.train_and_evaluate)."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.frontend = frontend_config(config)
+        self.samples = int(round(config.audio.seconds * config.audio.sample_rate))
+        self.tokens_per_sample = num_frames(self.samples, self.frontend)  # log-mel frames per clip
+        self.target = None  # (dim, dtype) of the teacher embeddings, known once the input is opened
+
+    def make_input(self):
+        c = self.config
+        if not c.teacher.embeddings or not c.data.train:
+            raise ValueError(
+                "distillation needs --config.teacher.embeddings=DIR (a teacher-pass workdir) and "
+                "--config.data.train='GLOB' (the corpus that pass read)"
+            )
+        ds = distill_dataset(
+            c.data.train, c.teacher.embeddings, global_batch=c.data.batch_size, sample_rate=c.audio.sample_rate,
+            seconds=c.audio.seconds, seed=c.seed, balanced=c.distill.balanced, workers=c.data.workers,
+        )  # fmt: skip
+        emb = np.load(os.path.join(c.teacher.embeddings, "embeddings.npy"), mmap_mode="r")
+        self.target = (emb.shape[1], emb.dtype)
+        return ds
+
+    def periodic_probe(self):
+        if self.config.probe.every:
+            raise ConfigError("config.probe.every: periodic probes are for pretraining; distillation probes at the end")
+        return lambda step, state, tb: None
+
+    def build(self, mesh):
+        c = self.config
+        self.model = make_student(c.student, self.target[0])
+        mel_shape = (1, c.audio.n_mels, self.tokens_per_sample)
+        params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
+        tx = make_optimizer(c.optim, c.total_steps, params_shape)
+        create = lambda rng: create_distill_state(self.model, tx, rng, mel_shape)
+        abstract = jax.eval_shape(create, jax.random.key(0))
+        state_sharding = parallel.state_shardings(abstract, mesh)
+        init_fn = jax.jit(create, out_shardings=state_sharding)
+        stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
+        step_fn = make_distill_step(self.model, c, tx, self.frontend, lr_schedule(c.optim, c.total_steps), stats)
+        batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        train_step = jax.jit(
+            step_fn,
+            in_shardings=(state_sharding, {"audio": batch_sh, "target": batch_sh}, repl),
+            out_shardings=(state_sharding, repl),
+            donate_argnums=0,
+        )
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+        )
+        return init_fn, train_step, abstract
+
+    def batch_spec(self) -> dict:
+        b = self.config.data.batch_size
+        return {
+            "audio": jax.ShapeDtypeStruct((b, self.samples), jnp.int16),
+            "target": jax.ShapeDtypeStruct((b, self.target[0]), self.target[1]),
+        }
+
+    def closing(self, state) -> dict | None:
+        directory = os.path.join(self.workdir, "student")
+        if jax.process_index() == 0:
+            save_student(directory, self.config, state)
+            print(f"student (backbone, {count_params(state.params['backbone']):,} parameters) written to {directory}")
+        if not self.config.probe.enabled:
+            return None
+        return probe_side_by_side(self.config, Student.load(directory))
+
+
+def probe_side_by_side(config, student: Student) -> dict:
+    """Linear probes of the student's, the initial student's and the teacher's clip embeddings on the demo's
+    labelled split (the harness, ``config.probe.seeds`` seeds): {'student', 'init', 'teacher'} and their '_ci95'."""
+    from matpac_jax.data.demo import demo_splits
+    from matpac_jax.evaluate.harness import probe_with_ci
+    from matpac_jax.inference import load_encoder
+
+    d, c = config.data.demo, config
+    train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed, sample_rate=d.sample_rate)
+    waves = np.concatenate([train["waves"], test["waves"]])
+    labels = np.concatenate([train["labels"], test["labels"]])
+    teacher = load_encoder(c.teacher.checkpoint)
+    initial = Student(student.config, Student.initial_variables(student.config, c.seed))
+    models = {"student": student, "init": initial}
+    x = {name: m.embed(waves, d.sample_rate) for name, m in models.items()}
+    x |= {
+        "teacher": np.concatenate(
+            [teacher.embed(waves[i : i + 64], d.sample_rate)["clip"] for i in range(0, len(waves), 64)]
+        ),
+    }
+    params = {name: count_params(m.variables["params"]) for name, m in models.items()}
+    params["teacher"] = count_params(teacher.params)
+    seeds = tuple(range(c.seed, c.seed + c.probe.seeds))
+    out = {name: probe_with_ci(v, labels, len(train["labels"]), len(train["class_names"]), seeds, c.probe.steps)
+           for name, v in x.items()}  # fmt: skip
+    if jax.process_index() == 0:
+        print("| model | parameters | embedding | demo probe accuracy (mean ± 95 % CI over seeds) |\n|---|---|---|---|")
+        for name, r in out.items():
+            print(f"| {name} | {params[name]:,} | {x[name].shape[1]} | {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f} |")
+    return {name: r["mean"] for name, r in out.items()} | {f"{name}_ci95": r["ci95"] for name, r in out.items()}
