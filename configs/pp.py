@@ -84,7 +84,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     )
 
     c.optim = dict(
-        lr=3e-4,  # absolute, for global batch 2048
+        optimizer="adamw",  # 'lamb' / 'lars' for large-batch ablations
+        lr=3e-4,  # peak, at reference_batch
+        lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
+        reference_batch=2048,
         b1=0.9,
         b2=0.95,
         eps=1e-6,

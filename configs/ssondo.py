@@ -81,7 +81,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         mixup=0.0,  # α of EfficientAT's mixup (0.3 there); 0 = the un-augmented clip the teacher embedded (SPEC §6)
     )
     c.optim = dict(
-        lr=8e-4,
+        optimizer="adamw",
+        lr=8e-4,  # peak, at reference_batch
+        lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
+        reference_batch=120,
         b1=0.9,
         b2=0.999,
         eps=1e-8,

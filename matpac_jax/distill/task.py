@@ -62,13 +62,15 @@ class DistillTask:
         self.model = make_student(c.student, self.target[0])
         mel_shape = (1, c.audio.n_mels, self.tokens_per_sample)
         params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
-        tx = make_optimizer(c.optim, c.total_steps, params_shape)
+        tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
         create = lambda rng: create_distill_state(self.model, tx, rng, mel_shape)
         abstract = jax.eval_shape(create, jax.random.key(0))
         state_sharding = parallel.state_shardings(abstract, mesh)
         init_fn = jax.jit(create, out_shardings=state_sharding)
         stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
-        step_fn = make_distill_step(self.model, c, tx, self.frontend, lr_schedule(c.optim, c.total_steps), stats)
+        step_fn = make_distill_step(
+            self.model, c, tx, self.frontend, lr_schedule(c.optim, c.total_steps, c.data.batch_size), stats
+        )
         batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
         train_step = jax.jit(
             step_fn,

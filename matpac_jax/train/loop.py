@@ -94,10 +94,10 @@ def check_run(config, workdir: str) -> None:
             f"{config.total_steps}): lower it or train longer"
         )
     parse_profile_steps(config.profile_steps)
-    from matpac_jax.train.optim import lr_schedule
+    from matpac_jax.train.optim import make_optimizer
 
     try:
-        lr_schedule(config.optim, config.total_steps)
+        make_optimizer(config.optim, config.total_steps, {}, config.data.batch_size)
     except (ValueError, AttributeError, KeyError) as e:
         raise ConfigError(f"config.optim: {e}") from None
 

@@ -27,11 +27,17 @@ def build(config, mesh):
     """Model, optimizer, jitted sharded init and step for a config on a mesh."""
     model = MatpacModel.from_config(config)
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0))[0])
-    tx = make_optimizer(config.optim, config.total_steps, params_shape)
+    tx = make_optimizer(config.optim, config.total_steps, params_shape, config.data.batch_size)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0)))
     state_sharding = parallel.state_shardings(abstract, mesh)
     init_fn = jax.jit(lambda rng: create_train_state(model, tx, rng), out_shardings=state_sharding)
-    step_fn = make_train_step(model, config, tx, frontend_config(config), lr_schedule(config.optim, config.total_steps))
+    step_fn = make_train_step(
+        model,
+        config,
+        tx,
+        frontend_config(config),
+        lr_schedule(config.optim, config.total_steps, config.data.batch_size),
+    )
     batch_sh = parallel.batch_sharding(mesh)
     repl = parallel.replicated(mesh)
     train_step = jax.jit(
