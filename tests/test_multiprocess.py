@@ -1,0 +1,50 @@
+"""Multi-host on one machine: 2 processes × 4 simulated CPU devices (launch/local_multiprocess.sh, jax.distributed
+over localhost) train the smoke run to the same metrics as 1 process × 8 devices; the start-up arguments."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+from matpac_jax.distributed import cluster_args
+
+ARGS = ["--config=configs/pp.py:smoke", "--config.probe.enabled=False", "--config.mesh.data=8"]
+
+
+def _last_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    return {k: v for k, v in last.items() if not k.endswith(("_s", "samples_per_s", "tokens_per_s", "mfu"))}
+
+
+def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    one = subprocess.run([sys.executable, "-m", "matpac_jax.main", *ARGS, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4", *ARGS,
+                          f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a, b = _last_metrics(tmp_path / "one"), _last_metrics(tmp_path / "two")
+    assert a["step"] == b["step"] == 8
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
+
+
+def test_cluster_arguments_explicit_automatic_and_incomplete():
+    assert cluster_args(env={}) is None
+    assert cluster_args("h:1", 2, 1, env={}) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert cluster_args(env=env) == {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}
+    assert cluster_args("h:1", 1, 0, env={}) is None
+    assert cluster_args(env={"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}
+    assert cluster_args(env={"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert cluster_args(env={"SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}) == {}
+    with pytest.raises(ValueError, match="--num_processes, --process_id missing"):
+        cluster_args("h:1", env={})
+    with pytest.raises(ValueError, match="--process_id=2 must be in"):
+        cluster_args("h:1", 2, 2, env={})
