@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         lr=3e-4,  # peak, at reference_batch
         lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
         reference_batch=2048,
+        accum_steps=1,  # gradient accumulation: the batch in A micro-batches, one update (same result, less memory)
         b1=0.9,
         b2=0.95,
         eps=1e-6,

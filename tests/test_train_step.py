@@ -185,3 +185,28 @@ def test_vit_b_step_costs_the_reference_flops_per_sample():
     audio = jax.ShapeDtypeStruct((b, 97_520), jnp.float32)
     flops = count_matmul_flops(step_fn, abstract, {"audio": audio}, jax.random.key(0))
     assert flops / b / 1e9 == pytest.approx(93.1, rel=0.05)
+
+
+def test_gradient_accumulation_is_the_large_batch_update():
+    """Two steps of batch 8 in 4 micro-batches of 2 on 2 devices: the same losses, metrics and parameters as the
+    whole batch at once (float32; the sums run in another order)."""
+    mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
+    results = {}
+    for accum in (1, 4):
+        config = load_config()
+        config.optim.accum_steps = accum
+        _, init_fn, step_fn, _ = pretrain.build(config, mesh)
+        batches, _ = pretrain.make_input(config)
+        state = init_fn(jax.random.key(config.seed))
+        metrics = []
+        for t in range(2):
+            state, m = step_fn(state, parallel.global_batch(batches(t), mesh), jax.random.key(t))
+            metrics.append(jax.device_get(m))
+        results[accum] = (jax.device_get(state.student), jax.device_get(state.center), metrics)
+    (p1, c1, m1), (p4, c4, m4) = results[1], results[4]
+    for a, b in zip(m1, m4, strict=True):
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(c4, c1, rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6), p1, p4)

@@ -107,14 +107,16 @@ class MatpacModel:
     def tokenize(self, params: dict, mel: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.tokenizer.apply({"params": params["tokenizer"]}, mel)
 
-    def forward(self, student: dict, teacher: dict, mel: jax.Array, rng: jax.Array, mask_ratio: float) -> dict:
-        """One masked-prediction pass on log-mel crops mel [B, F, T].
+    def forward(self, student: dict, teacher: dict, mel: jax.Array, rng: jax.Array, mask_ratio: float,
+                ids: tuple[jax.Array, jax.Array] | None = None) -> dict:  # fmt: skip
+        """One masked-prediction pass on log-mel crops mel [B, F, T]; masks drawn from ``rng``, or given as
+        ``ids = (ids_keep [B, Nv], ids_mask [B, Nm])`` (gradient accumulation slices one batch's masks).
 
         Returns predictions [K, B, Nm, D] for the masked positions and teacher targets z [B, Nm, D] (CLS dropped,
         after the teacher's final norm, no gradient), in the same token order.
         """
         tokens, cls = self.tokenize(student, mel)  # [B, N, D] with positions
-        ids_keep, ids_mask = random_masking(rng, mel.shape[0], tokens.shape[1], mask_ratio)
+        ids_keep, ids_mask = ids if ids is not None else random_masking(rng, mel.shape[0], tokens.shape[1], mask_ratio)
         latents = self.encoder.apply({"params": student["encoder"]}, with_cls(cls, gather_tokens(tokens, ids_keep)))
         preds = self.predictor.apply({"params": student["predictor"]}, latents, ids_keep, ids_mask)
         teacher_in = jax.lax.stop_gradient(with_cls(cls, gather_tokens(tokens, ids_mask)))

@@ -142,10 +142,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     except ValueError as e:
         raise ConfigError(f"{e}: set config.mesh to fit {jax.device_count()} devices (-1 = all remaining)") from None
     dp = parallel.data_parallel_size(mesh)
-    if config.data.batch_size % dp:
+    accum = config.optim.get("accum_steps", 1)
+    if accum < 1 or config.data.batch_size % (dp * accum):
         raise ConfigError(
-            f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel "
-            f"size {dp} of mesh {dict(mesh.shape)}: choose a multiple of {dp} or change config.mesh"
+            f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel size {dp} of mesh "
+            f"{dict(mesh.shape)} times config.optim.accum_steps={accum}: choose a multiple of {dp * max(accum, 1)}, "
+            "or change config.mesh or the accumulation"
         )
 
     # --- Input (first: a data error should surface before any compilation).

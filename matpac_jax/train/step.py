@@ -5,6 +5,9 @@ Order within a step follows the reference:
   2. log-mel on device, masking, student / predictor / teacher forward
   3. prediction loss (annealed MCL over K hypotheses), cls loss on the winning hypothesis, total 0.5 / 0.5
   4. AdamW update of the student; the cls-head center moves (takes effect next step)
+  Gradient accumulation (``config.optim.accum_steps`` = A > 1): 2–4 run on A interleaved micro-batches in a
+  ``lax.scan`` (masks drawn once for the whole batch), gradients, losses and batch statistics averaged: the update is
+  the one of the whole batch, with a micro-batch's activation memory.
   5. non-finite guard: if the loss or the gradient norm is NaN/Inf, the state keeps its previous values (only the step
      counter advances) and ``metrics['nonfinite']`` is 1; the trainer then stops or skips (``config.nonfinite``)
 """
@@ -22,11 +25,20 @@ from matpac_jax.train.state import TrainState
 NONFINITE_ACTIONS = ("stop", "skip")
 
 
-def prediction_std(x: jax.Array) -> jax.Array:
-    """Mean over channels of the std over tokens of L2-normalised vectors x [..., T, D] -> [...] (collapse monitor)."""
+def moments(x: jax.Array) -> jax.Array:
+    """Per-channel [count, Σx, Σx²] over the tokens of L2-normalised vectors x [..., T, D] -> [..., 3, D] (float32):
+    sums, so that micro-batches add up to the batch's."""
     x = obj.l2_normalize(x.astype(jnp.float32))
     x = x.reshape(*x.shape[:-3], -1, x.shape[-1])
-    return jnp.mean(jnp.std(x, axis=-2), axis=-1)
+    count = jnp.full(x.shape[:-2] + x.shape[-1:], x.shape[-2], jnp.float32)
+    return jnp.stack([count, jnp.sum(x, -2), jnp.sum(x * x, -2)], axis=-2)
+
+
+def std_from_moments(m: jax.Array) -> jax.Array:
+    """Mean over channels of the std over tokens (the collapse monitor) from ``moments`` [..., 3, D]."""
+    n, s1, s2 = m[..., 0, :], m[..., 1, :], m[..., 2, :]
+    mean = s1 / n
+    return jnp.mean(jnp.sqrt(jnp.maximum(s2 / n - mean * mean, 0.0)), axis=-1)
 
 
 def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cfg, lr_fn):
@@ -52,8 +64,12 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         mcl_t = obj.mcl_temperature(step, o.mcl_temp_init, o.mcl_temp_decay)
         tau_t = obj.teacher_temperature(step, o.teacher_temp_warmup, o.teacher_temp, o.teacher_temp_warmup_steps)
 
-        def loss_fn(student):
-            out = model.forward(student, teacher, mel, rng, o.mask_ratio)
+        n_tokens = (mel.shape[1] // model.tokenizer.patch) * (mel.shape[2] // model.tokenizer.patch)
+        ids_keep, ids_mask = obj.random_masking(rng, mel.shape[0], n_tokens, o.mask_ratio)
+
+        def loss_fn(student, mel, ids_keep, ids_mask):
+            """Loss of one (micro-)batch and its batch statistics, as sums or means over its examples."""
+            out = model.forward(student, teacher, mel, None, o.mask_ratio, ids=(ids_keep, ids_mask))
             per_hyp = obj.prediction_losses(out["preds"], out["targets"])  # [K, B, M]
             pred_tok, winner = obj.mcl_loss(per_hyp, mcl_t, o.mcl_hard_below)  # [B, M]
             z_hat = obj.select_hypothesis(out["preds"], winner)  # [B, M, D]
@@ -62,22 +78,43 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             cls_tok = obj.cls_loss(model.student_logits(student, z_hat), probs, o.student_temp)
             loss_pred, loss_cls = jnp.mean(pred_tok), jnp.mean(cls_tok)
             loss = o.weight_pred * loss_pred + o.weight_cls * loss_cls
-            aux = dict(
+            num_p, k = probs.shape[-1], out["preds"].shape[0]
+            stats = dict(  # means over the micro-batch (averaged over micro-batches) and sums (added up)
                 loss_pred=loss_pred,
                 loss_cls=loss_cls,
-                probs=probs,
-                t_logits=t_logits,
-                winner=winner,
-                preds=out["preds"],
-                targets=out["targets"],
+                mean_probs=jnp.mean(probs.reshape(-1, num_p), axis=0),
+                mean_logits=jnp.mean(t_logits.reshape(-1, num_p), axis=0),
+                win_frac=jnp.mean(jax.nn.one_hot(winner, k), axis=(0, 1)),
+                used_sum=jnp.zeros((num_p,), jnp.float32).at[jnp.argmax(probs, axis=-1).reshape(-1)].add(1.0),
+                target_moments_sum=moments(out["targets"]),
+                pred_moments_sum=moments(out["preds"]),
             )
-            return loss, aux
+            return loss, stats
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        accum = config.optim.get("accum_steps", 1)
+        if accum == 1:
+            (loss, stats), grads = grad_fn(state.student, mel, ids_keep, ids_mask)
+        else:  # micro-batches in a scan; means of means over equal micro-batches are the batch's means
+
+            def micro(carry, xs):
+                (loss, stats), grads = grad_fn(state.student, *xs)
+                return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+
+            # micro-batch j = examples j, j + accum, ...: every device keeps its share of every micro-batch
+            xs = tuple(
+                x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1) for x in (mel, ids_keep, ids_mask)
+            )
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+                lambda: (lambda r: (r[0][0], r[0][1], r[1]))(grad_fn(state.student, *(x[0] for x in xs)))))  # fmt: skip
+            (loss, stats, grads), _ = jax.lax.scan(micro, zeros, xs)
+            mean = lambda t: jax.tree.map(lambda v: v / accum, t)
+            loss, grads = loss / accum, mean(grads)
+            stats = {k: v if k.endswith("_sum") else v / accum for k, v in stats.items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
-        stat = aux["probs"] if o.center_from == "probs" else aux["t_logits"]
-        center = obj.update_center(state.center, stat, o.center_momentum)
+        stat = stats["mean_probs"] if o.center_from == "probs" else stats["mean_logits"]
+        center = obj.update_center(state.center, stat[None], o.center_momentum)
         grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updated = (student, teacher, center, opt_state)
@@ -85,15 +122,11 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         student, teacher, center, opt_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
         new_state = TrainState(step=step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state)
 
-        probs = aux["probs"]
-        num_p = probs.shape[-1]
-        used = jnp.zeros((num_p,), jnp.int32).at[jnp.argmax(probs, axis=-1).reshape(-1)].add(1)
-        mean_p = jnp.mean(probs.reshape(-1, num_p), axis=0)
-        k = aux["preds"].shape[0]
+        mean_p = stats["mean_probs"]
         metrics = dict(
             loss=loss,
-            loss_pred=aux["loss_pred"],
-            loss_cls=aux["loss_cls"],
+            loss_pred=stats["loss_pred"],
+            loss_cls=stats["loss_cls"],
             lr=lr_fn(step),
             grad_norm=grad_norm,
             nonfinite=1.0 - finite.astype(jnp.float32),
@@ -102,15 +135,14 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             head_ema_decay=d_head,
             teacher_temp=tau_t,
             mcl_temp=mcl_t,
-            target_std=prediction_std(aux["targets"]),
-            teacher_classes=jnp.sum(used > 0),
+            target_std=std_from_moments(stats["target_moments_sum"]),
+            teacher_classes=jnp.sum(stats["used_sum"] > 0),
             cls_perplexity=jnp.exp(-jnp.sum(mean_p * jnp.log(mean_p + 1e-12))),
         )
-        pred_std = prediction_std(aux["preds"])  # [K]
-        win_frac = jnp.mean(jax.nn.one_hot(aux["winner"], k), axis=(0, 1))  # [K]
-        for i in range(k):
+        pred_std = std_from_moments(stats["pred_moments_sum"])  # [K]
+        for i in range(pred_std.shape[0]):
             metrics[f"pred_std_{i}"] = pred_std[i]
-            metrics[f"win_frac_{i}"] = win_frac[i]
+            metrics[f"win_frac_{i}"] = stats["win_frac"][i]
         return new_state, metrics
 
     return train_step
