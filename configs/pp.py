@@ -164,3 +164,15 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     )
     c.probe.enabled = True
     c.probe.steps = 200 if smoke else 1000
+
+
+# Named sweeps: python -m matpac_jax.sweep --config=configs/pp.py[:variant] --sweep=NAME --workdir=DIR [--print]
+SWEEPS = {
+    "mcl_heads": [{"model.mcl_heads": k} for k in (1, 3, 5)],  # MATPAC (K = 1) against MATPAC++
+    "lr": [{"optim.lr": lr} for lr in (1e-4, 3e-4, 1e-3)],
+    "large_batch": [  # batch 8192 with each optimizer and lr rule, against the recipe's 2048
+        {"data.batch_size": 8192, "optim.optimizer": opt, "optim.lr_scaling": rule}
+        for opt in ("adamw", "lamb")
+        for rule in ("linear", "sqrt")
+    ],
+}

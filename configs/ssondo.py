@@ -156,3 +156,11 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.probe.enabled = True
     c.probe.steps = 100 if smoke else 1000
     c.probe.seeds = 2 if smoke else 3
+
+
+# Named sweeps: python -m matpac_jax.sweep --config=configs/ssondo.py[:variant] --sweep=NAME --workdir=DIR [--print]
+SWEEPS = {
+    "losses": [{"distill.loss": loss} for loss in ("cosine", "info_nce", "kl_softmax", "l1", "mse")],  # SPEC §6
+    "balanced": [{"distill.balanced": b} for b in (True, False)],
+    "students": [{"student.arch": "mobilenet"}, {"student.arch": "eres2net"}],
+}
