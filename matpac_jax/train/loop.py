@@ -102,6 +102,25 @@ def check_run(config, workdir: str) -> None:
         raise ConfigError(f"config.optim: {e}") from None
 
 
+def memory_report(train_step, abstract, batch_spec) -> str | None:
+    """The compiled step's device memory (XLA's ``memory_analysis`` of an ahead-of-time compilation), per device,
+    before the first step: an out-of-memory configuration shows here, before any data is read. The jitted step
+    compiles again at its first call (a hit in the persistent compilation cache). None where the backend has no
+    analysis."""
+    try:
+        m = train_step.lower(abstract, batch_spec, jax.random.key(0)).compile().memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+    if m is None:
+        return None
+    gib = 1 << 30
+    args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+    alias = getattr(m, "alias_size_in_bytes", 0)
+    total = args + out + temp - alias
+    return (f"step memory per device (compiled): {total / gib:.3f} GiB = arguments {args / gib:.3f} + outputs "
+            f"{out / gib:.3f} + temporaries {temp / gib:.3f} - donated {alias / gib:.3f}")  # fmt: skip
+
+
 class Profiler:
     """A jax.profiler trace of steps [a, b) into WORKDIR/profile (``config.profile_steps='a,b'``)."""
 
@@ -176,6 +195,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     flops = None
     if peak:  # counting traces the step once more: only where an MFU can be reported
         flops = count_matmul_flops(train_step, abstract, task.batch_spec(), jax.random.key(0))
+    report = memory_report(train_step, abstract, task.batch_spec())
+    if report and jax.process_index() == 0:
+        print(report, flush=True)
     log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak)
     profiler = Profiler(config.profile_steps, workdir)
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
