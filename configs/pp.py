@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cls_head=dict(hidden=2048, bottleneck=256, prototypes=2048, teacher_init="copy_initial"),
         dtype="bfloat16",  # compute dtype; params, optimizer and EMA stay float32
         attn_impl="",  # '' = XLA's choice; 'cudnn' for flash attention on GPUs
+        remat="",  # '' | 'full' | 'dots': recompute transformer blocks in the backward pass (less memory)
     )
 
     c.objective = dict(

@@ -155,8 +155,17 @@ class Block(nn.Module):
         )
 
 
+REMAT_POLICIES = {
+    "": None,  # keep every activation for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
+
+
 class Transformer(nn.Module):
-    """`depth` pre-norm blocks followed by a final LayerNorm (eps 1e-6)."""
+    """`depth` pre-norm blocks followed by a final LayerNorm (eps 1e-6). ``remat`` ('', 'full', 'dots') rematerialises
+    each block in the backward pass with that ``REMAT_POLICIES`` policy: less activation memory for more compute,
+    the same numbers and the same parameter tree."""
 
     dim: int = 768
     depth: int = 12
@@ -164,14 +173,18 @@ class Transformer(nn.Module):
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attn_impl: str | None = None
+    remat: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
         """x [B, L, D] -> [B, L, D] after the final norm; with return_layers also the list of every block's
         output (the last one after the final norm), as the embedding extractor needs."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
         layers = []
         for i in range(self.depth):
-            x = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, name=f"blocks_{i}")(x)
+            x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, name=f"blocks_{i}")(x)
             layers.append(x)
         x = layer_norm("norm", self.dtype)(x)
         if return_layers:
