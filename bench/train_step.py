@@ -3,9 +3,13 @@ r"""Benchmark the pretraining step: steps/s, samples/s, counted model FLOPs per 
   python bench/train_step.py --config=configs/pp.py:smoke                  # CPU smoke model
   python bench/train_step.py --config=configs/pp.py --batch=256 --steps=20 # ViT-B recipe on an accelerator
   python bench/train_step.py --config=configs/pp.py:smoke --baseline=model.dtype=bfloat16
+  python bench/train_step.py --config=configs/pp.py --batch=256 --ladder  # straightforward -> tuned, one table
 
 FLOPs are counted from the step's jaxpr (every dot_general / conv: forward, backward, teacher forward), not
 estimated. With --baseline=key=value[,key=value] a second variant is timed in the same process and the ratio printed.
+``--ladder`` times ``LADDER`` in one process, from the straightforward step (the config as it is) through each
+option to the tuned one, with samples/s, MFU, the compiled step's memory per device and the ratio to the first
+(cuDNN attention is skipped where there is no NVIDIA GPU).
 Inputs are random waveforms of exactly one crop; the input pipeline is not part of this measurement.
 """
 
@@ -26,6 +30,16 @@ from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
 from matpac_jax.train import pretrain  # noqa: E402
+from matpac_jax.train.loop import compiled_memory  # noqa: E402
+
+# (name, overrides, batch multiplier): the straightforward step, each option, and all of them with a larger batch
+LADDER = (
+    ("straightforward", "", 1),
+    ("remat dots", "model.remat=dots", 1),
+    ("remat full", "model.remat=full", 1),
+    ("cuDNN flash attention", "model.attn_impl=cudnn", 1),
+    ("cuDNN + remat dots, batch x4", "model.attn_impl=cudnn,model.remat=dots", 4),
+)
 
 
 def apply_overrides(config, overrides: str) -> None:
@@ -47,6 +61,7 @@ def measure(config, steps: int, warmup: int) -> dict:
     batch = parallel.global_batch({"audio": audio}, mesh)
     rng = jax.random.key(0)
     flops = count_matmul_flops(train_step, abstract, {"audio": jax.ShapeDtypeStruct((b, n), jnp.float32)}, rng)
+    memory = compiled_memory(train_step, abstract, {"audio": jax.ShapeDtypeStruct((b, n), jnp.float32)})
     state = init_fn(jax.random.key(config.seed))
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -68,6 +83,8 @@ def measure(config, steps: int, warmup: int) -> dict:
     peak = peak_flops()
     if peak:
         out["mfu"] = flops / dt / peak
+    if memory:
+        out["memory_gib"] = memory["total"] / (1 << 30)
     return out
 
 
@@ -79,6 +96,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--set", default="", help="overrides key=value[,key=value] for the measured variant")
     ap.add_argument("--baseline", default=None, help="overrides for a baseline variant timed in the same run")
+    ap.add_argument("--ladder", action="store_true", help="time every LADDER variant and print one table")
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be at least 1")
@@ -95,6 +113,9 @@ def main() -> None:
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
         f"config: {args.config} {args.set}  batch {config_for(args.set).data.batch_size}"
     )
+    if args.ladder:
+        ladder(config_for, args)
+        return
     result = measure(config_for(args.set), args.steps, args.warmup)
     line = "  ".join(f"{k} {v:,.4g}" for k, v in result.items())
     print(f"measured: {line}")
@@ -102,6 +123,30 @@ def main() -> None:
         base = measure(config_for(args.baseline), args.steps, args.warmup)
         print("baseline (" + args.baseline + "): " + "  ".join(f"{k} {v:,.4g}" for k, v in base.items()))
         print(f"speed-up vs baseline: {result['samples_per_s'] / base['samples_per_s']:.3f}x")
+
+
+def ladder(config_for, args) -> None:
+    gpu = jax.devices()[0].platform == "gpu"
+    print(
+        "| variant | batch | samples/s | MFU | step memory / device | vs straightforward |\n|---|---|---|---|---|---|"
+    )
+    first = None
+    for name, overrides, mult in LADDER:
+        c = config_for(overrides)
+        c.data.batch_size *= mult
+        if "cudnn" in overrides and not gpu:
+            print(f"| {name} | {c.data.batch_size} | skipped: cuDNN attention needs an NVIDIA GPU | | | |")
+            continue
+        try:
+            r = measure(c, args.steps, args.warmup)
+        except Exception as e:  # an out-of-memory or unsupported variant is a row, not the end of the table
+            print(f"| {name} | {c.data.batch_size} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |")
+            continue
+        first = first or r["samples_per_s"]
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+        mem = f"{r['memory_gib']:.2f} GiB" if "memory_gib" in r else "n/a"
+        print(f"| {name} | {c.data.batch_size} | {r['samples_per_s']:,.1f} | {mfu} | {mem} | "
+              f"{r['samples_per_s'] / first:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dtype="bfloat16",  # compute dtype; params, optimizer and EMA stay float32
         attn_impl="",  # '' = XLA's choice; 'cudnn' for flash attention on GPUs
         remat="",  # '' | 'full' | 'dots': recompute transformer blocks in the backward pass (less memory)
+        attn_pad_to=0,  # pad attention sequences to a multiple (with key lengths); 'cudnn' pads to 64 by itself
     )
 
     c.objective = dict(

@@ -55,14 +55,14 @@ class MatpacModel:
             )
         grid_f, grid_t = a.n_mels // p, a.crop_frames // p
         e, pr, h = m.encoder, m.predictor, m.cls_head
-        remat = m.get("remat", "")
-        encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, impl, remat)
+        remat, pad_to = m.get("remat", ""), m.get("attn_pad_to", 0)
+        encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, impl, remat, pad_to)
         return cls(
             tokenizer=Tokenizer(e.dim, p, grid_f, grid_t, dtype),
             encoder=encoder,
             teacher_encoder=encoder,
             predictor=Predictor(
-                pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t, dtype, impl, remat
+                pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t, dtype, impl, remat, pad_to
             ),
             cls_head=ClsHead(h.hidden, h.bottleneck, h.prototypes, dtype),
             n_mels=a.n_mels,

@@ -25,6 +25,7 @@ class Predictor(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attn_impl: str | None = None
     remat: str = ""  # see vit.Transformer
+    attn_pad_to: int = 0  # see vit.attention
 
     @nn.compact
     def __call__(self, latents: jax.Array, ids_keep: jax.Array, ids_mask: jax.Array) -> jax.Array:
@@ -42,7 +43,15 @@ class Predictor(nn.Module):
         seq = jnp.concatenate([x[:, :1], full], axis=1)  # [B, 1+N, d]
         seq = seq + jnp.asarray(sincos_pos_embed_2d(self.dim, self.grid_freq, self.grid_time), seq.dtype)
         seq = Transformer(
-            self.dim, self.depth, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.remat, name="trunk"
+            self.dim,
+            self.depth,
+            self.heads,
+            self.mlp_ratio,
+            self.dtype,
+            self.attn_impl,
+            self.remat,
+            self.attn_pad_to,
+            name="trunk",
         )(seq)
         masked = jnp.take_along_axis(seq[:, 1:], ids_mask[..., None], axis=1)  # [B, Nm, d]
         return jnp.stack([dense(self.out_dim, f"heads_{k}", self.dtype)(masked) for k in range(self.num_heads_out)])

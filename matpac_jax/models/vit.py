@@ -108,6 +108,23 @@ def layer_norm(name: str, dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
 
 
+CUDNN_SEQ_MULTIPLE = 64  # cuDNN's fused attention wants sequence lengths it supports: pad to a multiple of this
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to: int = 0) -> jax.Array:
+    """``jax.nn.dot_product_attention`` on [B, N, H, hd]; with ``pad_to`` (automatic 64 for 'cudnn') the sequence is
+    zero-padded to a multiple of it and the true length passed as ``key_value_seq_lengths``, so padded keys get no
+    weight; padded query rows are dropped. The result equals the unpadded attention."""
+    n = q.shape[1]
+    multiple = pad_to or (CUDNN_SEQ_MULTIPLE if implementation == "cudnn" else 0)
+    if not multiple or n % multiple == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = ((0, 0), (0, -n % multiple), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, key_value_seq_lengths=lengths)[:, :n]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (output channels ordered q; k; v, then heads)."""
 
@@ -115,13 +132,14 @@ class Attention(nn.Module):
     heads: int
     dtype: jnp.dtype = jnp.float32
     implementation: str | None = None  # passed to jax.nn.dot_product_attention (None = XLA picks)
+    pad_to: int = 0  # see attention()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         qkv = dense(3 * self.dim, "qkv", self.dtype)(x).reshape(b, n, 3, self.heads, self.dim // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention(q, k, v, self.implementation, self.pad_to)
         return dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
 
 
@@ -144,10 +162,11 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attn_impl: str | None = None
+    attn_pad_to: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + Attention(self.dim, self.heads, self.dtype, self.attn_impl, name="attn")(
+        x = x + Attention(self.dim, self.heads, self.dtype, self.attn_impl, self.attn_pad_to, name="attn")(
             layer_norm("norm1", self.dtype)(x)
         )
         return x + Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(
@@ -174,6 +193,7 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attn_impl: str | None = None
     remat: str = ""
+    attn_pad_to: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
@@ -184,7 +204,8 @@ class Transformer(nn.Module):
         block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
         layers = []
         for i in range(self.depth):
-            x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, name=f"blocks_{i}")(x)
+            x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to,
+                      name=f"blocks_{i}")(x)  # fmt: skip
             layers.append(x)
         x = layer_norm("norm", self.dtype)(x)
         if return_layers:

@@ -102,23 +102,31 @@ def check_run(config, workdir: str) -> None:
         raise ConfigError(f"config.optim: {e}") from None
 
 
-def memory_report(train_step, abstract, batch_spec) -> str | None:
-    """The compiled step's device memory (XLA's ``memory_analysis`` of an ahead-of-time compilation), per device,
-    before the first step: an out-of-memory configuration shows here, before any data is read. The jitted step
-    compiles again at its first call (a hit in the persistent compilation cache). None where the backend has no
-    analysis."""
+def compiled_memory(train_step, abstract, batch_spec) -> dict | None:
+    """Per-device bytes of the compiled step (XLA's ``memory_analysis`` of an ahead-of-time compilation):
+    {'arguments', 'outputs', 'temporaries', 'donated', 'total'}; None where the backend has no analysis."""
     try:
         m = train_step.lower(abstract, batch_spec, jax.random.key(0)).compile().memory_analysis()
     except (NotImplementedError, jax.errors.JaxRuntimeError):
         return None
     if m is None:
         return None
-    gib = 1 << 30
-    args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
-    alias = getattr(m, "alias_size_in_bytes", 0)
-    total = args + out + temp - alias
-    return (f"step memory per device (compiled): {total / gib:.3f} GiB = arguments {args / gib:.3f} + outputs "
-            f"{out / gib:.3f} + temporaries {temp / gib:.3f} - donated {alias / gib:.3f}")  # fmt: skip
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "temporaries": m.temp_size_in_bytes, "donated": getattr(m, "alias_size_in_bytes", 0)}  # fmt: skip
+    out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["donated"]
+    return out
+
+
+def memory_report(train_step, abstract, batch_spec) -> str | None:
+    """The compiled step's device memory, printed before the first step: an out-of-memory configuration shows here,
+    before any data is read. The jitted step compiles again at its first call (a hit in the persistent compilation
+    cache)."""
+    m = compiled_memory(train_step, abstract, batch_spec)
+    if m is None:
+        return None
+    g = {k: v / (1 << 30) for k, v in m.items()}
+    return (f"step memory per device (compiled): {g['total']:.3f} GiB = arguments {g['arguments']:.3f} + outputs "
+            f"{g['outputs']:.3f} + temporaries {g['temporaries']:.3f} - donated {g['donated']:.3f}")  # fmt: skip
 
 
 class Profiler:
