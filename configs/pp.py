@@ -106,10 +106,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         batch_size=2048,  # global
         short_clips="skip",  # 'skip' or 'pad' clips shorter than a crop
         workers=8,  # grain worker processes per host (decode + crop); 0 = in the main process
+        device_prefetch=2,  # batches read and transferred to the devices ahead of the step
         demo=dict(num_train=0, num_test=0, seconds=0.0, seed=0),
     )
 
-    c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
+    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)  # -1: all remaining devices; dcn_data: slices / nodes (parallel.py)
 
     c.probe = dict(
         enabled=False,  # the demo's closing probe: learned vs initial encoder, mean ± 95 % CI over seeds

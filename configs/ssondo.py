@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.teacher_pass = dict(
         batch=32,  # clips per forward pass (split over the local devices)
         dtype="float16",  # stored embeddings: float16 (15 GB for 2 M x 3840) or float32
+        frames=False,  # also store frame-level features [T, 3840] per clip (62x the bytes: ~1 TB for AudioSet)
         clusters=50,  # k of the k-means for balanced sampling (SPEC §6); 0 = none
         kmeans_steps=200,  # mini-batch k-means steps
         kmeans_batch=4096,
@@ -103,9 +104,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         train="",  # glob of the record shards the teacher pass read
         batch_size=120,
         workers=8,  # grain processes per host (decode, resample, batch)
+        device_prefetch=2,  # batches read and transferred to the devices ahead of the step
         demo=dict(num_train=800, num_test=800, seconds=2.0, seed=0, sample_rate=32_000),  # the closing probe's split
     )
-    c.mesh = dict(data=-1, fsdp=1)
+    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)
     c.probe = dict(enabled=False, steps=1000, seeds=3, every=0, datasets="")
 
     if arg.variant == "teacher_pass":

@@ -43,25 +43,48 @@ PARAM_RULES = (
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-    """Mesh from {'data': n, 'fsdp': m[, 'tensor': t]}; one size may be -1 (= the remaining devices)."""
+    """Mesh from {'data': n, 'fsdp': m[, 'tensor': t][, 'dcn_data': k]}; one size may be -1 (= the remaining devices).
+
+    ``dcn_data`` = k > 1 makes a hybrid mesh for k slices (multi-slice TPU) or k hosts / nodes (multi-node GPU):
+    the other sizes describe one slice (fast ICI / NVLink links), and the ``data`` axis is k times longer, its outer
+    factor across the slower data-centre network, so only the data-parallel gradient reduction crosses it. Slices are
+    the devices' ``slice_index`` where there are several, else the processes.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES if a in mesh_config}
-    unknown = set(mesh_config) - set(MESH_AXES)
+    unknown = set(mesh_config) - set(MESH_AXES) - {"dcn_data"}
     if unknown:
-        raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+        raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; known: {MESH_AXES} and dcn_data")
+    dcn = int(mesh_config.get("dcn_data", 1))
+    if dcn < 1 or len(devices) % dcn:
+        raise ValueError(f"config.mesh.dcn_data={dcn}: {len(devices)} devices do not split into {dcn} slices")
+    per_slice = len(devices) // dcn
+    sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES if a in mesh_config}
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
-        if len(devices) % fixed:
-            raise ValueError(f"config.mesh: {len(devices)} devices are not divisible by the fixed axes ({fixed})")
-        sizes[free[0]] = len(devices) // fixed
-    total = math.prod(sizes.values())
+        if per_slice % fixed:
+            raise ValueError(f"config.mesh: {per_slice} devices are not divisible by the fixed axes ({fixed})")
+        sizes[free[0]] = per_slice // fixed
+    total = math.prod(sizes.values()) * dcn
     if total > len(devices):
-        raise ValueError(f"config.mesh {sizes} needs {total} devices, only {len(devices)} are available")
+        raise ValueError(
+            f"config.mesh {sizes} x dcn_data {dcn} needs {total} devices, only {len(devices)} are available"
+        )
     names = tuple(sizes)
-    grid = np.array(devices[:total]).reshape(tuple(sizes.values()))
+    if dcn == 1:
+        grid = np.array(devices[:total]).reshape(tuple(sizes.values()))
+    else:
+        from jax.experimental import mesh_utils
+
+        if "data" not in names:
+            raise ValueError("config.mesh.dcn_data needs a 'data' axis")
+        slices = {getattr(d, "slice_index", None) for d in devices}
+        dcn_shape = tuple(dcn if a == "data" else 1 for a in names)
+        grid = mesh_utils.create_hybrid_device_mesh(tuple(sizes.values()), dcn_shape, devices,
+                                                    process_is_granule=len(slices) < 2 or None in slices)  # fmt: skip
+        sizes["data"] *= dcn
     return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 

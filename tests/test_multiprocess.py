@@ -1,5 +1,6 @@
 """Multi-host on one machine: 2 processes × 4 simulated CPU devices (launch/local_multiprocess.sh, jax.distributed
-over localhost) train the smoke run to the same metrics as 1 process × 8 devices; the start-up arguments."""
+over localhost, a hybrid mesh with each process as one "slice") train the smoke run to the same metrics as 1 process ×
+8 devices; the start-up arguments; the hybrid mesh's device order."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from helpers import ROOT
 
 from matpac_jax.distributed import cluster_args
 
-ARGS = ["--config=configs/pp.py:smoke", "--config.probe.enabled=False", "--config.mesh.data=8"]
+ARGS = ["--config=configs/pp.py:smoke", "--config.probe.enabled=False"]
 
 
 def _last_metrics(workdir):
@@ -22,10 +23,12 @@ def _last_metrics(workdir):
 
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    one = subprocess.run([sys.executable, "-m", "matpac_jax.main", *ARGS, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+    one = subprocess.run([sys.executable, "-m", "matpac_jax.main", *ARGS, "--config.mesh.data=8",
+                          f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4", *ARGS,
+                          "--config.mesh.data=4", "--config.mesh.dcn_data=2",  # hybrid: a process per "slice"
                           f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=dict(os.environ), capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
@@ -48,3 +51,15 @@ def test_cluster_arguments_explicit_automatic_and_incomplete():
         cluster_args("h:1", env={})
     with pytest.raises(ValueError, match="--process_id=2 must be in"):
         cluster_args("h:1", 2, 2, env={})
+
+
+def test_hybrid_mesh_needs_whole_slices():
+    import jax
+
+    from matpac_jax.parallel import make_mesh
+
+    with pytest.raises(ValueError, match="dcn_data=3: 8 devices do not split into 3 slices"):
+        make_mesh({"data": -1, "dcn_data": 3}, jax.devices()[:8])
+    with pytest.raises(ValueError, match="dcn_data needs a 'data' axis"):
+        make_mesh({"fsdp": -1, "dcn_data": 2}, jax.devices()[:8])
+    assert dict(make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:8]).shape) == {"data": 8, "fsdp": 1}

@@ -1,6 +1,7 @@
 """The S-SONDO teacher pass over a record corpus: embeddings equal Encoder.embed of the cropped / padded clip,
 resume skips finished shards, the completeness check lists missing keys, the CLI end to end."""
 
+import glob
 import json
 import os
 import subprocess
@@ -12,9 +13,12 @@ from test_inference import HEADS, published_state_dict
 
 from matpac_jax.audio.io import from_int16, to_int16
 from matpac_jax.convert import from_torch
-from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
+from matpac_jax.data.records import ClipRecord, encode_record, read_shard, shard_name, write_shard
 from matpac_jax.distill.teacher_pass import (
     check_complete,
+    decode_embedding,
+    decode_frames,
+    encode_embedding,
     fit_clip,
     fit_length,
     load_embeddings,
@@ -61,6 +65,18 @@ def test_teacher_pass_embeddings_resume_and_completeness(tmp_path):
     keys2, emb2 = load_embeddings(out)
     assert keys2 == keys
     np.testing.assert_array_equal(emb2, emb)
+
+    framed = str(tmp_path / "framed")
+    teacher_pass(glob_, enc_dir, framed, seconds=SECONDS, batch=2, dtype="float32", log=lambda *_: None, frames=True)
+    records = [r for p in sorted(glob.glob(os.path.join(framed, "teacher-*.arrayrecord"))) for r in read_shard(p)]
+    for r in records:
+        key, clip = decode_embedding(r)
+        frames = decode_frames(r)
+        want = enc.embed(fit_length(to_int16(waves[key]), int(SECONDS * 16_000)))["frames"][0]
+        assert frames.shape == want.shape and frames.shape[1] == 320
+        np.testing.assert_allclose(frames, want, atol=1e-5)
+        np.testing.assert_allclose(clip, frames.mean(0), atol=1e-5)
+    assert decode_frames(encode_embedding("k", np.ones(3))) is None
 
     write_shard(shard_name(tmp_path / "more", 0, 1), [encode_record(ClipRecord("late", np.zeros(100)))])
     inputs = sorted(map(str, (tmp_path / "corpus").glob("*.arrayrecord"))) + [shard_name(tmp_path / "more", 0, 1)]

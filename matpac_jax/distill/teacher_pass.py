@@ -3,14 +3,15 @@ r"""The S-SONDO teacher-embedding pass (SPEC §6): one teacher clip embedding pe
     python -m matpac_jax.main --config=configs/ssondo.py:teacher_pass --workdir=/data/teacher_pp \
         --config.teacher.checkpoint=models/pp --config.data.train='/data/shards/*.arrayrecord'
     python -m matpac_jax.distill.teacher_pass --records='/data/shards/*.arrayrecord' --checkpoint=models/pp \
-        --output=/data/teacher_pp [--dtype=float16] [--batch=32] [--seconds=10] [--clusters=50]
+        --output=/data/teacher_pp [--dtype=float16] [--batch=32] [--seconds=10] [--clusters=50] [--frames]
 
 Each clip is cropped or zero-padded to exactly ``--seconds`` (10 s, from its start: the clip the student will see),
 resampled to the teacher's rate when the corpus has another (a 32 kHz corpus serves both the 16 kHz teacher and the
 32 kHz student),
 embedded with the teacher's clip embedding of SPEC §5 (time-mean of the last layer's frame features, 3840-d), and
 written to an output shard with the same index as its input shard: ``teacher-<i>-of-<n>.arrayrecord``, one record per
-clip (``encode_embedding``: a JSON header {key, dim, dtype} and the raw vector). Input shards are divided between
+clip (``encode_embedding``: a JSON header {key, dim, dtype} and the raw vector; with ``--frames`` also the
+frame-level features, read back with ``decode_frames``). Input shards are divided between
 processes (``i::process_count``) and each batch of clips is split over the local devices. A shard whose output file
 and ``.json`` sidecar exist is skipped, so a restarted pass continues where it stopped; outputs are written atomically.
 The pass ends by checking that every clip key of the corpus has exactly one embedding (missing / extra keys listed)
@@ -41,18 +42,36 @@ _HEADER = struct.Struct("<I")
 DTYPES = ("float16", "float32")
 
 
-def encode_embedding(key: str, vector: np.ndarray, dtype: str = "float16") -> bytes:
-    head = json.dumps({"key": key, "dim": int(vector.shape[0]), "dtype": dtype}).encode()
-    return _HEADER.pack(len(head)) + head + np.asarray(vector, dtype).tobytes()
+def encode_embedding(key: str, vector: np.ndarray, dtype: str = "float16", frames: np.ndarray | None = None) -> bytes:
+    """A JSON header {key, dim, dtype[, frames]} and the raw clip vector [dim], then the frame-level features
+    [frames, dim] when given."""
+    head = {"key": key, "dim": int(vector.shape[0]), "dtype": dtype}
+    if frames is not None:
+        head["frames"] = int(frames.shape[0])
+    head = json.dumps(head).encode()
+    body = np.asarray(vector, dtype).tobytes() + (b"" if frames is None else np.asarray(frames, dtype).tobytes())
+    return _HEADER.pack(len(head)) + head + body
+
+
+def _decode(data: bytes) -> tuple[dict, np.ndarray]:
+    (n,) = _HEADER.unpack_from(data)
+    head = json.loads(data[4 : 4 + n])
+    values = np.frombuffer(data[4 + n :], head["dtype"])
+    if values.shape[0] != head["dim"] * (1 + head.get("frames", 0)):
+        raise ValueError(f"embedding record of {head['key']!r}: {values.shape[0]} values, the header disagrees")
+    return head, values
 
 
 def decode_embedding(data: bytes) -> tuple[str, np.ndarray]:
-    (n,) = _HEADER.unpack_from(data)
-    head = json.loads(data[4 : 4 + n])
-    vec = np.frombuffer(data[4 + n :], head["dtype"])
-    if vec.shape[0] != head["dim"]:
-        raise ValueError(f"embedding record of {head['key']!r}: {vec.shape[0]} values, header says {head['dim']}")
-    return head["key"], vec
+    """(key, clip embedding [dim])."""
+    head, values = _decode(data)
+    return head["key"], values[: head["dim"]]
+
+
+def decode_frames(data: bytes) -> np.ndarray | None:
+    """The frame-level features [frames, dim] of a record written with them, else None."""
+    head, values = _decode(data)
+    return values[head["dim"] :].reshape(head["frames"], head["dim"]) if "frames" in head else None
 
 
 def fit_length(pcm: np.ndarray, samples: int) -> np.ndarray:
@@ -77,7 +96,9 @@ def output_name(output: str, index: int, count: int) -> str:
     return os.path.join(output, f"teacher-{index:05d}-of-{count:05d}.arrayrecord")
 
 
-def _embed_shard(encoder, path: str, seconds: float, batch: int, dtype: str) -> tuple[list[bytes], list[str]]:
+def _embed_shard(
+    encoder, path: str, seconds: float, batch: int, dtype: str, frames: bool
+) -> tuple[list[bytes], list[str]]:
     keys, waves, out = [], [], []
     rate = encoder.spec.frontend.sample_rate
     for data in read_shard(path):
@@ -85,8 +106,9 @@ def _embed_shard(encoder, path: str, seconds: float, batch: int, dtype: str) -> 
         keys.append(header["key"])
         waves.append(fit_clip(pcm, header["sample_rate"], rate, seconds))
     for i in range(0, len(waves), batch):
-        emb = encoder.embed(np.stack(waves[i : i + batch]), rate)["clip"]
-        out += [encode_embedding(k, e, dtype) for k, e in zip(keys[i : i + batch], emb, strict=True)]
+        r = encoder.embed(np.stack(waves[i : i + batch]), rate)
+        for j, k in enumerate(keys[i : i + batch]):
+            out.append(encode_embedding(k, r["clip"][j], dtype, r["frames"][j] if frames else None))
     return out, keys
 
 
@@ -100,8 +122,10 @@ def teacher_pass(
     process_index: int = 0,
     process_count: int = 1,
     log=print,
+    frames: bool = False,
 ) -> dict:
-    """Run (or resume) the pass; returns {'clips', 'seconds', 'clips_per_s', 'built', 'skipped', 'missing', 'extra'}."""
+    """Run (or resume) the pass (``frames``: store the frame-level features too); returns {'clips', 'seconds',
+    'clips_per_s', 'built', 'skipped', 'missing', 'extra'}."""
     from matpac_jax.inference import load_encoder
 
     if dtype not in DTYPES:
@@ -118,7 +142,7 @@ def teacher_pass(
         if os.path.exists(target) and os.path.exists(target + ".json"):
             skipped += 1
             continue
-        encoded, keys = _embed_shard(encoder, inputs[i], seconds, batch, dtype)
+        encoded, keys = _embed_shard(encoder, inputs[i], seconds, batch, dtype, frames)
         write_shard(target, encoded)
         with open(target + ".json.tmp", "w") as f:
             side = {"input": os.path.abspath(inputs[i]), "clips": len(keys), "seconds": seconds, "dtype": dtype}
@@ -255,7 +279,7 @@ def run_from_config(config, workdir: str) -> int:
         raise ConfigError("the teacher pass needs --config.teacher.checkpoint=DIR and --config.data.train='GLOB'")
     try:
         r = teacher_pass(config.data.train, config.teacher.checkpoint, workdir, config.audio.seconds, t.batch,
-                         t.dtype, jax.process_index(), jax.process_count())  # fmt: skip
+                         t.dtype, jax.process_index(), jax.process_count(), frames=t.frames)  # fmt: skip
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if jax.process_index() != 0:
@@ -281,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dtype", choices=DTYPES, default="float16")
+    ap.add_argument("--frames", action="store_true", help="store the frame-level features too (decode_frames)")
     ap.add_argument("--clusters", type=int, default=50, help="k of the k-means for balanced sampling (0: none)")
     args = ap.parse_args(argv)
     import jax
 
     try:
         r = teacher_pass(args.records, args.checkpoint, args.output, args.seconds, args.batch, args.dtype,
-                         jax.process_index(), jax.process_count())  # fmt: skip
+                         jax.process_index(), jax.process_count(), frames=args.frames)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

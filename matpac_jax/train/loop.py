@@ -24,6 +24,7 @@ from matpac_jax.config_lib import ConfigError
 from matpac_jax.flops import count_matmul_flops, peak_flops
 from matpac_jax.train.metrics_log import MetricsLog, without_timings
 from matpac_jax.train.preemption import PreemptionWatch
+from matpac_jax.train.prefetch import DevicePrefetch
 from matpac_jax.train.step import NONFINITE_ACTIONS
 
 TASKS = ("pretrain", "distill")
@@ -207,6 +208,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if report and jax.process_index() == 0:
         print(report, flush=True)
     log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak)
+    inputs = DevicePrefetch(batches, mesh, config.data.get("device_prefetch", 2))
+    data_iter = inputs if inputs.stateful else None
     profiler = Profiler(config.profile_steps, workdir)
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     every, preempted, step = config.checkpoint.every, False, first
@@ -218,26 +221,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     break
                 profiler.before_step(step, state)
                 t_start = time.perf_counter()
-                batch = parallel.global_batch(next(batches), mesh)
+                batch = next(inputs)  # ready unless the host fell behind
                 data_wait = time.perf_counter() - t_start
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+                t_fill = time.perf_counter()
+                inputs.fill()  # the next batches, read and transferred while the device computes this step
+                if metrics["loss"].is_ready():  # the step ended before the input did: the device may have waited
+                    data_wait += time.perf_counter() - t_fill
                 log.push(step + 1, metrics, t_start, data_wait)
                 if (step + 1) % every == 0:
                     log.flush()  # a non-finite step raises here, before anything is saved
-                    ckpt.save(step + 1, state, config, data_iter=batches)
+                    ckpt.save(step + 1, state, config, data_iter=data_iter)
                 periodic_probe(step + 1, state, log.tb)
             else:
                 step = config.total_steps
             log.flush()
             profiler.stop(state)
             if ckpt.latest_step() != step:
-                ckpt.save(step, state, config, data_iter=batches, force=True)
+                ckpt.save(step, state, config, data_iter=data_iter, force=True)
             ckpt.wait()
     finally:
         log.close()
         ckpt.close()
-        if hasattr(batches, "close"):
-            batches.close()  # stops grain worker processes
+        inputs.close()  # stops grain worker processes
     if preempted:
         if jax.process_index() == 0:
             print(
