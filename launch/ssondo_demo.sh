@@ -7,9 +7,13 @@
 set -euo pipefail
 W=${1:-/tmp/ssondo_demo}
 V=${2:-demo}
-if [ "$V" = smoke ]; then SIZES=(--num-train=32 --num-test=16); EXPORT=(--seconds=1 --repeats=2); else SIZES=(); EXPORT=(); fi
+if [ "$V" = smoke ]; then
+  SIZES=(--num-train=32 --num-test=16); EXPORT=(--seconds=1 --repeats=2); PRETRAIN=(--config.probe.enabled=False)
+else
+  SIZES=(); EXPORT=(); PRETRAIN=()
+fi
 mkdir -p "$W"
-python -m matpac_jax.main --config=configs/pp.py:"$V" --workdir="$W/teacher"
+python -m matpac_jax.main --config=configs/pp.py:"$V" --workdir="$W/teacher" "${PRETRAIN[@]}"
 [ -f "$W/corpus/clips-00001-of-00002.arrayrecord" ] || python -m matpac_jax.data.demo --output="$W/corpus" "${SIZES[@]}"
 COMMON=(--config.teacher.checkpoint="$W/teacher" --config.data.train="$W/corpus/*.arrayrecord")
 python -m matpac_jax.main --config=configs/ssondo.py:"$V" --config.task=teacher_pass --workdir="$W/teacher_pass" \

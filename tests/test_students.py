@@ -41,7 +41,7 @@ def test_width_scales_channels_and_output_is_six_times_the_last_block():
 
 def test_batchnorm_statistics_move_only_in_training():
     model = MobileNetV3(0.4)
-    v = _init(model, jnp.zeros((1, 128, 32)))
+    v = jax.jit(lambda: _init(model, jnp.zeros((1, 128, 32))))()
     x = jax.random.normal(jax.random.key(2), (4, 128, 32))
     y_train, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert y_train.shape == (4, 6 * make_divisible(160 * 0.4))
@@ -95,13 +95,13 @@ def test_eres2net_parameter_count_and_tstp_embedding():
     assert count_params(jax.eval_shape(lambda: _init(ERes2Net(16, (2, 2, 2, 2)), jnp.zeros((1, 64, 32))))["params"]) \
         == _eres2net_count(16, (2, 2, 2, 2))  # fmt: skip
     small = ERes2Net(8, (1, 1, 1, 1))
-    v = _init(small, jnp.zeros((1, 128, 40)))
+    v = jax.jit(lambda: _init(small, jnp.zeros((1, 128, 40))))()
     x = jax.random.normal(jax.random.key(3), (2, 128, 40))
-    y = small.apply(v, x)
+    y = jax.jit(small.apply)(v, x)
     assert y.shape == (2, 2 * 8 * 8 * 2)  # mean and std over time of 8·8·2 channels
     assert np.all(np.asarray(y[:, 128:]) > 0)  # the std half
-    assert small.apply(v, x[:, :, :24]).shape == (2, 256)  # any clip length
-    _, updates = small.apply(v, x, train=True, mutable=["batch_stats"])
+    assert jax.eval_shape(small.apply, v, x[:, :, :24]).shape == (2, 256)  # any clip length
+    _, updates = jax.jit(lambda v, x: small.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), v["batch_stats"], updates["batch_stats"])
     assert min(jax.tree.leaves(moved)) > 0  # every BatchNorm sees the batch
 
