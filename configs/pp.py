@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         attn_impl="",  # '' = XLA's choice; 'cudnn' for flash attention on GPUs
         remat="",  # '' | 'full' | 'dots': recompute transformer blocks in the backward pass (less memory)
         attn_pad_to=0,  # pad attention sequences to a multiple (with key lengths); 'cudnn' pads to 64 by itself
+        scan_layers=False,  # run the blocks as one lax.scan (one compiled block; same parameter layout)
     )
 
     c.objective = dict(

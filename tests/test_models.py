@@ -159,18 +159,21 @@ def test_tokenizer_tokens_are_freq_major():
 # --- transformer, predictor, cls head ---------------------------------------------------------------------
 
 
-def test_transformer_matches_reference():
-    """Also on a small-variance input, where LayerNorm's eps (1e-6) is visible."""
-    model = Transformer(dim=32, depth=2, heads=4)
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_transformer_matches_reference(scan):
+    """Also on a small-variance input, where LayerNorm's eps (1e-6) is visible. The layer scan (weights stacked,
+    one lax.scan) has the same per-block parameter tree and gives the same outputs and per-layer outputs."""
+    model = Transformer(dim=32, depth=3, heads=4, scan_layers=scan)
     x = np.random.default_rng(0).standard_normal((2, 7, 32)).astype(np.float32)
     params = perturb(run(model.init, jax.random.key(0), x)["params"], seed=1)
+    assert sorted(params) == ["blocks_0", "blocks_1", "blocks_2", "norm"]
     apply = fast(lambda p, x: model.apply({"params": p}, x, return_layers=True), params, x)
     p64 = ref.to_numpy(params)
     for scale in (1.0, 0.01):
         out, layers = apply(params, x * np.float32(scale))
         exp, exp_layers = ref.transformer(x.astype(np.float64) * scale, p64, heads=4, return_layers=True)
         assert rel_err(out, exp) < 1e-5
-        assert len(layers) == 2
+        assert len(layers) == 3
         for a, b in zip(layers, exp_layers, strict=True):
             assert rel_err(a, b) < 1e-5
 

@@ -1,4 +1,5 @@
-"""The same steps on 1 device, data=8 and data=4 x fsdp=2 (8 simulated CPU devices) agree."""
+"""The same steps on 1 device, data=8 and data=4 x fsdp=2 (8 simulated CPU devices), and with the layer scan
+under FSDP, agree."""
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +16,17 @@ STEPS = 3
 _RUNS = {}
 
 
-def run_on(mesh_config, devices):
-    """Cached per mesh: every test reuses the same three steps."""
-    key = (tuple(sorted(mesh_config.items())), len(devices))
+def run_on(mesh_config, devices, **model):
+    """Cached per mesh (and model options): every test reuses the same three steps."""
+    key = (tuple(sorted(mesh_config.items())), len(devices), tuple(sorted(model.items())))
     if key not in _RUNS:
-        _RUNS[key] = _run(mesh_config, devices)
+        _RUNS[key] = _run(mesh_config, devices, model)
     return _RUNS[key]
 
 
-def _run(mesh_config, devices):
+def _run(mesh_config, devices, model):
     config = load_config()
+    config.model.update(model)
     mesh = parallel.make_mesh(mesh_config, devices)
     _, init_fn, step_fn, _ = pretrain.build(config, mesh)
     batches, _ = pretrain.make_input(config)
@@ -41,11 +43,15 @@ def reference():
     return run_on({"data": 1}, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_config", [{"data": 8}, {"data": 4, "fsdp": 2}], ids=["data8", "data4_fsdp2"])
-def test_losses_and_parameters_agree_across_meshes(reference, mesh_config):
+@pytest.mark.parametrize(
+    "mesh_config, model",
+    [({"data": 8}, {}), ({"data": 4, "fsdp": 2}, {}), ({"data": 4, "fsdp": 2}, {"scan_layers": True})],
+    ids=["data8", "data4_fsdp2", "data4_fsdp2_scan"],
+)
+def test_losses_and_parameters_agree_across_meshes(reference, mesh_config, model):
     assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
     ref_losses, ref_state, _ = reference
-    losses, state, _ = run_on(mesh_config, jax.devices()[:8])
+    losses, state, _ = run_on(mesh_config, jax.devices()[:8], **model)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(

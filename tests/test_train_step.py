@@ -212,25 +212,31 @@ def test_gradient_accumulation_is_the_large_batch_update():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6), p1, p4)
 
 
-def test_remat_and_padded_attention_change_memory_not_numbers():
-    """Rematerialised blocks (remat 'full') and attention sequences padded to a multiple of 64 with true key lengths
-    (what cuDNN flash attention needs; here through XLA on CPU): the same parameter tree, loss and update as the
-    straightforward step."""
+def test_remat_scan_and_padded_attention_change_memory_not_numbers():
+    """Rematerialised blocks (remat 'full'), the layer scan with remat 'dots', and attention sequences padded to a
+    multiple of 64 with true key lengths (what cuDNN flash attention needs; here through XLA on CPU): the same
+    parameter tree, loss and update as the straightforward step."""
     from matpac_jax.models.vit import attention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 58, 4, 16)) for i in range(3))
     np.testing.assert_allclose(attention(q, k, v, None, 64), attention(q, k, v, None), rtol=1e-5, atol=1e-6)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     out = {}
-    for name, key, value in (("plain", "remat", ""), ("remat", "remat", "full"), ("padded", "attn_pad_to", 64)):
+    variants = {
+        "plain": {},
+        "remat": {"remat": "full"},
+        "scan": {"scan_layers": True, "remat": "dots"},
+        "padded": {"attn_pad_to": 64},
+    }
+    for name, overrides in variants.items():
         config = load_config()
-        config.model[key] = value
+        config.model.update(overrides)
         _, init_fn, step_fn, _ = pretrain.build(config, mesh)
         batch = {"audio": jnp.asarray(pretrain.make_input(config)[0](0)["audio"])}
         state, m = step_fn(init_fn(jax.random.key(config.seed)), batch, jax.random.key(0))
         out[name] = (jax.device_get(state.student), float(m["loss"]))
     ref_params, ref_loss = out["plain"]
-    for name in ("remat", "padded"):
+    for name in ("remat", "scan", "padded"):
         params, loss = out[name]
         assert jax.tree.structure(params) == jax.tree.structure(ref_params)
         assert loss == pytest.approx(ref_loss, rel=1e-5)

@@ -55,14 +55,20 @@ class MatpacModel:
             )
         grid_f, grid_t = a.n_mels // p, a.crop_frames // p
         e, pr, h = m.encoder, m.predictor, m.cls_head
-        remat, pad_to = m.get("remat", ""), m.get("attn_pad_to", 0)
-        encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, impl, remat, pad_to)
+        # Options of every transformer trunk (the keys may be missing from configs saved by older versions).
+        trunk = dict(
+            attn_impl=impl,
+            remat=m.get("remat", ""),
+            attn_pad_to=m.get("attn_pad_to", 0),
+            scan_layers=m.get("scan_layers", False),
+        )
+        encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, **trunk)
         return cls(
             tokenizer=Tokenizer(e.dim, p, grid_f, grid_t, dtype),
             encoder=encoder,
             teacher_encoder=encoder,
             predictor=Predictor(
-                pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t, dtype, impl, remat, pad_to
+                pr.dim, e.dim, pr.depth, pr.heads, pr.mlp_ratio, m.mcl_heads, grid_f, grid_t, dtype, **trunk
             ),
             cls_head=ClsHead(h.hidden, h.bottleneck, h.prototypes, dtype),
             n_mels=a.n_mels,

@@ -26,6 +26,7 @@ class Predictor(nn.Module):
     attn_impl: str | None = None
     remat: str = ""  # see vit.Transformer
     attn_pad_to: int = 0  # see vit.attention
+    scan_layers: bool = False  # see vit.Transformer
 
     @nn.compact
     def __call__(self, latents: jax.Array, ids_keep: jax.Array, ids_mask: jax.Array) -> jax.Array:
@@ -51,6 +52,7 @@ class Predictor(nn.Module):
             self.attn_impl,
             self.remat,
             self.attn_pad_to,
+            self.scan_layers,
             name="trunk",
         )(seq)
         masked = jnp.take_along_axis(seq[:, 1:], ids_mask[..., None], axis=1)  # [B, Nm, d]

@@ -182,9 +182,14 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-    """`depth` pre-norm blocks followed by a final LayerNorm (eps 1e-6). ``remat`` ('', 'full', 'dots') rematerialises
-    each block in the backward pass with that ``REMAT_POLICIES`` policy: less activation memory for more compute,
-    the same numbers and the same parameter tree."""
+    """`depth` pre-norm blocks followed by a final LayerNorm (eps 1e-6).
+
+    ``remat`` ('', 'full', 'dots') rematerialises each block in the backward pass with that ``REMAT_POLICIES``
+    policy: less activation memory for more compute. ``scan_layers`` runs the blocks as one ``lax.scan`` over their
+    stacked weights: the step compiles one block instead of ``depth``, and XLA schedules one loop body. The
+    parameters keep their per-block layout (``blocks_i``), so checkpoints, sharding rules and the converter do not
+    change; the price is one stacked copy of the block weights per step. Every option gives the same numbers and
+    the same parameter tree."""
 
     dim: int = 768
     depth: int = 12
@@ -194,6 +199,7 @@ class Transformer(nn.Module):
     attn_impl: str | None = None
     remat: str = ""
     attn_pad_to: int = 0
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
@@ -201,13 +207,32 @@ class Transformer(nn.Module):
         output (the last one after the final norm), as the embedding extractor needs."""
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
-        layers = []
-        for i in range(self.depth):
-            x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to,
-                      name=f"blocks_{i}")(x)  # fmt: skip
-            layers.append(x)
+        if self.scan_layers and not self.is_initializing():
+            x, layers = self._scan(x, return_layers)
+        else:
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
+            layers = []
+            for i in range(self.depth):
+                x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to,
+                          name=f"blocks_{i}")(x)  # fmt: skip
+                layers.append(x)
         x = layer_norm("norm", self.dtype)(x)
         if return_layers:
             return x, layers[:-1] + [x]
         return x
+
+    def _scan(self, x: jax.Array, return_layers: bool) -> tuple[jax.Array, list[jax.Array]]:
+        """The blocks as one scan over their weights stacked on a leading [depth] axis."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *w: jnp.stack(w), *(params[f"blocks_{i}"] for i in range(self.depth)))
+        # Unbound (parent=None): applied to each layer's weights inside the scan, registers no submodule.
+        block = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to, parent=None)
+
+        def body(h, w):
+            h = block.apply({"params": w}, h)
+            return h, (h if return_layers else None)
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, ys = jax.lax.scan(body, x, stacked)
+        return x, ([ys[i] for i in range(self.depth)] if return_layers else [])

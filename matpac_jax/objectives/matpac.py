@@ -62,8 +62,12 @@ def mcl_loss(losses: jax.Array, temperature: jax.Array, hard_below: float) -> tu
 
 
 def select_hypothesis(preds: jax.Array, winner: jax.Array) -> jax.Array:
-    """preds [K, B, M, D], winner [B, M] -> the winning prediction per token, [B, M, D]."""
-    return jnp.take_along_axis(preds, winner[None, ..., None], axis=0)[0]
+    """preds [K, B, M, D], winner [B, M] -> the winning prediction per token, [B, M, D].
+
+    A one-hot weighted sum of the K hypotheses in their own dtype (exact: every other term is 0): elementwise work
+    that XLA fuses, where a gather's gradient would be a scatter-add into the whole [K, B, M, D]."""
+    one_hot = jax.nn.one_hot(winner, preds.shape[0], axis=0, dtype=preds.dtype)[..., None]  # [K, B, M, 1]
+    return sum(one_hot[k] * preds[k] for k in range(preds.shape[0]))
 
 
 def linear_anneal(step: jax.Array, start: float, end: float, total_steps: int) -> jax.Array:
