@@ -174,17 +174,37 @@ def test_bfloat16_compute_keeps_float32_parameters_and_moments():
     assert np.isfinite(float(m["loss"]))
 
 
-def test_vit_b_step_costs_the_reference_flops_per_sample():
-    """Counted matmul FLOPs of the whole step (student fwd+bwd, teacher fwd) vs the reference 93.1 GFLOP/sample."""
-    from matpac_jax.flops import count_matmul_flops
-
+@pytest.fixture(scope="module")
+def vit_b_step():
+    """The ViT-B recipe's step (bfloat16 compute) for batch 2, traced only: (jaxpr, batch)."""
     config = load_config(arg=None)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     _, _, step_fn, abstract = pretrain.build(config, mesh)
     b = 2
     audio = jax.ShapeDtypeStruct((b, 97_520), jnp.float32)
-    flops = count_matmul_flops(step_fn, abstract, {"audio": audio}, jax.random.key(0))
-    assert flops / b / 1e9 == pytest.approx(93.1, rel=0.05)
+    return jax.make_jaxpr(step_fn)(abstract, {"audio": audio}, jax.random.key(0)), b
+
+
+def test_vit_b_step_costs_the_reference_flops_per_sample(vit_b_step):
+    """Counted matmul FLOPs of the whole step (student fwd+bwd, teacher fwd) vs the reference 93.1 GFLOP/sample."""
+    from matpac_jax.flops import jaxpr_matmul_flops
+
+    jaxpr, b = vit_b_step
+    assert jaxpr_matmul_flops(jaxpr) / b / 1e9 == pytest.approx(93.1, rel=0.05)
+
+
+def test_vit_b_step_runs_its_matmuls_in_bfloat16_and_moves_few_tokens(vit_b_step):
+    """The mixed-precision audit of the recipe's step: >= 98 % of matmul FLOPs in bfloat16 (the rest: the
+    float32 prototype layer and XLA attention's float32 logits), and no gather or scatter of the K hypotheses
+    (the winner is a one-hot sum) -- every gather/scatter moves at most one [B, N, D] of tokens."""
+    from matpac_jax.program_audit import audit
+
+    jaxpr, b = vit_b_step
+    r = audit(jaxpr, b, min_elements=1)
+    total = sum(r["flops"].values())
+    assert r["flops"]["bfloat16 x bfloat16"] / total >= 0.98
+    assert max(v for (_, _, shape), v in r["moves"].items() if shape) <= b * 190 * 768
+    assert not [shape for (_, _, shape) in r["moves"] if len(shape) == 4 and shape[0] == 5]
 
 
 def test_gradient_accumulation_is_the_large_batch_update():
