@@ -188,8 +188,8 @@ class Transformer(nn.Module):
     policy: less activation memory for more compute. ``scan_layers`` runs the blocks as one ``lax.scan`` over their
     stacked weights: the step compiles one block instead of ``depth``, and XLA schedules one loop body. The
     parameters keep their per-block layout (``blocks_i``), so checkpoints, sharding rules and the converter do not
-    change; the price is one stacked copy of the block weights per step. Every option gives the same numbers and
-    the same parameter tree."""
+    change; the price is a stacked copy of the block weights (and of their gradients) per step, +1.2 GiB for the
+    ViT-B recipe's trunks in float32 (BENCHMARKS.md). Every option gives the same numbers and parameter tree."""
 
     dim: int = 768
     depth: int = 12
