@@ -110,7 +110,7 @@ def closing_probe(config, model, student, splits) -> dict:
     on the demo's held-out labelled split. The initial encoder is re-created from the seed (initialisation is
     deterministic), so a resumed run compares against the same starting point."""
     seeds = tuple(range(config.seed, config.seed + config.probe.seeds))
-    initial_student = model.init(jax.random.key(config.seed))[0]
+    initial_student = jax.jit(model.init)(jax.random.key(config.seed))[0]  # jitted: eager init compiles op by op
     out = {name: _probe_demo(config, model, params, splits, seeds)
            for name, params in (("learned", student), ("init", initial_student))}  # fmt: skip
     if jax.process_index() == 0:
