@@ -55,3 +55,17 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
 
     jax.distributed.initialize(**args)
     return True
+
+
+def barrier(name: str, timeout_s: float = 900) -> None:
+    """Wait until every process of the job reaches ``name``: the coordination service's barrier, no device collective.
+
+    Before the first step, so that processes that finished compiling at different times enter its first collective
+    together: CPU (gloo) collectives give a peer only 30 s to join."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _distributed  # the runtime's client: its barrier needs no devices
+
+    _distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -261,3 +261,12 @@ def test_remat_scan_and_padded_attention_change_memory_not_numbers():
         assert jax.tree.structure(params) == jax.tree.structure(ref_params)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), ref_params, params)
+
+
+def test_batch_spec_is_what_the_input_yields():
+    """The memory report compiles the step for the task's batch_spec: it must be the batch the loop feeds (demo
+    batches are float32), or every run compiles its step twice."""
+    task = pretrain.PretrainTask(load_config(), "/nonexistent")
+    batch = task.make_input()(0)
+    spec = task.batch_spec()
+    assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {k: (v.shape, v.dtype) for k, v in batch.items()}

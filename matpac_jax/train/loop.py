@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from matpac_jax import parallel
+from matpac_jax import distributed, parallel
 from matpac_jax.checkpoint import Checkpointer
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.flops import count_matmul_flops, peak_flops
@@ -211,6 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     inputs = DevicePrefetch(batches, mesh, config.data.get("device_prefetch", 2))
     data_iter = inputs if inputs.stateful else None
     profiler = Profiler(config.profile_steps, workdir)
+    distributed.barrier("train_and_evaluate: first step")
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     every, preempted, step = config.checkpoint.every, False, first
     try:

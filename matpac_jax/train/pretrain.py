@@ -186,7 +186,10 @@ class PretrainTask:
         return init_fn, train_step, abstract
 
     def batch_spec(self) -> dict:
-        return {"audio": jax.ShapeDtypeStruct((self.config.data.batch_size, crop_samples(self.config)), jnp.int16)}
+        """The batches make_input yields: float32 from the demo batcher, int16 PCM from records. It must match, or
+        the memory report compiles another program than the one the loop runs."""
+        dtype = jnp.float32 if self.config.data.source == "demo" else jnp.int16
+        return {"audio": jax.ShapeDtypeStruct((self.config.data.batch_size, crop_samples(self.config)), dtype)}
 
     def closing(self, state) -> dict | None:
         if not self.config.probe.enabled:
