@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from helpers import load_config
+from helpers import assert_close_to_scale, load_config
 
 from matpac_jax.models.cls_head import ClsHead
 from matpac_jax.models.matpac import MatpacModel
@@ -209,8 +209,8 @@ def test_predictor_follows_ids_keep_and_ids_mask(pred_case):
     out = apply(latents, ids_keep, ids_mask)
     pk, pm = np.random.default_rng(2).permutation(6), np.random.default_rng(3).permutation(14)
     shuffled_latents = np.concatenate([latents[:, :1], latents[:, 1:][:, pk]], axis=1)
-    np.testing.assert_allclose(apply(shuffled_latents, ids_keep[:, pk], ids_mask), out, atol=1e-5)
-    np.testing.assert_allclose(apply(latents, ids_keep, ids_mask[:, pm]), out[:, :, pm], atol=1e-5)
+    assert_close_to_scale(apply(shuffled_latents, ids_keep[:, pk], ids_mask), out)
+    assert_close_to_scale(apply(latents, ids_keep, ids_mask[:, pm]), out[:, :, pm])
 
 
 HEAD = ClsHead(hidden=32, bottleneck=8, num_prototypes=12)

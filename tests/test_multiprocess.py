@@ -29,7 +29,8 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--cpu-devices=4", *ARGS,
                           "--config.mesh.data=4", "--config.mesh.dcn_data=2",  # hybrid: a process per "slice"
-                          f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable),
+                         capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     a, b = _last_metrics(tmp_path / "one"), _last_metrics(tmp_path / "two")

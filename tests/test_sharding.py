@@ -54,9 +54,9 @@ def test_losses_and_parameters_agree_across_meshes(reference, mesh_config, model
     losses, state, _ = run_on(mesh_config, jax.devices()[:8], **model)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_state), jax.tree.leaves(state), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)
-        )
+        a, b = np.asarray(a), np.asarray(b)  # other meshes reduce in other orders: tolerance of the tensor's scale
+        atol = max(1e-6, 1e-5 * float(np.abs(a).max()))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_fsdp_shards_weight_matrices_and_optimizer_moments():

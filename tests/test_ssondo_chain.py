@@ -6,13 +6,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 from helpers import ROOT
 
 
 def test_ssondo_demo_chain_smoke(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHON=sys.executable)
     r = subprocess.run(["bash", "launch/ssondo_demo.sh", str(tmp_path), "smoke"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
