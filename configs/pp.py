@@ -36,8 +36,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         keep_period=0,  # ... and, if > 0, every checkpoint whose step is a multiple of this
         async_save=True,  # write in the background; the step waits only for the device-to-host copy
         reset_data=False,  # restore the state but restart the data pipeline (e.g. after changing the process count)
+        verify=True,  # resume only from a checkpoint whose files match its checksums.json (else the previous one)
+        allow_changes="",  # 'key,key': config keys accepted to differ from the checkpoint's on resume (e.g. optim.lr)
     )
-    c.nonfinite = "stop"  # NaN/Inf loss or grad norm: 'stop' (report, save nothing new, exit 3) or 'skip' the update
+    c.nonfinite = "stop"  # NaN/Inf loss, grad norm or new state: 'stop' (report, save nothing new, exit 3) or 'skip'
+    c.nonfinite_max_skips = 10  # 'skip': stop (exit 3) after this many non-finite updates in a row
     c.profile_steps = ""  # 'a,b': jax.profiler trace of steps [a, b) into WORKDIR/profile
 
     c.audio = dict(  # SPEC §1: the teacher front-end
@@ -87,7 +90,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     )
 
     c.optim = dict(
-        optimizer="adamw",  # 'lamb' / 'lars' for large-batch ablations
+        optimizer="adamw_fairseq",  # fairseq's Adam (eps on √v); 'adamw' = optax's; 'lamb' / 'lars' for large batches
         lr=3e-4,  # peak, at reference_batch
         lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
         reference_batch=2048,

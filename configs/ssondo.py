@@ -37,8 +37,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # batch 120; warm-up 8 epochs, ramp-down from epoch 80 over 95 epochs to 1 % of the peak.
     c.total_steps = 166_667
     c.log_every = 100
-    c.checkpoint = dict(every=5_000, keep=3, keep_period=0, async_save=True, reset_data=False)
+    c.checkpoint = dict(every=5_000, keep=3, keep_period=0, async_save=True, reset_data=False, verify=True,
+                        allow_changes="")  # fmt: skip
     c.nonfinite = "stop"
+    c.nonfinite_max_skips = 10
     c.profile_steps = ""
 
     c.audio = dict(  # SPEC §6: the student front-end, computed on device
@@ -83,7 +85,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         mixup=0.0,  # α of EfficientAT's mixup (0.3 there); 0 = the un-augmented clip the teacher embedded (SPEC §6)
     )
     c.optim = dict(
-        optimizer="adamw",
+        optimizer="adamw",  # torch's Adam form (eps after the bias correction), as the published distillation
         lr=8e-4,  # peak, at reference_batch
         lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
         reference_batch=120,

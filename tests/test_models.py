@@ -291,11 +291,28 @@ def _same_cls_head_leaves(student, teacher) -> list[bool]:
     return [np.array_equal(s[k], t[k]) for k in s if k.endswith("kernel") or k == "weight_v"]
 
 
-def test_teacher_cls_head_differs_with_copy_initial(smoke):
-    """Reference quirk (default): the teacher head copies a first init, the student head is re-initialised."""
+def test_cls_heads_start_as_the_reference_with_copy_initial(smoke):
+    """Reference (default; aurianworld/matpac training_matpac/models/cls_head.py ``Cls_Head._init_weights``,
+    models/model.py ``make_cls_heads`` and ``initialize_weights``): one head is drawn with its MLP N(0, 0.02²) and
+    zero biases and becomes the teacher; the student head's three MLP linears are then re-initialised xavier-uniform
+    (zero biases), while the weight-normalised last layer (``weight_v``, g = 1) starts identical in both."""
     _, student, teacher = smoke
     assert load_config().model.cls_head.teacher_init == "copy_initial"
-    assert not any(_same_cls_head_leaves(student, teacher))
+    s, t = flat(student["cls_head"]), flat(teacher["cls_head"])
+    assert s.keys() == t.keys()
+    np.testing.assert_array_equal(s["weight_v"], t["weight_v"])
+    np.testing.assert_array_equal(s["weight_g"], 1.0)
+    np.testing.assert_array_equal(t["weight_g"], 1.0)
+    kernels = sorted(k for k in s if k.startswith("mlp_") and k.endswith("kernel"))
+    assert len(kernels) == 3
+    for name in kernels:
+        ks, kt = np.asarray(s[name], np.float64), np.asarray(t[name], np.float64)
+        bound = math.sqrt(6 / sum(ks.shape))  # xavier-uniform: U(-b, b), variance b² / 3
+        assert np.abs(ks).max() <= bound and ks.var() == pytest.approx(bound**2 / 3, rel=0.1), name
+        assert kt.std() == pytest.approx(0.02, rel=0.1), name  # the teacher keeps the first draw
+        assert not np.allclose(ks, kt), name
+    for name in (k for k in s if k.startswith("mlp_") and k.endswith("bias")):
+        assert not np.asarray(s[name]).any() and not np.asarray(t[name]).any(), name
 
 
 def test_teacher_cls_head_equal_with_copy():

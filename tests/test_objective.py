@@ -88,9 +88,14 @@ def test_mcl_temperature_schedule_and_switch_to_hard():
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays():
-    got = np.asarray(obj.teacher_temperature(jnp.asarray([0, 4913, 9826, 9827, 200_000]), 0.04, 0.07, 9827))
-    expected = np.concatenate([np.linspace(0.04, 0.07, 9827)[[0, 4913, 9826]], [0.07, 0.07]])
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    """τ_t = 0.04 + 0.03 · t / 9827 for t < 9827, then 0.07: the reference's ``get_annealed_rate``
+    (aurianworld/matpac training_matpac/models/utils.py:8-17, called at models/model.py:273-278), which divides by
+    the warm-up length, not by its length − 1 as np.linspace would."""
+    steps = np.asarray([0, 4913, 9826, 9827, 200_000])
+    got = np.asarray(obj.teacher_temperature(jnp.asarray(steps), 0.04, 0.07, 9827), np.float64)
+    expected = np.where(steps < 9827, 0.04 + 0.03 * steps / 9827, 0.07)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[2] < 0.07  # with linspace semantics step 9826 would already be at 0.07
 
 
 def test_teacher_probabilities_and_cls_loss_match_reference():
@@ -118,5 +123,19 @@ def test_linear_anneal_runs_from_start_to_end(start, end, total):
 
 def test_ema_is_decay_weighted_average():
     t, s = {"w": RNG.normal(size=(3, 4))}, {"w": RNG.normal(size=(3, 4))}
-    got = obj.ema(jax.tree.map(jnp.asarray, t), jax.tree.map(jnp.asarray, s), jnp.float32(0.9))
+    got = obj.ema(jax.tree.map(jnp.asarray, t), jax.tree.map(jnp.asarray, s), jnp.float32(0.9), jnp.float32(0.1))
     np.testing.assert_allclose(np.asarray(got["w"]), 0.9 * t["w"] + 0.1 * s["w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("start,end,total", [(0.99995, 0.99999, 294_816), (0.998, 1.0, 294_816)])
+def test_ema_one_minus_decay_is_computed_directly(start, end, total):
+    """1 − d to float32 precision of 1 − d itself (the reference keeps d and 1 − d as doubles, SPEC §3): 1 −
+    float32(d) at d ≈ 0.99995 is off by up to ~8e-4 of 1 − d."""
+    steps = np.asarray([1, 5_000, 20_000, 147_408, 250_000, total])
+    d, one_minus = (np.asarray(x, np.float64) for x in obj.ema_weights(jnp.asarray(steps), start, end, total))
+    want = start + (end - start) * steps / total
+    np.testing.assert_allclose(d, want, rtol=1e-7)
+    np.testing.assert_allclose(one_minus, 1.0 - want, rtol=2e-6, atol=1e-12)
+    if start == 0.99995:
+        naive = 1.0 - np.asarray(jnp.float32(start) + jnp.float32(end - start) * jnp.float32(steps / total))
+        assert np.max(np.abs(naive - (1.0 - want)) / (1.0 - want)) > 1e-4  # what the direct form avoids

@@ -93,3 +93,70 @@ def test_unknown_optimizer_in_a_run_config_is_a_config_error_before_compute(tmp_
         check_run(config, str(tmp_path))
     config.optim.optimizer, config.optim.lr_scaling = "lamb", "linear"
     check_run(config, str(tmp_path))  # accepted
+
+
+def _fairseq_adam_numpy(o, params, grads, lr_fn, mask):
+    """fairseq's Adam in float64 (facebookresearch/fairseq fairseq/optim/adam.py:223-234): denom = √v + eps,
+    step_size = lr · √(1 − b2ⁿ) / (1 − b1ⁿ), p ← p − lr·wd·p − step_size · m / denom; after fairseq's clipping
+    (fairseq/utils.py:392-395): g · min(1, clip / (‖g‖ + 1e-6)), ‖g‖ over every tensor."""
+    p = {k: v.copy() for k, v in params.items()}
+    m = {k: 0.0 for k in p}
+    v = {k: 0.0 for k in p}
+    for n, g in enumerate(grads, start=1):
+        norm = np.sqrt(sum(np.sum(x * x) for x in g.values()))
+        coef = min(1.0, o.clip_norm / (norm + 1e-6))
+        lr = lr_fn(n - 1)
+        for k in p:
+            gk = g[k] * coef
+            m[k] = o.b1 * m[k] + (1 - o.b1) * gk
+            v[k] = o.b2 * v[k] + (1 - o.b2) * gk * gk
+            step_size = lr * np.sqrt(1 - o.b2**n) / (1 - o.b1**n)
+            if mask[k]:
+                p[k] = p[k] - lr * o.weight_decay * p[k]
+            p[k] = p[k] - step_size * m[k] / (np.sqrt(v[k]) + o.eps)
+    return p
+
+
+def _run_flat(o, params, grads):
+    tx = make_optimizer(o, 1_000_000, {"dense": params})
+    p = {"dense": {k: np.asarray(x, np.float32) for k, x in params.items()}}
+    state = tx.init(p)
+    for g in grads:
+        updates, state = tx.update({"dense": {k: np.asarray(x, np.float32) for k, x in g.items()}}, state, p)
+        p = optax.apply_updates(p, updates)
+    return {k: np.asarray(x, np.float64) for k, x in p["dense"].items()}
+
+
+def test_fairseq_adam_matches_numpy_reference_over_three_steps():
+    """The recipe's optimizer ('adamw_fairseq', configs/pp.py) over 3 steps including step 1, where eps on the raw
+    √v and optax's eps on √v̂ differ most; small gradients (‖g‖ ~ 1e-5, v ~ eps²) make eps matter, one step is
+    clipped (clip_norm below ‖g‖)."""
+    o = _optim(optimizer="adamw_fairseq", eps=1e-6, b2=0.95, clip_norm=3e-5, wd_exclude_bias_norm_tokens=True)
+    rng = np.random.default_rng(1)
+    params = {"kernel": rng.standard_normal((3, 4)), "bias": rng.standard_normal(4)}
+    grads = [{k: 1e-6 * s * rng.standard_normal(x.shape) for k, x in params.items()} for s in (1.0, 10.0, 3.0)]
+    got = _run_flat(o, params, grads)
+    want = _fairseq_adam_numpy(o, params, grads, lambda t: _lr(o, t), {"kernel": True, "bias": False})
+    for k in params:
+        step = want[k] - params[k]
+        np.testing.assert_allclose(got[k] - params[k], step, rtol=0, atol=1e-4 * np.abs(step).max())
+    # optax's form ('adamw', a named option) is another optimizer here: its update differs by far more than 1e-4
+    optax_form = _run_flat(_optim(**(dict(o) | {"optimizer": "adamw"})), params, grads)
+    assert np.abs((optax_form["kernel"] - params["kernel"]) - (want["kernel"] - params["kernel"])).max() > 0.05 * (
+        np.abs(want["kernel"] - params["kernel"]).max()
+    )
+
+
+def test_clipping_scales_by_clip_over_norm_plus_eps():
+    """g · min(1, 3 / (‖g‖ + 1e-6)) as fairseq/utils.py:392-395 (and torch's clip_grad_norm_)."""
+    from matpac_jax.train.optim import clip_by_global_norm
+
+    clip = clip_by_global_norm(3.0)
+    for norm in (6.0, 3.0, 2.0, 3e-7):
+        g = {"a": np.full((4,), norm / 2, np.float32)}  # ‖g‖ = norm
+        out, _ = clip.update(g, clip.init(g))
+        coef = min(1.0, 3.0 / (norm + 1e-6))
+        np.testing.assert_allclose(np.asarray(out["a"], np.float64), g["a"] * coef, rtol=1e-6)
+    # at ‖g‖ = 3 exactly fairseq still scales by 3 / (3 + 1e-6) < 1, where optax's clip_by_global_norm does not
+    g = {"a": np.full((4,), 1.5, np.float32)}
+    assert float(clip.update(g, clip.init(g))[0]["a"][0]) < 1.5

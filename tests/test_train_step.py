@@ -9,7 +9,13 @@ from helpers import load_config
 
 from matpac_jax import parallel
 from matpac_jax.train import pretrain
-from matpac_jax.train.optim import decay_mask, lr_schedule, make_optimizer
+from matpac_jax.train.optim import (
+    clip_by_global_norm,
+    decay_mask,
+    lr_schedule,
+    make_optimizer,
+    scale_by_fairseq_adam,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def test_schedules_reported_in_metrics(setup, history):
     for t, (_, _, m) in enumerate(history[:3]):
         np.testing.assert_allclose(m["mcl_temp"], o.mcl_temp_init * o.mcl_temp_decay**t, rtol=1e-5)
         assert m["teacher_temp"] == pytest.approx(
-            np.linspace(o.teacher_temp_warmup, o.teacher_temp, o.teacher_temp_warmup_steps)[t], rel=1e-5
+            o.teacher_temp_warmup + (o.teacher_temp - o.teacher_temp_warmup) * t / o.teacher_temp_warmup_steps, rel=1e-5
         )
         assert m["lr"] == pytest.approx(float(lr_schedule(config.optim, config.total_steps)(t)), rel=1e-6)
         assert 1 <= m["teacher_classes"] <= config.model.cls_head.prototypes
@@ -93,36 +99,40 @@ def test_lr_schedule_warms_up_then_half_cosine_to_zero():
 
 
 def test_adamw_update_matches_reference_formula():
-    """One AdamW step with the paper's hyper-parameters after clipping, against a hand computation."""
+    """One step of the recipe's optimizer (fairseq's Adam, fairseq/optim/adam.py:223-234) with the paper's
+    hyper-parameters after clipping (fairseq/utils.py:392-395), against a hand computation."""
     config = load_config(arg=None)
     o = config.optim
+    assert o.optimizer == "adamw_fairseq"
     params = {"w": jnp.asarray([[0.5, -1.0], [2.0, 0.25]])}
     grads = {"w": jnp.asarray([[1.0, -2.0], [0.5, 0.0]])}
     tx = make_optimizer(o, config.total_steps, params)
     updates, _ = tx.update(grads, tx.init(params), params)
-    g = np.asarray(grads["w"]) * min(1.0, o.clip_norm / np.linalg.norm(np.asarray(grads["w"])))
+    g = np.asarray(grads["w"]) * min(1.0, o.clip_norm / (np.linalg.norm(np.asarray(grads["w"])) + 1e-6))
     m, v = (1 - o.b1) * g, (1 - o.b2) * g**2
-    mhat, vhat = m / (1 - o.b1), v / (1 - o.b2)
+    step_size = np.sqrt(1 - o.b2) / (1 - o.b1)  # n = 1
     lr0 = 0.0  # step 0 of the warm-up
-    expected = -lr0 * (mhat / (np.sqrt(vhat) + o.eps) + o.weight_decay * np.asarray(params["w"]))
+    expected = -lr0 * (step_size * m / (np.sqrt(v) + o.eps) + o.weight_decay * np.asarray(params["w"]))
     np.testing.assert_allclose(np.asarray(updates["w"]), expected, atol=1e-12)
     # at the peak learning rate (schedule injected directly) the same formula holds with lr = 3e-4
     tx_peak = optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+        clip_by_global_norm(o.clip_norm),
+        scale_by_fairseq_adam(o.b1, o.b2, o.eps),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_learning_rate(o.lr),
     )
     up_peak, _ = tx_peak.update(grads, tx_peak.init(params), params)
-    exp_peak = -o.lr * (mhat / (np.sqrt(vhat) + o.eps) + o.weight_decay * np.asarray(params["w"]))
+    exp_peak = -o.lr * (step_size * m / (np.sqrt(v) + o.eps) + o.weight_decay * np.asarray(params["w"]))
     np.testing.assert_allclose(np.asarray(up_peak["w"]), exp_peak, rtol=1e-5)
 
 
 def test_global_norm_clipping_at_three():
     config = load_config(arg=None)
     assert config.optim.clip_norm == 3.0
-    clip = optax.clip_by_global_norm(config.optim.clip_norm)
+    clip = clip_by_global_norm(config.optim.clip_norm)
     g = {"a": jnp.full((4,), 3.0)}  # norm 6
     out, _ = clip.update(g, clip.init(g))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(out["a"])), 3.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out["a"])), 6.0 * 3.0 / (6.0 + 1e-6), rtol=1e-6)
 
 
 def test_weight_decay_switch_excludes_bias_norm_and_tokens():

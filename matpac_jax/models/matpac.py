@@ -30,6 +30,20 @@ def with_cls(cls: jax.Array, tokens: jax.Array) -> jax.Array:
     )
 
 
+def reinit_mlp_xavier(head: dict, rng: jax.Array) -> dict:
+    """A cls head's parameters with every MLP kernel re-drawn xavier-uniform and every MLP bias zero; the
+    weight-normalised last layer (``weight_v``, ``weight_g``) is kept as it is."""
+    out = dict(head)
+    names = sorted(k for k in head if k.startswith("mlp_"))
+    for name, key in zip(names, jax.random.split(rng, len(names)), strict=True):
+        kernel = head[name]["kernel"]
+        out[name] = {
+            "kernel": jax.nn.initializers.xavier_uniform()(key, kernel.shape, kernel.dtype),
+            "bias": jnp.zeros_like(head[name]["bias"]),
+        }
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class MatpacModel:
     tokenizer: Tokenizer
@@ -83,8 +97,10 @@ class MatpacModel:
     def init(self, rng: jax.Array) -> tuple[dict, dict]:
         """Fresh (student, teacher) parameters. The teacher encoder is initialised independently (not a copy).
 
-        Teacher cls head: 'copy_initial' reproduces the reference, where the teacher head is a copy of a first
-        initialisation and the student head is then re-initialised (so the two differ); 'copy' starts both equal.
+        Cls heads, 'copy_initial' (the reference, SPEC §3): one head is drawn (MLP N(0, 0.02²), zero biases, torch's
+        default uniform ``weight_v``, g = 1) and becomes the teacher head; the student head is the same head with its
+        three MLP kernels re-drawn xavier-uniform (biases zero), so ``weight_v`` and g start identical in both.
+        'copy': the student head starts equal to the teacher head.
         """
         k_tok, k_enc, k_teach, k_pred, k_head_t, k_head_s = jax.random.split(rng, 6)
         d = self.tokenizer.dim
@@ -92,10 +108,9 @@ class MatpacModel:
         tokens = jnp.zeros((1, 1 + self.num_patches, d), jnp.float32)
         n_vis = 2
         ids = jnp.arange(self.num_patches)[None]
-        head_in = jnp.zeros((1, d), jnp.float32)
-        teacher_head = self.cls_head.init(k_head_t, head_in)["params"]
+        teacher_head = self.cls_head.init(k_head_t, jnp.zeros((1, d), jnp.float32))["params"]
         if self.teacher_head_init == "copy_initial":
-            student_head = self.cls_head.init(k_head_s, head_in)["params"]
+            student_head = reinit_mlp_xavier(teacher_head, k_head_s)
         elif self.teacher_head_init == "copy":
             student_head = teacher_head
         else:

@@ -71,14 +71,23 @@ def select_hypothesis(preds: jax.Array, winner: jax.Array) -> jax.Array:
 
 
 def linear_anneal(step: jax.Array, start: float, end: float, total_steps: int) -> jax.Array:
-    """start -> end linearly over total_steps, then end."""
+    """start -> end linearly over total_steps, then end (the reference's ``get_annealed_rate``)."""
     frac = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
     return start + (end - start) * frac
 
 
+def ema_weights(step: jax.Array, start: float, end: float, total_steps: int) -> tuple[jax.Array, jax.Array]:
+    """(d, 1 − d) of the linearly annealed EMA decay, with 1 − d computed directly from the double constants
+    1 − start and 1 − end: 1 − float32(d) would lose ~8e-4 of 1 − d at d ≈ 0.99995 (the reference keeps d and 1 − d
+    as doubles, each rounded once when it scales a float32 tensor)."""
+    frac = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
+    return start + (end - start) * frac, (1.0 - start) + (start - end) * frac
+
+
 def teacher_temperature(step: jax.Array, warmup_temp: float, temp: float, warmup_steps: int) -> jax.Array:
-    """Linear warm-up warmup_temp -> temp over warmup_steps (np.linspace semantics, as DINO), then temp."""
-    frac = jnp.clip(step.astype(jnp.float32) / max(warmup_steps - 1, 1), 0.0, 1.0)
+    """τ_t = warmup_temp + (temp − warmup_temp) · t / warmup_steps for t < warmup_steps, then temp: the reference's
+    ``get_annealed_rate`` (divides by warmup_steps, not warmup_steps − 1 as np.linspace would)."""
+    frac = jnp.clip(step.astype(jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
     return warmup_temp + (temp - warmup_temp) * frac
 
 
@@ -99,6 +108,7 @@ def update_center(center: jax.Array, batch_stat: jax.Array, momentum: float) -> 
     return momentum * center + (1.0 - momentum) * mean
 
 
-def ema(teacher, student, decay: jax.Array):
-    """teacher <- decay · teacher + (1 - decay) · student, leaf-wise (float32 shadows)."""
-    return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s.astype(t.dtype), teacher, student)
+def ema(teacher, student, decay: jax.Array, one_minus_decay: jax.Array):
+    """teacher <- decay · teacher + (1 − decay) · student, leaf-wise (float32 shadows); ``one_minus_decay`` is given,
+    not recomputed from a rounded ``decay`` (``ema_weights``)."""
+    return jax.tree.map(lambda t, s: decay * t + one_minus_decay * s.astype(t.dtype), teacher, student)

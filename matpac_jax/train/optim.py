@@ -1,7 +1,11 @@
 """Optimizers and learning-rate schedules, after global-norm clipping.
 
-- ``config.optim.optimizer``: 'adamw' (SPEC §4; weight_decay 0 is Adam), 'lamb' (AdamW direction with a per-tensor
-  trust ratio ‖p‖ / ‖u‖, for large batches) or 'lars' (SGD with momentum ``b1`` and a per-tensor trust ratio);
+- ``config.optim.optimizer``: 'adamw_fairseq' (SPEC §4, the MATPAC recipes: fairseq's Adam, eps added to √v before
+  the bias correction, decoupled weight decay), 'adamw' (optax / torch form, eps after the bias correction: S-SONDO's
+  torch Adam; weight_decay 0 is Adam), 'lamb' (AdamW direction with a per-tensor trust ratio ‖p‖ / ‖u‖, for large
+  batches) or 'lars' (SGD with momentum ``b1`` and a per-tensor trust ratio);
+- gradients are first clipped to a global norm ``clip_norm`` as fairseq and torch do: scaled by
+  min(1, clip_norm / (‖g‖ + 1e-6));
 - ``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining) or 'warmup_ramp_down' (EfficientAT's, S-SONDO);
 - ``config.optim.lr_scaling``: the peak lr is ``lr`` at ``reference_batch`` and, for another global batch B,
   'none' keeps it, 'linear' multiplies it by B / reference_batch, 'sqrt' by √(B / reference_batch).
@@ -10,13 +14,14 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("warmup_cosine", "warmup_ramp_down")
-OPTIMIZERS = ("adamw", "lamb", "lars")
+OPTIMIZERS = ("adamw_fairseq", "adamw", "lamb", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -74,11 +79,59 @@ def decay_mask(params, exclude_bias_norm_tokens: bool):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+class ScaleByFairseqAdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_fairseq_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """fairseq's Adam direction (``fairseq/optim/adam.py``): m / (√v + eps) · √(1 − b2ⁿ) / (1 − b1ⁿ).
+
+    eps sits on the raw √v, before the bias correction; optax's ``scale_by_adam`` puts it on √v̂, which differs by
+    up to ~40 % of an update over the first ~100 steps at eps = 1e-6, b2 = 0.95. Moments in float32."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+        mu, nu = jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        return ScaleByFairseqAdamState(jnp.zeros((), jnp.int32), mu, nu)
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(jnp.float32), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, updates)
+        count = optax.safe_increment(state.count)
+        n = count.astype(jnp.float32)
+        step_size = jnp.sqrt(1.0 - b2**n) / (1.0 - b1**n)
+        out = jax.tree.map(lambda m, v, g: (step_size * m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, updates)
+        return out, ScaleByFairseqAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
+    """g · min(1, max_norm / (‖g‖ + eps)): fairseq's ``clip_grad_norm_`` (``fairseq/utils.py``) and torch's
+    ``clip_grad_norm_``; optax's ``clip_by_global_norm`` omits the eps."""
+
+    def update(updates, state, params=None):
+        del params
+        coef = jnp.minimum(1.0, max_norm / (optax.tree_utils.tree_norm(updates) + eps))
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(optim, total_steps: int, params, batch_size: int | None = None) -> optax.GradientTransformation:
     schedule = lr_schedule(optim, total_steps, batch_size)
     mask = decay_mask(params, optim.wd_exclude_bias_norm_tokens)
     name = optim.get("optimizer", "adamw")
-    if name == "adamw":
+    if name == "adamw_fairseq":
+        inner = optax.chain(
+            scale_by_fairseq_adam(optim.b1, optim.b2, optim.eps),
+            optax.add_decayed_weights(optim.weight_decay, mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    elif name == "adamw":
         inner = optax.adamw(
             schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=mask
         )
@@ -91,4 +144,4 @@ def make_optimizer(optim, total_steps: int, params, batch_size: int | None = Non
                            momentum=optim.b1)  # fmt: skip
     else:
         raise ValueError(f"config.optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), inner)
+    return optax.chain(clip_by_global_norm(optim.clip_norm), inner)

@@ -1,15 +1,18 @@
 """The pretraining step: a pure function (state, batch, rng) -> (state, metrics), jitted by the trainer.
 
-Order within a step follows the reference:
-  1. EMA teacher update from the previous step's student (skipped at step 0)
-  2. log-mel on device, masking, student / predictor / teacher forward
-  3. prediction loss (annealed MCL over K hypotheses), cls loss on the winning hypothesis, total 0.5 / 0.5
-  4. AdamW update of the student; the cls-head center moves (takes effect next step)
+Order within step t follows the reference (aurianworld/matpac training_matpac/models/model.py ``forward_cls_pred``):
+  1. log-mel on device, masking, student / predictor forward, teacher forward with the shadows γ_t as they stand
+  2. prediction loss (annealed MCL over K hypotheses), cls loss on the winning hypothesis, total 0.5 / 0.5
+  3. the shadows move after the losses (``do_ema_step``): γ_{t+1} = d·γ_t + (1 − d)·θ_t from this step's student
+     θ_t, not at step 0; the cls-head center moves (takes effect next step)
+  4. the student's update (fairseq's Adam by default, after clipping)
   Gradient accumulation (``config.optim.accum_steps`` = A > 1): 2–4 run on A interleaved micro-batches in a
   ``lax.scan`` (masks drawn once for the whole batch), gradients, losses and batch statistics averaged: the update is
   the one of the whole batch, with a micro-batch's activation memory.
-  5. non-finite guard: if the loss or the gradient norm is NaN/Inf, the state keeps its previous values (only the step
-     counter advances) and ``metrics['nonfinite']`` is 1; the trainer then stops or skips (``config.nonfinite``)
+  5. non-finite guard: if the loss, the gradient norm or any value of the updated state (student, optimizer moments,
+     EMA teacher, center) is NaN/Inf, the state keeps its previous values (only the step counter advances) and
+     ``metrics['nonfinite']`` is 1 (``nonfinite_state`` 1 when the updated state was the cause); the trainer then
+     stops or skips (``config.nonfinite``, ``config.nonfinite_max_skips``): no NaN ever reaches a checkpoint
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ from matpac_jax.objectives import matpac as obj
 from matpac_jax.train.state import TrainState
 
 NONFINITE_ACTIONS = ("stop", "skip")
+
+
+def all_finite(tree) -> jax.Array:
+    """True (a bool scalar) when every floating-point leaf of ``tree`` is free of NaN / Inf: one reduction per leaf,
+    fused by XLA into the computation that produces it."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def moments(x: jax.Array) -> jax.Array:
@@ -53,12 +65,15 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         step = state.step
         started = step > 0
-        d_enc = obj.linear_anneal(step, o.ema_start, o.ema_end, total)
-        d_head = obj.linear_anneal(step, o.head_ema_start, o.head_ema_end, total)
-        teacher = {
-            "encoder": obj.ema(state.teacher["encoder"], state.student["encoder"], jnp.where(started, d_enc, 1.0)),
-            "cls_head": obj.ema(state.teacher["cls_head"], state.student["cls_head"], jnp.where(started, d_head, 1.0)),
-        }
+        d_enc, w_enc = obj.ema_weights(step, o.ema_start, o.ema_end, total)
+        d_head, w_head = obj.ema_weights(step, o.head_ema_start, o.head_ema_end, total)
+        teacher = state.teacher  # the forward uses γ_t; the shadows move after the losses
+        moved_teacher = {
+            "encoder": obj.ema(teacher["encoder"], state.student["encoder"], jnp.where(started, d_enc, 1.0),
+                               jnp.where(started, w_enc, 0.0)),
+            "cls_head": obj.ema(teacher["cls_head"], state.student["cls_head"], jnp.where(started, d_head, 1.0),
+                                jnp.where(started, w_head, 0.0)),
+        }  # fmt: skip
         audio_is_float = jnp.issubdtype(batch["audio"].dtype, jnp.floating)
         mel = log_mel(batch["audio"], frontend_cfg)  # [B, F, T]
         mcl_t = obj.mcl_temperature(step, o.mcl_temp_init, o.mcl_temp_decay)
@@ -116,8 +131,9 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         stat = stats["mean_probs"] if o.center_from == "probs" else stats["mean_logits"]
         center = obj.update_center(state.center, stat[None], o.center_momentum)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updated = (student, teacher, center, opt_state)
+        updated = (student, moved_teacher, center, opt_state)
+        state_finite = all_finite(updated)  # a finite loss can still give a NaN state (an lr, a momentum, overflow)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         kept = (state.student, state.teacher, state.center, state.opt_state)
         student, teacher, center, opt_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
         new_state = TrainState(step=step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state)
@@ -130,6 +146,7 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             lr=lr_fn(step),
             grad_norm=grad_norm,
             nonfinite=1.0 - finite.astype(jnp.float32),
+            nonfinite_state=1.0 - state_finite.astype(jnp.float32),
             nonfinite_inputs=jnp.sum(~jnp.isfinite(batch["audio"])) if audio_is_float else jnp.zeros((), jnp.int32),
             ema_decay=d_enc,
             head_ema_decay=d_head,
