@@ -14,24 +14,32 @@ head's class ``i`` is the ``i``-th row of the label file sorted by ``mid``, as i
 
 ``--output`` ending in ``.npz``: arrays ``paths`` [N] (as given / relative to the folder) and ``clip`` [N, 3840], and
 with ``--frames`` one ``frames/<i>`` [T_i, 3840] per file (row i of ``paths``). Otherwise a folder receiving
-``<path>.clip.npy`` (and ``<path>.frames.npy``) per file, mirroring the input tree.
+``<path>.clip.npy`` (and ``<path>.frames.npy``) per file, mirroring the input tree. Every output stays inside
+``--output``: a CSV path's ``..`` and leading ``/`` are dropped from its output name (``../x.wav`` -> ``x.wav``), and
+two inputs with the same output name (also when they differ only in case) get distinct ones (``x~2.wav``); each such
+renaming is printed. A CSV row without a path is skipped and reported with its line number.
+
+The outputs are checked before any audio is encoded (an output that cannot be written: exit 2, naming it); each file
+is written atomically, and the count printed at the end is of the files actually written.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
 import numpy as np
 
 from matpac_jax.audio.io import AudioError, load_audio
+from matpac_jax.fileio import atomic_save_npz, atomic_write, atomic_write_json, unwritable_reason
 
 
-def list_inputs(path: str) -> list[tuple[str, str]]:
-    """[(name, file)]: name is the key written to the output (relative path for folders, as written in a CSV)."""
+def list_inputs(path: str, skipped: list | None = None) -> list[tuple[str, str]]:
+    """[(name, file)]: name is the key written to the output (relative path for folders, as written in a CSV). A CSV
+    row without a path is appended to ``skipped`` as {path, reason} naming its line (a ``ValueError`` without
+    ``skipped``)."""
     from matpac_jax.data.prepare import AUDIO_EXTENSIONS
 
     if os.path.isdir(path):
@@ -43,15 +51,60 @@ def list_inputs(path: str) -> list[tuple[str, str]]:
                     out.append((os.path.relpath(full, path), full))
         return sorted(out)
     if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "path" not in rows[0]:
-            raise ValueError(f"{path}: expected a CSV with a 'path' column")
-        base = os.path.dirname(os.path.abspath(path))
-        return [(r["path"], r["path"] if os.path.isabs(r["path"]) else os.path.join(base, r["path"])) for r in rows]
+        return _csv_inputs(path, skipped)
     if os.path.isfile(path):
         return [(os.path.basename(path), path)]
     raise FileNotFoundError(f"--input={path}: no such file or folder")
+
+
+def _csv_inputs(path: str, skipped: list | None) -> list[tuple[str, str]]:
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a column
+        reader = csv.DictReader(f)
+        try:
+            if "path" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: expected a CSV with a 'path' column (header: {reader.fieldnames})")
+            for row in reader:
+                name = row.get("path") or ""
+                if not name.strip() or "\0" in name:
+                    what = "a NUL character in its path" if name.strip() else "no path"
+                    reason = f"line {reader.line_num} has {what}"
+                    if skipped is None:
+                        raise ValueError(f"{path}: {reason}")
+                    skipped.append({"path": f"{path}:{reader.line_num}", "reason": reason})
+                    continue
+                out.append((name, name if os.path.isabs(name) else os.path.join(base, name)))
+        except csv.Error as e:  # e.g. a NUL character, an unterminated quote
+            raise ValueError(f"{path}: line {reader.line_num}: not readable as CSV ({e})") from None
+    return out
+
+
+def output_key(name: str) -> str:
+    """A relative path under the output folder for an input ``name``: normalised, ``..`` and leading ``/`` dropped
+    (``../a/x.wav`` -> ``a/x.wav``, ``/data/x.wav`` -> ``data/x.wav``); never empty, never leaves the folder."""
+    path = os.path.normpath(os.path.splitdrive(name)[1])
+    parts = [p for p in path.replace(os.sep, "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) or "_"
+
+
+def output_keys(names: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(one distinct output key per name, [(name, key)] for each name whose key is not the name itself). Keys are
+    distinct even ignoring case (case-insensitive file systems); a repeated key gets ``~2``, ``~3``... before its
+    extension."""
+    keys, renamed, seen = [], [], set()
+    for name in names:
+        key = base = output_key(name)
+        stem, ext = os.path.splitext(base)
+        k = 1
+        while key.casefold() in seen:
+            k += 1
+            key = f"{stem}~{k}{ext}"
+        seen.add(key.casefold())
+        keys.append(key)
+        if key != name:
+            renamed.append((name, key))
+    return keys, renamed
 
 
 def audioset_labels(path: str) -> list[str]:
@@ -64,8 +117,8 @@ def audioset_labels(path: str) -> list[str]:
 
 
 def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: list, progress: bool = True, tag=False):
-    """Yields (name, clip [D], frames [T, D] or None, tags [C] or None) per decodable file; appends {path, reason}
-    to ``skipped``."""
+    """Yields (name, clip [D], frames [T, D] or None, tags [C] or None) per decodable file, in the order of ``files``
+    (``name`` is passed through as given); appends {path, reason} to ``skipped``."""
     bar = None
     if progress:
         try:
@@ -90,7 +143,44 @@ def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: li
         bar.close()
 
 
+def _outputs(args, keys: list[str]) -> list[str]:
+    """Every file the run may write (the report last); raises ``ValueError`` naming the first one that cannot be."""
+    if args.output.endswith(".npz"):
+        paths = [args.output]
+    else:
+        suffixes = (".clip.npy", ".frames.npy") if args.frames else (".clip.npy",)
+        why = unwritable_reason(args.output, directory=True)
+        if why:
+            raise ValueError(f"--output={args.output}: {why}")
+        paths = [os.path.join(args.output, key + suffix) for key in keys for suffix in suffixes]
+    paths.append(args.output.rstrip("/") + ".skipped.json")
+    for path in paths:
+        why = unwritable_reason(path)
+        if why:
+            raise ValueError(f"cannot write {path}: {why}; choose another --output")
+    return paths
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _report_renamed(output: str, renamed: list[tuple[str, str]]) -> None:
+    """One stderr line per input whose output name was made distinct, one line for those only made relative."""
+    moved = [(name, key) for name, key in renamed if key == output_key(name)]
+    for name, key in renamed:
+        if key != output_key(name):
+            print(f"renamed: {name} -> {os.path.join(output, key)}.clip.npy (same output name as another input)",
+                  file=sys.stderr)  # fmt: skip
+    if moved:
+        name, key = moved[0]
+        print(f"note: {len(moved)} output names had '..' or a leading '/' removed to stay inside {output} "
+              f"(e.g. {name} -> {os.path.join(output, key)}.clip.npy)", file=sys.stderr)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. Bad arguments or unwritable outputs: one ``error:`` line and exit 2 before any audio is encoded. Exit 1
+    when an output file could not be written during the run (listed in the report with the skipped files)."""
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.embed", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--input", required=True, help="audio file, folder or CSV with a 'path' column")
@@ -103,23 +193,33 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from matpac_jax.inference import load_encoder
 
+    skipped = []
     try:
-        files = list_inputs(args.input)
+        files = list_inputs(args.input, skipped)
+        keys, renamed = output_keys([name for name, _ in files])
+        report = _outputs(args, keys)[-1]
         encoder = load_encoder(args.checkpoint, chunk_batch=args.chunk_batch)
         labels = audioset_labels(args.labels) if args.labels else None
         if args.tag and "head" not in encoder.params:
             raise ValueError(
                 f"--tag: {args.checkpoint} has no AudioSet head (convert a fine-tuned checkpoint with head.*)"
             )
+        classes = np.shape(encoder.params["head"]["bias"])[0] if args.tag else None
+        if args.tag and labels is not None and len(labels) != classes:
+            raise ValueError(f"--labels={args.labels}: {len(labels)} labels for a head of {classes} classes")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not files:
-        print(f"error: no audio files in {args.input}", file=sys.stderr)
+        rows = f" ({len(skipped)} rows without a path)" if skipped else ""
+        print(f"error: no audio files in {args.input}{rows}", file=sys.stderr)
         return 2
-    names, clips, frames, tags, skipped = [], [], [], [], []
     to_npz = args.output.endswith(".npz")
-    for name, clip, frame, tag in embed_files(encoder, files, args.frames, skipped, tag=args.tag):
+    if not to_npz:
+        _report_renamed(args.output, renamed)
+    names, clips, frames, tags, failed = [], [], [], [], 0
+    keyed = [((name, key), path) for (name, path), key in zip(files, keys, strict=True)]
+    for (name, key), clip, frame, tag in embed_files(encoder, keyed, args.frames, skipped, tag=args.tag):
         if tag is not None:
             top = np.argsort(-tag)[: args.top_k]
             print(f"{name}: " + ", ".join(f"{labels[i] if labels else i} ({tag[i]:.2f})" for i in top))
@@ -128,28 +228,37 @@ def main(argv: list[str] | None = None) -> int:
             names.append(name)
             clips.append(clip)
             frames.append(frame)
-        else:
-            stem = os.path.join(args.output, name)
-            os.makedirs(os.path.dirname(stem), exist_ok=True)
-            np.save(stem + ".clip.npy", clip)
+            continue
+        stem = os.path.join(args.output, key)
+        try:
+            _save_npy(stem + ".clip.npy", clip)
             if frame is not None:
-                np.save(stem + ".frames.npy", frame)
-            names.append(name)
+                _save_npy(stem + ".frames.npy", frame)
+        except OSError as e:
+            skipped.append({"path": name, "reason": f"cannot write its output {stem}.clip.npy: {e}"})
+            failed += 1
+            continue
+        names.append(name)
     if to_npz:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         arrays = {"paths": np.array(names), "clip": np.stack(clips) if clips else np.zeros((0, 0), np.float32)}
         if args.frames:
             arrays |= {f"frames/{i}": f for i, f in enumerate(frames)}
         if tags:
             arrays["tags"] = np.stack(tags)
-        np.savez(args.output, **arrays)
-    report = args.output.rstrip("/") + ".skipped.json"
-    with open(report, "w") as f:
-        json.dump(skipped, f, indent=1)
+        try:
+            atomic_save_npz(args.output, **arrays)
+        except OSError as e:
+            print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+            names, failed = [], len(names)
+    try:
+        atomic_write_json(report, skipped)
+    except OSError as e:
+        print(f"error: cannot write {report}: {e}", file=sys.stderr)
+        failed += 1
     for s in skipped:
         print(f"skipped: {s['path']}: {s['reason']}", file=sys.stderr)
     print(f"embedded {len(names)} files -> {args.output}; skipped {len(skipped)} (listed in {report})")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

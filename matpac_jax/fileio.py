@@ -76,6 +76,22 @@ def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def unwritable_reason(path: str | os.PathLike, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a file (or, with ``directory``, used as a directory), or ``None`` when it
+    can: it is not the other kind, and its nearest existing ancestor is a writable directory. Nothing is created."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        return f"{path} exists and is not a {'directory' if directory else 'file'}"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -85,6 +101,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_arrays(arrays) -> str:
+    """Digest of a mapping name -> array in sorted name order: each name, dtype, shape and the C-order bytes (the
+    same arrays give the same digest whatever their memory layout or device, a changed value another one)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
