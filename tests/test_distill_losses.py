@@ -24,7 +24,8 @@ def _reference(name, s, t, temperature=None):
     if name == "kl_softmax":
         p = np.exp(t / temperature - _np_logsumexp(t / temperature, 1)[:, None])
         q = np.exp(s / temperature - _np_logsumexp(s / temperature, 1)[:, None])
-        return (p * np.log(p / q)).sum(1)
+        # KLDivLoss(reduction="none") averaged over dimensions, x T^2 (ssondo system.py:307-327 `_kd_loss_kl_div`)
+        return (p * np.log(p / q)).mean(1) * temperature**2
     if name == "l1":
         return np.abs(s - t).mean(1)
     return ((s - t) ** 2).mean(1)

@@ -1,6 +1,6 @@
 """S-SONDO distillation losses between projected student embeddings and teacher clip embeddings (SPEC §6).
 
-All take ``student`` and ``teacher`` [B, D] and return the batch mean (float32). The paper's 7-task averages: 1 − cos
+``distill_loss`` takes ``student`` and ``teacher`` [B, D] and returns the batch mean (float32). The paper's 7-task averages: 1 − cos
 72.7 (the default), symmetric InfoNCE 72.3, KL on softmax 66.2, L1 65.6, MSE 62.7. ``mixup_loss`` applies a loss to
 a λ-mixed batch against both targets: ``λ · L(s, t_a) + (1 − λ) · L(s, t_b)`` per example.
 """
@@ -33,11 +33,14 @@ def info_nce(student: jax.Array, teacher: jax.Array, temperature: float = 0.1) -
 
 
 def kl_softmax(student: jax.Array, teacher: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """Per example KL(softmax(t / τ) || softmax(s / τ)) over the embedding dimensions."""
+    """Per example τ² · mean over the embedding dimensions of p · (log p − log q), p = softmax(t / τ),
+    q = softmax(s / τ): the published ``KLDivLoss(reduction="none")`` averaged over dimensions (and, by
+    ``distill_loss``, the batch) and scaled by τ² (MedAliAdlouni/ssondo knowledge_distillation_training/system.py
+    ``_kd_loss_kl_div``). It is KL(p || q) · τ² / D."""
     s, t = _f32(student, teacher)
     log_p = jax.nn.log_softmax(t / temperature, -1)
     log_q = jax.nn.log_softmax(s / temperature, -1)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+    return temperature**2 * jnp.mean(jnp.exp(log_p) * (log_p - log_q), -1)
 
 
 def l1(student: jax.Array, teacher: jax.Array) -> jax.Array:
