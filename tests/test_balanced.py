@@ -34,6 +34,22 @@ def test_kmeans_recovers_separated_clusters_from_a_memmap(tmp_path):
     assert out["inertia"] == pytest.approx(d2.min(1).mean(), rel=1e-4)
 
 
+def test_kmeans_best_of_several_inits_and_epochs():
+    """``inits``: the best k-means++ start by inertia on a validation sample is kept, so more inits never end worse
+    on data with a bad local optimum for a single start; ``epochs`` sets ceil(epochs · N / batch) steps (as
+    scikit-learn's MiniBatchKMeans n_init and max_iter, which S-SONDO's clustering uses: 10 and 100)."""
+    x, truth, _ = _blobs(n=3000)
+    one = fit_kmeans(x, k=5, seed=3, steps=0, batch=500, init_sample=300, inits=1)
+    many = fit_kmeans(x, k=5, seed=3, steps=0, batch=500, init_sample=300, inits=8)
+    assert many["inertia"] <= one["inertia"] * 1.01
+    out = fit_kmeans(x, k=5, seed=3, batch=500, init_sample=300, inits=2, epochs=2.5)
+    assert out["steps"] == 15  # ceil(2.5 * 3000 / 500)
+    for c in range(5):
+        assert len(np.unique(out["assignments"][truth == c])) == 1
+    with pytest.raises(ValueError, match="inits >= 1"):
+        fit_kmeans(x, k=5, inits=0)
+
+
 def test_kmeans_pp_spreads_initial_centres():
     x, truth, _ = _blobs(n=2000)
     init = kmeans_pp(x, 5, np.random.default_rng(0))
