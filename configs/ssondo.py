@@ -43,17 +43,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.nonfinite_max_skips = 10
     c.profile_steps = ""
 
-    c.audio = dict(  # SPEC §6: the student front-end, computed on device
+    c.audio = dict(  # SPEC §6: S-SONDO's student front-end (its utils/preprocess.py LogMelSpectrogram), on device
         sample_rate=32_000,
         n_fft=1024,
-        win_length=800,
-        hop_length=320,
+        win_length=1024,  # 32 ms, periodic Hann, center=False, Slaney mel scale and norm: 624 frames per 10 s
+        hop_length=512,  # 16 ms
         n_mels=128,
         f_min=50.0,
         f_max=16_000.0,
-        log_offset=1e-3,
-        norm_mean=-4.5,  # EfficientAT's fixed normalisation: (log-mel + 4.5) / 5
-        norm_std=5.0,
+        log_offset=1e-3,  # log(x + 1e-3)
+        norm_mean=None,  # no normalisation (EfficientAT's (x + 4.5) / 5 belongs to its own, other front-end)
+        norm_std=None,
         seconds=10.0,  # every clip is exactly this long (first 10 s, zero-padded), for the teacher pass too
     )
 

@@ -262,6 +262,31 @@ def test_log_mel_matches_librosa_melspectrogram(batch16: np.ndarray) -> None:
     assert max_err(log_mel(jnp.asarray(batch16)), ref) <= TOL
 
 
+def test_ssondo_recipe_front_end_is_the_published_student_transform() -> None:
+    """configs/ssondo.py's front-end is S-SONDO's (MedAliAdlouni/ssondo training_ssondo/utils/preprocess.py
+    ``LogMelSpectrogram``: torchaudio MelSpectrogram at 32 kHz, n_fft = win = 1024 (32 ms), hop 512 (16 ms), 128
+    Slaney mels 50-16,000 Hz with Slaney norm, periodic Hann, center=False, then log(x + 1e-3), no normalisation):
+    624 frames per 10 s, equal to librosa in float64 within 1e-4 on 10 s of realistic audio; the ONNX export's
+    constant is the same transform."""
+    from helpers import load_config
+
+    from matpac_jax.distill.export import STUDENT_FRONTEND
+
+    cfg = LogMelConfig.from_audio_config(load_config("ssondo.py", None).audio)
+    assert cfg == STUDENT_FRONTEND
+    assert num_frames(10 * 32000, cfg) == 624
+    rng = np.random.default_rng(5)
+    wave = realistic_signal(rng, 10 * 32000, 32000, 0.3)[None]
+    mel = librosa.feature.melspectrogram(y=wave.astype(np.float64), sr=32000, n_fft=1024, hop_length=512,
+                                         win_length=1024, window="hann", center=False, power=2.0, n_mels=128,
+                                         fmin=50.0, fmax=16000.0, htk=False, norm="slaney",
+                                         dtype=np.float64)  # fmt: skip
+    ref = np.log(mel + 1e-3)
+    out = log_mel(jnp.asarray(wave), cfg)
+    assert out.shape == ref.shape == (1, 128, 624)
+    assert max_err(out, ref) <= TOL
+
+
 @pytest.mark.parametrize(
     "wrong",
     [{"symmetric_window": True}, {"center": True}, {"htk": True}, {"log10": True}],

@@ -70,11 +70,10 @@ __all__ = [
     "student_fn",
 ]
 
-# The students' front-end (SPEC §6): 32 kHz, 1024-point FFT of 800-sample windows every 320 samples, 128 mels from
-# 50 Hz to 16 kHz, log(x + 1e-3), here without normalisation. A trained student is exported with the front-end of
-# its own config (normalisation included): the CLI below.
-# The recipe's student front-end (SPEC §6, configs/ssondo.py); a trained student carries its own (Student.load).
-STUDENT_FRONTEND = LogMelConfig(32000, 1024, 800, 320, 128, 50.0, 16000.0, 1e-3, -4.5, 5.0)
+# The recipe's student front-end (SPEC §6, configs/ssondo.py): 32 kHz, 1024-sample periodic Hann windows every 512
+# samples, 128 Slaney mels from 50 Hz to 16 kHz, log(x + 1e-3), no normalisation. A trained student is exported with
+# the front-end of its own config (Student.load): the CLI below.
+STUDENT_FRONTEND = LogMelConfig(32000, 1024, 1024, 512, 128, 50.0, 16000.0, 1e-3, None, None)
 CLIP_SAMPLES = 320_000  # a 10-s clip at 32 kHz
 DEFAULT_OPSET = 20  # the first opset with the DFT signature jax2onnx emits
 
