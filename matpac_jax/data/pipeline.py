@@ -2,7 +2,7 @@
 
 Pipeline (``pretrain_dataset``)::
 
-    ArrayRecordDataSource(sorted files) -> MapDataset.source -> EpochShuffle (infinite) -> decode + random crop
+    ArrayRecordDataSource(expand_files) -> MapDataset.source -> EpochShuffle (infinite) -> decode + random crop
       -> [process_index::process_count] -> to_iter_dataset -> skip short clips -> batch(B_local) -> mp_prefetch
 
 Batches hold int16 PCM (``{'audio': int16 [B_local, crop]}``): half the bytes of float32 to move between worker
@@ -23,6 +23,10 @@ would not survive worker processes or a restore): the number of clips shorter th
 read from the shard manifest / headers. A process that reads as many consecutive short clips as the dataset has records
 raises (every clip shorter than a crop).
 
+Files (``expand_files``): globs, paths, or the output folder of ``python -m matpac_jax.data.prepare`` (or its
+``manifest.json``), which stands for exactly the manifest's shards; every shard is checked to be a readable ArrayRecord
+file before training starts. Worker processes exit when the trainer is gone, even when it was killed with SIGKILL.
+
 Resume: the iterator's ``get_state()`` is a small JSON-able dict; ``set_state`` on a fresh iterator of the same
 pipeline (same arguments, same worker count) continues with exactly the batches that would have followed.
 """
@@ -31,33 +35,80 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import multiprocessing
+import os
 import signal
 import sys
+import threading
+import time
 
 import grain
 import numpy as np
 
-from matpac_jax.data.records import decode_pcm
+from matpac_jax.data.records import check_shard, decode_pcm
 
 SHORT_CLIPS = ("skip", "pad")
 
 
+def _manifest_paths(pattern: str) -> list[str]:
+    """The shards a prepare manifest lists (``pattern``: its folder or its ``manifest.json``), each checked to hold
+    the manifest's record count; ValueError naming the missing or mismatched shard."""
+    from matpac_jax.data.prepare import manifest_shards  # lazy: grain workers need not import the preparation code
+
+    try:
+        listed = manifest_shards(pattern)
+    except ValueError as e:
+        raise ValueError(f"config.data.train: {e}") from None
+    for path, clips in listed:
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"config.data.train: {path}, listed in the manifest of {pattern!r}, is missing: rerun "
+                "python -m matpac_jax.data.prepare with the same flags to rebuild it"
+            )
+        found = check_shard(path)
+        if found != clips:
+            raise ValueError(
+                f"config.data.train: {path} holds {found} records, its manifest says {clips}: the shard was replaced "
+                "or the manifest is stale; rerun python -m matpac_jax.data.prepare with the same flags"
+            )
+    return [path for path, _ in listed]
+
+
 def expand_files(files: list[str] | str) -> list[str]:
-    """Sorted, de-duplicated paths matching a glob or a list of globs / paths; ValueError naming an empty pattern."""
+    """Sorted, de-duplicated shard paths of a glob, a list of globs / paths, or a prepare output.
+
+    An entry that is a folder, or a ``.json`` file, is a prepare manifest (``<output>`` or ``<output>/manifest.json``)
+    and stands for exactly the shards it lists (not the other files of the folder), each checked to hold the record
+    count the manifest says. Every path is checked to be a readable ArrayRecord file (``records.check_shard``: its
+    footer and index, so a truncated or foreign file is named here rather than failing inside grain). ValueError
+    naming the pattern or the file, and what to do.
+    """
     patterns = [files] if isinstance(files, str) else list(files)
     if not patterns:
         raise ValueError("config.data.train: no files given")
-    paths = set()
+    paths, checked = set(), set()
     for pattern in patterns:
         if "://" in pattern:
             raise ValueError(
                 f"config.data.train: {pattern!r} is a URL; shards are read from a filesystem path: mount the bucket "
                 "(e.g. gcsfuse at /mnt/gcs) or copy the shards to local disk, and give that path's glob"
             )
+        if os.path.isdir(pattern) or (pattern.endswith(".json") and os.path.isfile(pattern)):
+            listed = _manifest_paths(pattern)
+            paths.update(listed)
+            checked.update(listed)
+            continue
         matches = glob.glob(pattern)
         if not matches:
             raise ValueError(f"config.data.train: no files match {pattern!r}")
         paths.update(matches)
+    for path in sorted(paths - checked):
+        if not os.path.isfile(path):
+            raise ValueError(f"config.data.train: {path} is not a file: give shard files, a glob of them or a manifest")
+        try:
+            check_shard(path)
+        except ValueError as e:
+            raise ValueError(f"config.data.train: {e}") from None
     return sorted(paths)
 
 
@@ -92,18 +143,42 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._perm[pos])]
 
 
+PARENT_POLL_SECONDS = 0.5
+
+
+def _exit_with_parent() -> None:
+    """In a worker process: a daemon thread ends this process once its parent is gone (its parent pid changes when
+    the parent dies and the worker is re-parented), so workers never outlive a killed trainer. Polling rather than
+    ``prctl(PR_SET_PDEATHSIG)``: that signal follows the *thread* that started the worker, and grain starts workers
+    from short-lived threads. A no-op outside a multiprocessing child."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return
+    parent_pid = parent.pid
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)  # the trainer is gone: nobody reads this worker's batches
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
     """Init of each grain worker process.
 
     1. Ignore SIGTERM: a scheduler signals the whole process group on preemption, and the trainer must still read the
        data iterator's state to save it; it stops the workers itself.
-    2. Let glibc's malloc reuse freed batch-sized buffers: a fresh process maps every buffer above 128 kB (a record, a
+    2. Exit when the trainer is gone (``_exit_with_parent``): a trainer killed with SIGKILL (out of memory, a
+       scheduler's hard kill) cannot stop its workers, and they ignore SIGTERM.
+    3. Let glibc's malloc reuse freed batch-sized buffers: a fresh process maps every buffer above 128 kB (a record, a
        crop, a batch) anew and unmaps it on free, so each allocation page-faults its memory in again: measured 2x the
        CPU per crop in a grain worker (0.61 vs 0.30 CPU-ms, bench/input_pipeline.py). An mmap threshold of 64 MB and
        a trim threshold of 256 MB keep them in the heap (a no-op where ``mallopt`` is not glibc's).
     """
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -164,7 +239,8 @@ def pretrain_dataset(
 ) -> grain.IterDataset:
     """Infinite dataset of this process's batches ``{'audio': int16 [global_batch / process_count, crop_samples]}``.
 
-    ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records. ``workers > 0`` decodes in
+    ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records, or a prepare output folder /
+    its ``manifest.json`` (exactly the shards it lists; ``expand_files``). ``workers > 0`` decodes in
     that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker); ``workers=0`` reads in
     the calling thread, which the trainer overlaps with the device step through JAX's asynchronous dispatch.
     ``read_threads`` are grain's read/decode threads per process: 0 (the default) reads in the process's own thread,

@@ -2,24 +2,42 @@
 
     python -m matpac_jax.data.prepare --input=<folder | csv> --output=<dir> --num-shards=N --workers=M \\
         [--codec=pcm16|flac] [--compression=none|zstd] [--labels=class_labels_indices.csv] [--audio-root=DIR] \\
-        [--min-seconds=0] [--sample-rate=16000]
+        [--min-seconds=0] [--max-seconds=3600] [--sample-rate=16000] [--replace]
 
 Inputs: a folder (walked recursively for audio files; key = path relative to the folder without extension, '/'
 separated, no labels); an AudioSet segment CSV (``#`` comments, rows ``YTID, start, end, "mid,mid"``; ``--labels``
 maps mids to indices; the file of a YTID is found under ``--audio-root`` (default: the CSV's folder) by its stem:
 ``{YTID}_{start_ms}``, else ``{YTID}``, else the first ``{YTID}_*``; key = ``audioset_key``); or a generic CSV whose
 header has ``path`` and optionally ``labels`` (ints, space or comma separated) and ``key`` (default: the path as
-written, without extension; relative paths are resolved against ``--audio-root`` or the CSV's folder).
+written, without extension; relative paths are resolved against ``--audio-root`` or the CSV's folder). CSVs are
+UTF-8 text. A file name that is not valid UTF-8 is read as the bytes it names; its key and recorded path show the
+undecodable bytes as ``\\xNN`` escapes.
 
 Sharding: clips are sorted by key and shard ``i`` gets ``clips[i::num_shards]`` (round robin), so a re-run with the
 same input and ``num_shards`` produces the same shards byte for byte, whatever ``workers``. Each shard is one task
-(in a ``spawn`` process pool when ``workers > 1``): decode, encode, ``write_shard`` (atomic), then a sidecar
-``<shard>.json`` (atomic) with its clip count, seconds, skipped files and a fingerprint of its clip list and settings.
-A shard whose file and matching sidecar exist is "already done" and not rebuilt, so an interrupted job resumes.
+(with ``workers > 1``, each task runs in its own ``spawn`` process, at most ``workers`` at a time): decode, encode,
+``write_shard`` (atomic), then a sidecar ``<shard>.json`` (atomic) with its clip count, seconds, skipped files and a
+fingerprint of its clip list and settings. A shard whose file is a readable ArrayRecord file with the record count of
+its matching sidecar is "already done" and not rebuilt, so an interrupted job resumes.
+
+Reading the shards: give the trainer the output folder or its ``manifest.json`` (``--config.data.train=<output>``):
+that resolves to exactly the manifest's shards. A glob over the folder (``<output>/*.arrayrecord``) reads every
+shard file in it, so an output folder only ever holds the shards of one plan: shards of another ``num_shards`` (or
+any other ``*.arrayrecord`` file) there make ``prepare`` refuse, unless ``--replace`` is given, which deletes them
+(and their sidecars) after the new shards and manifest are written.
+
+Failures: a file that cannot be used (undecodable, truncated, empty, too short, too long, a sample rate outside
+1 kHz..768 kHz, non-finite samples, or an unexpected error decoding it, such as running out of memory) is skipped
+and reported by name; it never stops the run. A worker process that dies (e.g. killed by the out-of-memory killer)
+fails only its shard: the others are finished, then ``prepare`` raises ``PrepareError`` naming the failed shards and
+writes no manifest; the same command resumes. Temporary files left by a killed writer (``*.tmp-<pid>-*`` of a process
+that no longer runs) are removed when ``prepare`` starts. Unusable inputs and settings raise ``PrepareError`` (the CLI
+prints one line and exits 2).
 
 The manifest ``<output>/manifest.json`` holds ``schema_version``, ``parameters``, ``shards`` (file, clips, seconds),
 ``total_clips``, ``total_hours``, ``skipped`` ({key, path, reason}: undecodable, too short, missing, duplicate key,
-unknown label) and ``duplicates`` ({key, path, first}); ``run`` holds what varies between runs (time, counts built).
+unknown label, bad CSV row) and ``duplicates`` ({key, path, first}); ``run`` holds what varies between runs (time,
+counts built, temporaries and foreign shards removed).
 """
 
 from __future__ import annotations
@@ -30,39 +48,56 @@ import hashlib
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterable
 
-from matpac_jax.audio.io import AudioError, load_audio
+from matpac_jax.audio.io import MAX_RATE, MIN_RATE, AudioError, load_audio
 from matpac_jax.data.records import (
     CODECS,
     COMPRESSIONS,
     ClipRecord,
     audioset_key,
+    check_shard,
     encode_record,
     shard_name,
     write_shard,
 )
+from matpac_jax.fileio import TMP_MARK, atomic_write_json, unwritable_reason
 
 MANIFEST_VERSION = 1
+MANIFEST = "manifest.json"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+MAX_SHARDS = 99999  # shard names hold 5 digits
+DEFAULT_MAX_SECONDS = 3600.0
+KILL_SHARD_ENV = "MATPAC_JAX_PREPARE_KILL_SHARD"  # fault injection for tests: the worker of this shard SIGKILLs itself
+_IN_WORKER = False  # True in a worker process of ``_run_parallel`` (where KILL_SHARD_ENV applies)
 
-Clip = dict  # {"key": str, "path": str, "labels": list[int]}
+Clip = dict  # {"key": str, "path": str, "labels": list[int]}; "path" may hold surrogate escapes (undecodable bytes)
 
 
 class PrepareError(ValueError):
-    """An unusable input (missing, no audio, no labels CSV for AudioSet); the CLI prints it and exits 2."""
+    """An unusable input or setting, or shards that could not be built; the CLI prints it and exits 2."""
 
 
-def _write_json(path: str, obj: object) -> None:
-    """Write JSON to ``path`` atomically (temp file + rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def _shown(text: str) -> str:
+    """``text`` as valid UTF-8: the undecodable bytes of a file name (surrogate escapes) become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _json_safe(obj):
+    """``obj`` with every string made valid UTF-8 (``_shown``), for the sidecars and the manifest."""
+    if isinstance(obj, str):
+        return _shown(obj)
+    if isinstance(obj, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _audio_files(root: str) -> list[str]:
@@ -76,36 +111,102 @@ def _audio_files(root: str) -> list[str]:
 
 def _folder_clips(root: str) -> list[Clip]:
     return [
-        {"key": os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "/"), "path": p, "labels": []}
+        {"key": _shown(os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "/")), "path": p, "labels": []}
         for p in _audio_files(root)
     ]
 
 
 def _parse_labels(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
+    """Class indices, space or comma separated; ValueError for anything but non-negative integers."""
+    labels = [int(t) for t in text.replace(",", " ").split()]
+    if any(label < 0 for label in labels):
+        raise ValueError(f"negative label in {text!r}")
+    return labels
 
 
-def _read_rows(csv_path: str) -> list[list[str]]:
-    """CSV rows without '#' comment lines and blank rows, fields stripped."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        lines = [line for line in f if not line.lstrip().startswith("#")]
-    return [[c.strip() for c in row] for row in csv.reader(lines, skipinitialspace=True) if any(row)]
+def _read_rows(csv_path: str, what: str = "--input") -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the CSV rows, without '#' comment lines and blank rows, fields stripped.
+
+    PrepareError naming the file (and line) for a file that is not UTF-8 text or not parseable as CSV.
+    """
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            numbered = [(n, line) for n, line in enumerate(f, 1) if not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as e:
+        raise PrepareError(
+            f"{what}={_shown(csv_path)} is not UTF-8 text ({e.reason} at byte {e.start}): give a folder of audio "
+            "files, an AudioSet segment CSV or a CSV with a 'path' column, saved as UTF-8"
+        ) from None
+    except OSError as e:
+        raise PrepareError(f"{what}={_shown(csv_path)}: cannot read it ({e.strerror})") from None
+    line = 0
+
+    def lines() -> Iterable[str]:
+        nonlocal line
+        for line, text in numbered:  # noqa: B007 (``line``: the last line the reader consumed)
+            yield text
+
+    rows = []
+    try:
+        for row in csv.reader(lines(), skipinitialspace=True):
+            if any(row):
+                rows.append((line, [c.strip() for c in row]))
+    except csv.Error as e:
+        raise PrepareError(f"{what}={_shown(csv_path)}, line {line}: not a readable CSV row ({e})") from None
+    return rows
 
 
-def _audioset_clips(rows: list[list[str]], labels_csv: str | None, audio_root: str) -> tuple[list[Clip], list[dict]]:
+def _label_index(labels_csv: str) -> dict[str, int]:
+    """mid -> index of AudioSet's ``class_labels_indices.csv``; PrepareError naming the line of a bad row."""
+    rows = _read_rows(labels_csv, "--labels")
+    header = [c.lower() for c in rows[0][1]] if rows else []
+    if "mid" not in header or "index" not in header:
+        raise PrepareError(
+            f"--labels={_shown(labels_csv)}: the header must name 'index' and 'mid' columns "
+            f"(class_labels_indices.csv), got {header}"
+        )
+    mid_col, index_col = header.index("mid"), header.index("index")
+    mid_index = {}
+    for line, row in rows[1:]:
+        mid = row[mid_col] if mid_col < len(row) else ""
+        text = row[index_col] if index_col < len(row) else ""
+        try:
+            index = int(text)
+        except ValueError:
+            index = -1
+        if not mid or index < 0:
+            raise PrepareError(
+                f"--labels={_shown(labels_csv)}, line {line}: expected a mid and a non-negative integer index, got "
+                f"mid={mid!r}, index={text!r}"
+            )
+        mid_index[mid] = index
+    return mid_index
+
+
+def _audioset_clips(
+    rows: list[tuple[int, list[str]]], csv_path: str, labels_csv: str | None, audio_root: str
+) -> tuple[list[Clip], list[dict]]:
     if not labels_csv or not os.path.isfile(labels_csv):
         raise PrepareError(f"AudioSet CSV needs --labels=class_labels_indices.csv (got {labels_csv!r})")
-    with open(labels_csv, newline="", encoding="utf-8") as f:
-        mid_index = {row["mid"].strip(): int(row["index"]) for row in csv.DictReader(f, skipinitialspace=True)}
+    mid_index = _label_index(labels_csv)
     by_stem: dict[str, list[str]] = {}
     for p in _audio_files(audio_root):
         by_stem.setdefault(os.path.splitext(os.path.basename(p))[0], []).append(p)
+    name = _shown(os.path.basename(csv_path))
     clips, skipped = [], []
-    for row in rows:
-        if row[0] == "YTID" or len(row) < 4:
+    for line, row in rows:
+        if row[0] == "YTID":
+            continue
+        if len(row) < 4:
+            reason = f"{name} line {line}: expected YTID, start_seconds, end_seconds, positive_labels; got {row}"
+            skipped.append({"key": row[0], "path": "", "reason": reason})
             continue
         ytid, start, mids = row[0], row[1], row[3]
-        key = audioset_key(ytid, start)
+        try:
+            key = audioset_key(ytid, start)
+        except ValueError as e:
+            skipped.append({"key": ytid, "path": "", "reason": f"{name} line {line}: {e}"})
+            continue
         paths = by_stem.get(key) or by_stem.get(ytid) or []
         if not paths:
             paths = [by_stem[s][0] for s in sorted(by_stem) if s.startswith(ytid + "_")][:1]
@@ -123,25 +224,32 @@ def _audioset_clips(rows: list[list[str]], labels_csv: str | None, audio_root: s
 def _collect(input_path: str, labels_csv: str | None, audio_root: str | None) -> tuple[list[Clip], list[dict], str]:
     """(clips in input order, pre-decode skips, input format) of a folder or CSV."""
     if not os.path.exists(input_path):
-        raise PrepareError(f"input does not exist: {input_path}")
+        raise PrepareError(f"input does not exist: {_shown(input_path)}")
     if os.path.isdir(input_path):
         return _folder_clips(input_path), [], "folder"
+    if input_path.lower().endswith(AUDIO_EXTENSIONS):
+        raise PrepareError(
+            f"--input={_shown(input_path)} is an audio file: give the folder holding the audio files, or a CSV "
+            "with a 'path' column listing them"
+        )
     rows = _read_rows(input_path)
     root = audio_root or os.path.dirname(os.path.abspath(input_path))
-    header = [c.lower() for c in rows[0]] if rows else []
+    header = [c.lower() for c in rows[0][1]] if rows else []
     if "path" not in header:
-        return (*_audioset_clips(rows, labels_csv, root), "audioset_csv")
+        return (*_audioset_clips(rows, input_path, labels_csv, root), "audioset_csv")
     clips, skipped = [], []
-    for row in rows[1:]:
+    for line, row in rows[1:]:
         fields = dict(zip(header, row, strict=False))
         path = os.path.join(root, fields.get("path", ""))
         key = fields.get("key") or os.path.splitext(fields.get("path", ""))[0]
         try:
             labels = _parse_labels(fields.get("labels", ""))
         except ValueError:
-            skipped.append({"key": key, "path": path, "reason": f"bad labels {fields.get('labels')!r}"})
+            skipped.append({"key": key, "path": path, "reason": f"line {line}: bad labels {fields.get('labels')!r}"})
             continue
-        if not os.path.isfile(path):
+        if not key:
+            skipped.append({"key": "", "path": path, "reason": f"line {line}: no path and no key"})
+        elif not os.path.isfile(path):
             skipped.append({"key": key, "path": path, "reason": "file not found"})
         else:
             clips.append({"key": key, "path": path, "labels": labels})
@@ -149,12 +257,13 @@ def _collect(input_path: str, labels_csv: str | None, audio_root: str | None) ->
 
 
 def _fingerprint(clips: list[Clip], settings: dict) -> str:
-    blob = json.dumps([settings, clips], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    blob = json.dumps([settings, clips], sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
     return hashlib.sha256(blob).hexdigest()
 
 
 def _load_sidecar(path: str, fingerprint: str) -> dict | None:
-    """The sidecar of a finished shard, or None if the shard must be (re)built."""
+    """The sidecar of a finished shard, or None if the shard must be (re)built: missing, unreadable (truncated, not
+    an ArrayRecord file), or not holding the sidecar's record count, or a sidecar of other clips or settings."""
     if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
         return None
     try:
@@ -162,34 +271,119 @@ def _load_sidecar(path: str, fingerprint: str) -> dict | None:
             side = json.load(f)
     except (OSError, ValueError):
         return None
-    return side if side.get("fingerprint") == fingerprint else None
+    if not isinstance(side, dict) or side.get("fingerprint") != fingerprint:
+        return None
+    try:
+        return side if check_shard(path) == side.get("clips") else None
+    except (OSError, ValueError):
+        return None
 
 
 def _build_shard(task: tuple[int, str, list[Clip], dict, str]) -> dict:
-    """Decode, encode and write one shard and its sidecar; returns the sidecar."""
+    """Decode, encode and write one shard and its sidecar; returns the sidecar.
+
+    A clip that cannot be used, for whatever reason (``AudioError``, a bad record, ``MemoryError``...), is skipped
+    and reported; PrepareError naming the shard when the shard itself cannot be written.
+    """
     index, path, clips, settings, fingerprint = task
     sr, skipped, num_samples = settings["sample_rate"], [], 0
     min_samples = math.ceil(settings["min_seconds"] * sr - 1e-9)
 
     def records() -> Iterable[bytes]:
         nonlocal num_samples
+        if _IN_WORKER and os.environ.get(KILL_SHARD_ENV) == str(index):  # the shard's temporary file now exists
+            os.kill(os.getpid(), signal.SIGKILL)
         for clip in clips:
+            shown = _shown(clip["path"])
             try:
-                wave = load_audio(clip["path"], sample_rate=sr, min_samples=min_samples)
-                record = encode_record(
-                    ClipRecord(clip["key"], wave, sr, clip["labels"], clip["path"]), settings["codec"]
-                )
+                wave = load_audio(clip["path"], sr, min_samples=min_samples, max_seconds=settings["max_seconds"])
+                record = encode_record(ClipRecord(clip["key"], wave, sr, clip["labels"], shown), settings["codec"])
             except (AudioError, ValueError) as e:
-                skipped.append({"key": clip["key"], "path": clip["path"], "reason": getattr(e, "reason", str(e))})
+                skipped.append({"key": clip["key"], "path": shown, "reason": getattr(e, "reason", str(e))})
+                continue
+            except Exception as e:  # MemoryError, a library's own error type...: skip the file, not the run
+                skipped.append({"key": clip["key"], "path": shown, "reason": f"{type(e).__name__}: {e}"})
                 continue
             num_samples += wave.shape[0]
+            del wave
             yield record
 
-    count = write_shard(path, records(), settings["compression"])
-    side = {"index": index, "shard": os.path.basename(path), "clips": count, "seconds": num_samples / sr}
-    side.update(skipped=skipped, fingerprint=fingerprint)
-    _write_json(path + ".json", side)
+    try:
+        count = write_shard(path, records(), settings["compression"])
+        side = {"index": index, "shard": os.path.basename(path), "clips": count, "seconds": num_samples / sr}
+        side.update(skipped=skipped, fingerprint=fingerprint)
+        side = _json_safe(side)
+        atomic_write_json(path + ".json", side)
+    except OSError as e:
+        raise PrepareError(f"cannot write shard {_shown(path)}: {e}") from None
     return side
+
+
+def _shard_process(task: tuple, conn: multiprocessing.connection.Connection) -> None:
+    """Body of a worker process: build one shard and send ("ok", sidecar), ("error", message) or ("bug", traceback)."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    try:
+        message = ("ok", _build_shard(task))
+    except PrepareError as e:
+        message = ("error", str(e))
+    except Exception:
+        message = ("bug", traceback.format_exc())
+    conn.send(message)
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    """How a worker process ended, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = "; the out-of-memory killer? lower --workers or --max-seconds" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode} without a result"
+
+
+def _run_parallel(tasks: list[tuple], workers: int, done) -> list[str]:
+    """Build ``tasks`` in ``spawn`` processes, at most ``workers`` at a time, calling ``done(sidecar)`` for each
+    finished shard; returns one message per shard that failed (its worker died or could not write it). A dying
+    worker never blocks the others: every shard is attempted. Workers still running on any exception are stopped.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    pending, running, failures = list(reversed(tasks)), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                task = pending.pop()
+                receiver, sender = ctx.Pipe(duplex=False)
+                process = ctx.Process(target=_shard_process, args=(task, sender), daemon=True)
+                process.start()
+                sender.close()  # the worker holds the only writer: its death is an EOF here
+                running[receiver] = (process, task)
+            for receiver in multiprocessing.connection.wait(list(running)):
+                process, task = running.pop(receiver)
+                try:
+                    status, payload = receiver.recv()
+                except (EOFError, OSError):
+                    status, payload = "died", None
+                receiver.close()
+                process.join()
+                shard = _shown(os.path.basename(task[1]))
+                if status == "ok":
+                    done(payload)
+                elif status == "error":
+                    failures.append(payload)
+                elif status == "bug":
+                    raise RuntimeError(f"building shard {shard} failed in its worker process:\n{payload}")
+                else:
+                    failures.append(f"{shard}: the worker process building it {_death(process.exitcode)}")
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+        for process, _ in running.values():
+            process.join()
+    return failures
 
 
 def _progress(total: int):
@@ -199,6 +393,64 @@ def _progress(total: int):
     except ImportError:
         return None
     return tqdm(total=total, unit="shard", file=sys.stderr, desc="prepare")
+
+
+def _remove_stale_temporaries(output: str) -> list[str]:
+    """Remove the temporary files (``name.tmp-<pid>-...``) in ``output`` whose writing process no longer runs: what
+    a killed run left. A live writer's (another ``prepare`` on this output) are kept. Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(output)):
+        pid_text = name.rpartition(TMP_MARK)[2].split("-")[0] if TMP_MARK in name else ""
+        full = os.path.join(output, name)
+        if not pid_text.isdigit() or not os.path.isfile(full):
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a live process of another user
+        try:
+            os.remove(full)
+            removed.append(_shown(name))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _foreign_shards(output: str, planned: list[str]) -> list[str]:
+    """The ``*.arrayrecord`` files in ``output`` that are not shards of this plan (sorted names)."""
+    if not os.path.isdir(output):
+        return []
+    keep = {os.path.basename(p) for p in planned}
+    return sorted(
+        n for n in os.listdir(output) if n.endswith(".arrayrecord") and n not in keep
+        and os.path.isfile(os.path.join(output, n))
+    )  # fmt: skip
+
+
+def _check_settings(num_shards, workers, codec, compression, min_seconds, max_seconds, sample_rate) -> None:
+    """PrepareError naming every unusable setting (non-finite or out-of-range numbers, unknown names)."""
+    problems = []
+    if not isinstance(num_shards, int) or not 1 <= num_shards <= MAX_SHARDS:
+        problems.append(f"--num-shards={num_shards} (expected 1 to {MAX_SHARDS})")
+    if not isinstance(workers, int):
+        problems.append(f"--workers={workers!r} (expected an integer)")
+    if codec not in CODECS:
+        problems.append(f"--codec={codec!r} (expected one of {', '.join(CODECS)})")
+    if compression not in COMPRESSIONS:
+        problems.append(f"--compression={compression!r} (expected one of {', '.join(COMPRESSIONS)})")
+    if not isinstance(sample_rate, int) or not MIN_RATE <= sample_rate <= MAX_RATE:
+        problems.append(f"--sample-rate={sample_rate} (expected an integer from {MIN_RATE} to {MAX_RATE})")
+    if not (isinstance(min_seconds, int | float) and math.isfinite(min_seconds) and min_seconds >= 0):
+        problems.append(f"--min-seconds={min_seconds} (expected a finite number >= 0)")
+    if not (isinstance(max_seconds, int | float) and math.isfinite(max_seconds) and max_seconds > 0):
+        problems.append(f"--max-seconds={max_seconds} (expected a finite number > 0)")
+    elif not problems and min_seconds > max_seconds:
+        problems.append(f"--min-seconds={min_seconds} > --max-seconds={max_seconds} (every clip would be skipped)")
+    if problems:
+        raise PrepareError("bad settings: " + "; ".join(problems))
 
 
 def prepare(
@@ -212,18 +464,25 @@ def prepare(
     audio_root: str | None = None,
     min_seconds: float = 0.0,
     sample_rate: int = 16000,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    replace: bool = False,
 ) -> dict:
-    """Build (or resume) the shards of ``input`` under ``output`` and write ``manifest.json``; returns the manifest."""
+    """Build (or resume) the shards of ``input`` under ``output`` and write ``manifest.json``; returns the manifest.
+
+    ``replace``: delete the ``*.arrayrecord`` files in ``output`` that are not shards of this plan (with their
+    sidecars) once the new manifest is written; without it their presence is a PrepareError, before anything is
+    built. PrepareError for an unusable input or setting, or when shards could not be built (the others are kept).
+    """
     started = time.time()
-    if num_shards < 1 or codec not in CODECS or compression not in COMPRESSIONS or sample_rate <= 0 or min_seconds < 0:
-        raise PrepareError(
-            f"bad settings: num_shards={num_shards}, codec={codec!r}, compression={compression!r}, "
-            f"sample_rate={sample_rate}, min_seconds={min_seconds}"
-        )
+    _check_settings(num_shards, workers, codec, compression, min_seconds, max_seconds, sample_rate)
     input, output = os.path.abspath(input), os.path.abspath(output)
+    problem = unwritable_reason(output, directory=True)
+    if problem:
+        raise PrepareError(f"--output={_shown(output)}: {_shown(problem)}: give a new or empty folder")
     clips, skipped, fmt = _collect(input, labels_csv, audio_root)
     if not clips:
-        raise PrepareError(f"no usable audio in {input} ({len(skipped)} rows skipped)")
+        first_skip = f"; the first: {skipped[0]['key']!r}: {skipped[0]['reason']}" if skipped else ""
+        raise PrepareError(_shown(f"no usable audio in {input} ({len(skipped)} rows skipped{first_skip})"))
     first: dict[str, str] = {}
     unique, duplicates = [], []
     for clip in clips:  # input order: the first occurrence of a key wins
@@ -238,11 +497,22 @@ def prepare(
     unique.sort(key=lambda c: c["key"])
     sources = {k: v and os.path.abspath(v) for k, v in (("labels_csv", labels_csv), ("audio_root", audio_root))}
     settings = {"codec": codec, "compression": compression, "sample_rate": int(sample_rate)}
-    settings["min_seconds"] = float(min_seconds)
+    settings.update(min_seconds=float(min_seconds), max_seconds=float(max_seconds))
+    planned = [shard_name(output, i, num_shards) for i in range(num_shards)]
+    foreign = _foreign_shards(output, planned)
+    if foreign and not replace:
+        raise PrepareError(
+            f"--output={_shown(output)} holds {len(foreign)} .arrayrecord files that are not among this run's "
+            f"{num_shards} shards ({_shown(', '.join(foreign[:3]))}{', ...' if len(foreign) > 3 else ''}; another "
+            "--num-shards?): a glob over the folder would read both. Give a new or empty --output, or pass --replace "
+            "to delete them once the new shards are built"
+        )
+    os.makedirs(output, exist_ok=True)
+    removed = _remove_stale_temporaries(output)
     sidecars: dict[int, dict] = {}
     tasks = []
-    for i in range(num_shards):
-        path, shard_clips = shard_name(output, i, num_shards), unique[i::num_shards]
+    for i, path in enumerate(planned):
+        shard_clips = unique[i::num_shards]
         fingerprint = _fingerprint(shard_clips, settings)
         side = _load_sidecar(path, fingerprint)
         if side is None:
@@ -250,23 +520,31 @@ def prepare(
         else:
             sidecars[i] = side
     already_done = len(sidecars)
-    os.makedirs(output, exist_ok=True)
     bar = _progress(len(tasks))
-    pool = (
-        multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
-    )
+
+    def done(side: dict) -> None:
+        sidecars[side["index"]] = side
+        bar.update(1) if bar else print(f"prepare: {side['shard']} done", file=sys.stderr)
+
     try:
-        for side in pool.imap_unordered(_build_shard, tasks) if pool else map(_build_shard, tasks):
-            sidecars[side["index"]] = side
-            bar.update(1) if bar else print(f"prepare: {side['shard']} done", file=sys.stderr)
+        if workers > 1 and len(tasks) > 1:
+            failures = _run_parallel(tasks, workers, done)
+        else:
+            failures = []
+            for task in tasks:
+                done(_build_shard(task))
     finally:
-        if pool:  # all results are in (or the job failed): stop the workers
-            pool.terminate()
-            pool.join()
         if bar:
             bar.close()
+    if failures:
+        raise PrepareError(
+            f"{len(failures)} of {num_shards} shards could not be built ({failures[0]}"
+            f"{f'; and {len(failures) - 1} more' if len(failures) > 1 else ''}); the {len(sidecars)} finished shards "
+            "are kept: run the same command again to build the rest"
+        )
     shards = [{k: sidecars[i][k] for k in ("shard", "clips", "seconds")} for i in range(num_shards)]
     skipped += [s for i in range(num_shards) for s in sidecars[i]["skipped"]]
+    skipped = _json_safe(skipped)
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "parameters": {"input": input, "format": fmt, "num_shards": num_shards, **settings, **sources},
@@ -277,9 +555,50 @@ def prepare(
         "duplicates": duplicates,
         "run": {"started": started, "elapsed_seconds": time.time() - started, "built": len(tasks)},
     }
-    manifest["run"]["already_done"] = already_done
-    _write_json(os.path.join(output, "manifest.json"), manifest)
+    manifest["run"].update(already_done=already_done, removed_temporaries=removed, replaced=foreign)
+    manifest = _json_safe(manifest)
+    atomic_write_json(os.path.join(output, MANIFEST), manifest)
+    for name in foreign:  # only now: until the new manifest is in place, the old shards are still a whole corpus
+        for path in (os.path.join(output, name), os.path.join(output, name + ".json")):
+            if os.path.isfile(path):
+                os.remove(path)
     return manifest
+
+
+def manifest_shards(path: str) -> list[tuple[str, int]]:
+    """(shard path, record count) of each shard a manifest lists, in shard order. ``path``: a ``manifest.json``
+    written by ``prepare`` or the folder holding it. ValueError naming the problem (no manifest in the folder, not a
+    manifest of this version, a malformed entry); the shards themselves are not opened here."""
+    manifest_path = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
+    if not os.path.isfile(manifest_path):
+        raise ValueError(
+            f"{path} is a folder without a {MANIFEST}: give the output folder of python -m matpac_jax.data.prepare, "
+            "its manifest.json, or a glob of shard files"
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{manifest_path}: not a readable JSON manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_VERSION:
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise ValueError(
+            f"{manifest_path}: not a shard manifest of version {MANIFEST_VERSION} (schema_version={version!r}): "
+            "give the manifest.json written by python -m matpac_jax.data.prepare"
+        )
+    shards, folder = manifest.get("shards"), os.path.dirname(os.path.abspath(manifest_path))
+    if not isinstance(shards, list) or not shards:
+        raise ValueError(f"{manifest_path}: 'shards' should be a non-empty list")
+    out = []
+    for i, entry in enumerate(shards):
+        name = entry.get("shard") if isinstance(entry, dict) else None
+        clips = entry.get("clips") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise ValueError(f"{manifest_path}: shard {i} should name a file in the manifest's folder, got {entry!r}")
+        if not isinstance(clips, int) or isinstance(clips, bool) or clips < 0:
+            raise ValueError(f"{manifest_path}: shard {i} ({name}) has no valid 'clips' count: {entry!r}")
+        out.append((os.path.join(folder, name), clips))
+    return out
 
 
 def summary(manifest: dict, output: str) -> str:
@@ -287,7 +606,7 @@ def summary(manifest: dict, output: str) -> str:
     run = manifest["run"]
     return (
         f"prepared {manifest['total_clips']} clips ({manifest['total_hours']:.3f} h) in {len(manifest['shards'])} "
-        f"shards ({run['built']} built, {run['already_done']} already done) -> {os.path.join(output, 'manifest.json')}"
+        f"shards ({run['built']} built, {run['already_done']} already done) -> {os.path.join(output, MANIFEST)}"
         f"; skipped {len(manifest['skipped'])} files ({len(manifest['duplicates'])} duplicate keys)"
     )
 
@@ -304,7 +623,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=None, help="AudioSet class_labels_indices.csv")
     parser.add_argument("--audio-root", default=None, help="where CSV files are found (default: the CSV's folder)")
     parser.add_argument("--min-seconds", type=float, default=0.0, help="skip clips shorter than this")
+    parser.add_argument(
+        "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS, help="skip files longer than this (decode bound)"
+    )
     parser.add_argument("--sample-rate", type=int, default=16000)
+    parser.add_argument(
+        "--replace", action="store_true", help="delete .arrayrecord files in --output that are not this run's shards"
+    )
     args = parser.parse_args(argv)
     try:
         manifest = prepare(
@@ -318,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             audio_root=args.audio_root,
             min_seconds=args.min_seconds,
             sample_rate=args.sample_rate,
+            max_seconds=args.max_seconds,
+            replace=args.replace,
         )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import struct
 import uuid
@@ -87,8 +88,17 @@ class ClipRecord:
 
 
 def audioset_key(ytid: str, start_seconds: float | str) -> str:
-    """The AudioSet clip key ``f"{ytid}_{start_ms}"``: start in integer milliseconds (``"30.000"`` -> 30000)."""
-    return f"{ytid}_{round(float(start_seconds) * 1000)}"
+    """The AudioSet clip key ``f"{ytid}_{start_ms}"``: start in integer milliseconds (``"30.000"`` -> 30000).
+
+    ValueError naming the value when ``start_seconds`` is not a finite number (``"abc"``, ``"nan"``, ``"inf"``).
+    """
+    try:
+        seconds = float(start_seconds)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ValueError(f"start_seconds {start_seconds!r} is not a finite number of seconds")
+    return f"{ytid}_{round(seconds * 1000)}"
 
 
 def _check_header(header: object) -> dict:
@@ -277,6 +287,26 @@ def read_shard(path: str | os.PathLike) -> list[bytes]:
     if len(records) != num:
         raise ValueError(f"{path}: read {len(records)} records, the index says {num}")
     return records
+
+
+def check_shard(path: str | os.PathLike) -> int:
+    """The record count of a shard, after checking that it is a readable ArrayRecord file (its footer and index:
+    a truncated or foreign file fails here, a corrupt record only when read). ValueError naming the file and what
+    to do, FileNotFoundError when it is missing."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no shard at {path}")
+    reader = ArrayRecordReader(path)
+    if not reader.ok():
+        reason = _close_error(reader) or "truncated or corrupt"
+        raise ValueError(
+            f"{path}: not a readable ArrayRecord shard ({reason}): rebuild it with python -m matpac_jax.data.prepare "
+            "(a rerun rebuilds only missing shards once the bad one is removed) or leave it out of the data paths"
+        )
+    try:
+        return int(reader.num_records())
+    finally:
+        reader.close()
 
 
 def shard_name(output_dir: str | os.PathLike, index: int, num_shards: int, prefix: str = "clips") -> str:
