@@ -1,8 +1,9 @@
 """S-SONDO distillation losses between projected student embeddings and teacher clip embeddings (SPEC §6).
 
-``distill_loss`` takes ``student`` and ``teacher`` [B, D] and returns the batch mean (float32). The paper's 7-task averages: 1 − cos
-72.7 (the default), symmetric InfoNCE 72.3, KL on softmax 66.2, L1 65.6, MSE 62.7. ``mixup_loss`` applies a loss to
-a λ-mixed batch against both targets: ``λ · L(s, t_a) + (1 − λ) · L(s, t_b)`` per example.
+``distill_loss`` takes ``student`` and ``teacher`` [B, D] and returns the batch mean (float32). The paper's 7-task
+averages: 1 − cos 72.7 (the default), symmetric InfoNCE 72.3, KL on softmax 66.2, L1 65.6, MSE 62.7.
+``mixup_loss`` applies a loss to a λ-mixed batch against both targets: ``λ · L(s, t_a) + (1 − λ) · L(s, t_b)`` per
+example.
 """
 
 from __future__ import annotations
