@@ -6,33 +6,48 @@
     out["clip"]    # [B, 3840]       time-mean of the last layer's frame features
     out["frames"]  # [B, T, 3840]    one every 160 ms: the 5 frequency tokens of a time step, concatenated
     enc.embed(wave, 16_000, layers=True)["layers"]  # [B, 12, T, 3840], the last one after the final LayerNorm
+    enc.embed_clips([wave_a, wave_b], 16_000)       # clips of different lengths together: [{'clip', 'frames'}, ...]
 
 Audio at any rate is resampled to 16 kHz (soxr HQ), turned into the log-mel of SPEC §1 on the device, and cut into
 chunks of ``crop_frames`` (608) frames; the last chunk is zero-padded to a multiple of 16 frames and sees the
-positional table truncated along time. Full chunks of all clips are encoded together in jitted batches of
-``chunk_batch`` chunks split over every local device, so the memory needed is bounded whatever the audio length (1 s
-to hours) and all devices work. Padding frames of the
-last chunk are part of the output, as in the published extractor.
+positional table truncated along time. Chunks of all clips are encoded together in jitted batches of ``chunk_batch``
+chunks split over every local device, so the memory needed is bounded whatever the audio length (1 s to hours) and
+all devices work. Padding frames of the last chunk are part of the output, as in the published extractor.
 
-An encoder directory (``encoder.json`` + ``params.npz``) holds the encoder's shape, the front-end and the parameters
-(``tokenizer/...``, ``encoder/...``, optionally ``head/...`` for the 527-class AudioSet head and ``probe/...``).
+A few compiled programs serve every clip length (``TRACES`` counts them). The waveform is zero-padded to a length
+bucket (four per octave of frames) before the log-mel, and only the frames inside the true samples are kept: framing
+has no centring and the normalisation is a constant, so they are the unpadded frames. A last chunk of ``p`` patches
+is encoded in a chunk of the next power of two of patches (``crop_frames / 16`` at most) with the extra tokens
+masked out of the attention, so its real tokens see exactly the tokens they saw unpadded. Batches are padded to
+powers of two.
+
+An encoder directory (``encoder.json`` + ``params.npz``, each written atomically) holds the encoder's shape, the
+front-end and the parameters (``tokenizer/...``, ``encoder/...``, optionally ``head/...`` for the 527-class AudioSet
+head and ``probe/...``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matpac_jax.audio.frontend import LogMelConfig, log_mel
+from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_frames, num_samples_for_frames
 from matpac_jax.audio.io import resample
+from matpac_jax.fileio import atomic_save_npz, atomic_write_json, sha256_arrays
 from matpac_jax.models.vit import Tokenizer, Transformer
 
 ENCODER_FILE, PARAMS_FILE = "encoder.json", "params.npz"
+MIN_FRAME_BUCKET = 64  # log-mel frame buckets: 64, 80, 96, 112, 128, 160, ... (four per octave)
+MEL_BATCH_SAMPLES = 1 << 22  # waveform samples per log-mel call (bounds its device memory), at least one clip
+TRACES: collections.Counter = collections.Counter()  # 'log_mel' / 'encoder' -> programs traced (one per compile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +101,58 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def bucket(n: int, steps_per_octave: int = 1) -> int:
+    """Smallest ``m · 2^e >= n`` with ``steps_per_octave <= m < 2 · steps_per_octave`` (a power of two): powers of two
+    for 1, four sizes per octave (at most 25 % above ``n``) for 4; values up to ``2 · steps_per_octave`` are exact."""
+    shift = max(0, n.bit_length() - steps_per_octave.bit_length())
+    return -(-n // (1 << shift)) << shift
+
+
+def _log_mel_program(wave, cfg: LogMelConfig):
+    TRACES["log_mel"] += 1
+    return log_mel(wave, cfg)
+
+
+_log_mel_jit = jax.jit(_log_mel_program, static_argnums=1)
+
+
+def _encode_chunks(spec: EncoderSpec, params: dict, mel: jax.Array, patches: jax.Array, layers: bool) -> jax.Array:
+    """mel chunks [N, F, t] (t a patch multiple), chunk i with ``patches[i]`` real patches along time ->
+    [N, L, t/patch, Fp*D] (L = depth, or 1: the last layer). The tokens go in time-major order (attention does not
+    depend on the order: positions are added before), so that the padding patches of each chunk are a suffix that
+    ``kv_lengths`` masks: the real tokens' outputs are those of the chunk cut after its real patches."""
+    TRACES["encoder"] += 1
+    fp = spec.n_mels // spec.patch
+    tokenizer = Tokenizer(spec.dim, spec.patch, fp, spec.crop_frames // spec.patch)
+    encoder = Transformer(spec.dim, spec.depth, spec.heads, spec.mlp_ratio)
+    tokens, cls = tokenizer.apply({"params": params["tokenizer"]}, mel)  # [N, Fp*Tp, D] freq-major
+    n, _, d = tokens.shape
+    tokens = jnp.transpose(tokens.reshape(n, fp, -1, d), (0, 2, 1, 3)).reshape(n, -1, d)  # time-major
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(tokens.dtype), tokens], axis=1)
+    kv = 1 + fp * patches.astype(jnp.int32)
+    last, every = encoder.apply({"params": params["encoder"]}, x, return_layers=True, kv_lengths=kv)
+    stack = jnp.stack(every if layers else [last], axis=1)[:, :, 1:]  # drop CLS: [N, L, Tp*Fp, D]
+    return stack.reshape(n, stack.shape[1], -1, fp * d)  # a time step's Fp tokens, concatenated in frequency order
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_encoder(mesh):
+    """``_encode_chunks`` with the chunks split over ``mesh``'s devices and the parameters replicated; one per mesh, so
+    that every Encoder on those devices shares the compiled programs."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(_encode_chunks, static_argnums=(0, 4), in_shardings=(replicated, split, split),
+                   out_shardings=split)  # fmt: skip
+
+
+def weights_digest(params: dict) -> str:
+    """Content digest of the parameters the embeddings depend on (``tokenizer`` and ``encoder``): the same weights give
+    the same digest whatever file they came from, other weights another one."""
+    used = {k: params[k] for k in ("tokenizer", "encoder") if k in params}
+    return sha256_arrays(flatten(jax.device_get(used)))
+
+
 class Encoder:
     """A loaded encoder; ``params`` = {'tokenizer', 'encoder'[, 'head'][, 'probe']} (see the module docstring)."""
 
@@ -98,16 +165,6 @@ class Encoder:
         self.chunk_batch = chunk_batch
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
-        grid_f = spec.n_mels // spec.patch
-        self.tokenizer = Tokenizer(spec.dim, spec.patch, grid_f, spec.crop_frames // spec.patch)
-        self.encoder = Transformer(spec.dim, spec.depth, spec.heads, spec.mlp_ratio)
-        self._mel = jax.jit(log_mel, static_argnums=1)
-        self._chunks = jax.jit(self._encode_chunks, static_argnums=2)
-        # Full chunks: a batch split over every device (data parallel), the parameters replicated.
-        split = NamedSharding(self.mesh, PartitionSpec("data"))
-        self._split_chunks = jax.jit(
-            self._encode_chunks, static_argnums=2, in_shardings=(replicated, split), out_shardings=split
-        )
 
     @property
     def chunk_batch(self) -> int:
@@ -123,79 +180,135 @@ class Encoder:
         """Chunks per device call for ``n`` chunks: the next power of two, a multiple of the device count, at most
         ``chunk_batch``: a few compiled shapes (log2 of chunk_batch), and one clip is not padded to a full batch."""
         ndev = self.mesh.devices.size
-        size = 1 << max(0, (n - 1).bit_length())
-        return min(self.chunk_batch, -(-size // ndev) * ndev)
+        return min(self.chunk_batch, -(-bucket(n) // ndev) * ndev)
+
+    def weights_digest(self) -> str:
+        """``weights_digest`` of these parameters (with ``spec``: what caches of its embeddings are keyed on)."""
+        return weights_digest(self.params)
 
     # --- Saving / loading.
 
     def save(self, directory: str) -> str:
+        """``params.npz``, then ``encoder.json`` (what ``load_encoder`` looks for), each written atomically: a reader
+        sees the old file or the new one, never a part."""
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, ENCODER_FILE), "w") as f:
-            json.dump({"format": "matpac_jax encoder", "version": 1, "spec": self.spec.to_json()}, f, indent=1)
-        np.savez(os.path.join(directory, PARAMS_FILE), **flatten(jax.device_get(self.params)))
+        atomic_save_npz(os.path.join(directory, PARAMS_FILE), **flatten(jax.device_get(self.params)))
+        meta = {"format": "matpac_jax encoder", "version": 1, "spec": self.spec.to_json()}
+        atomic_write_json(os.path.join(directory, ENCODER_FILE), meta)
         return directory
 
     # --- The forward pass.
 
     def _encode_chunks(self, params: dict, mel: jax.Array, layers: bool) -> jax.Array:
-        """mel chunks [N, F, t] (t a patch multiple) -> [N, L, t/patch, Fp*D] (L = depth, or 1: the last layer)."""
-        tokens, cls = self.tokenizer.apply({"params": params["tokenizer"]}, mel)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, tokens.shape[2])), tokens], axis=1)
-        last, every = self.encoder.apply({"params": params["encoder"]}, x, return_layers=True)
-        stack = jnp.stack(every if layers else [last], axis=1)[:, :, 1:]  # drop CLS: [N, L, Fp*Tp, D] freq-major
-        n, num, _, d = stack.shape
-        fp = self.spec.n_mels // self.spec.patch
-        stack = stack.reshape(n, num, fp, -1, d)
-        return jnp.transpose(stack, (0, 1, 3, 2, 4)).reshape(n, num, -1, fp * d)
+        """mel chunks [N, F, t] (t a patch multiple, no padding patches) -> [N, L, t/patch, Fp*D]."""
+        patches = jnp.full((mel.shape[0],), mel.shape[2] // self.spec.patch, jnp.int32)
+        return _encode_chunks(self.spec, params, mel, patches, layers)
 
-    def _run(self, mel: jax.Array, layers: bool) -> jax.Array:
-        """All chunks of mel [B, F, T] -> [B, L, T', Fp*D]."""
-        b, f, t = mel.shape
+    def _waves(self, wave, sample_rate: int) -> list[np.ndarray]:
+        """float32 clips at the front-end's rate from [B, samples], [samples] or a list of [samples_i], at any rate."""
+        if isinstance(wave, list | tuple):
+            clips = [np.asarray(w, np.float32) for w in wave]
+            if any(c.ndim != 1 for c in clips):
+                raise ValueError("expected a list of 1-D waveforms [samples]")
+        else:
+            wave = np.asarray(wave, np.float32)
+            if wave.ndim not in (1, 2):
+                raise ValueError(f"expected a waveform [samples] or a batch [B, samples], got shape {wave.shape}")
+            clips = list(wave[None] if wave.ndim == 1 else wave)
+        rate, need = self.spec.frontend.sample_rate, self.spec.frontend.n_fft
+        if sample_rate != rate:
+            clips = [resample(c, sample_rate, rate) for c in clips]
+        for c in clips:
+            if c.shape[0] < need:
+                raise ValueError(
+                    f"audio of {c.shape[0]} samples at {rate} Hz is shorter than one analysis window ({need} samples)"
+                )
+        return clips
+
+    def _mels(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """Per clip (float32 [samples] at the front-end's rate) its log-mel [F, T] on the host. Clips are zero-padded
+        to the frame bucket of their length and batched by bucket (a power of two of clips, at most
+        ``MEL_BATCH_SAMPLES`` samples unless one clip is longer); the frames past each clip's own count are dropped."""
+        cfg = self.spec.frontend
+        frames = [num_frames(c.shape[0], cfg) for c in clips]
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(frames):
+            groups.setdefault(bucket(max(t, MIN_FRAME_BUCKET), 4), []).append(i)
+        pending = []
+        for frames_b, idx in sorted(groups.items()):
+            samples = num_samples_for_frames(frames_b, cfg)
+            cap = 1 << max(0, (MEL_BATCH_SAMPLES // samples).bit_length() - 1)
+            for s in range(0, len(idx), cap):
+                part = idx[s : s + cap]
+                batch = np.zeros((bucket(len(part)), samples), np.float32)
+                for row, i in enumerate(part):
+                    n = min(clips[i].shape[0], samples)  # samples past the last full frame are never read
+                    batch[row, :n] = clips[i][:n]
+                pending.append((part, _log_mel_jit(batch, cfg)))
+        out: list = [None] * len(clips)
+        for part, mel in pending:
+            host = np.asarray(mel)
+            for row, i in enumerate(part):
+                out[i] = host[row, :, : frames[i]]
+        return out
+
+    def _features(self, mels: list[np.ndarray], layers: bool) -> list[np.ndarray]:
+        """Per clip log-mel [F, T] -> its features [L, ceil(T / patch), Fp*D] (numpy): the chunks of every clip,
+        grouped by patch bucket, in batches of at most ``chunk_batch`` split over the devices."""
         crop, patch = self.spec.crop_frames, self.spec.patch
-        full, rest = divmod(t, crop)
-        parts = []
-        if full:
-            chunks = jnp.transpose(mel[..., : full * crop].reshape(b, f, full, crop), (0, 2, 1, 3)).reshape(-1, f, crop)
-            out = []
-            for i in range(0, chunks.shape[0], self.chunk_batch):
-                part = chunks[i : i + self.chunk_batch]
-                n = part.shape[0]
-                size = self._padded_size(n)
-                if n < size:
-                    part = jnp.pad(part, ((0, size - n), (0, 0), (0, 0)))
-                out.append(self._split_chunks(self.params, part, layers)[:n])
-            feats = jnp.concatenate(out)  # [B*full, L, crop/patch, Fp*D]
-            _, num, tp, c = feats.shape
-            parts.append(jnp.transpose(feats.reshape(b, full, num, tp, c), (0, 2, 1, 3, 4)).reshape(b, num, -1, c))
-        if rest:
-            padded = -(-rest // patch) * patch
-            last = jnp.pad(mel[..., full * crop :], ((0, 0), (0, 0), (0, padded - rest)))
-            parts.append(self._chunks(self.params, last, layers))
-        return jnp.concatenate(parts, axis=2)
+        jobs: dict[int, list] = {}
+        pieces: list[list] = [[] for _ in mels]
+        for i, mel in enumerate(mels):
+            for start in range(0, mel.shape[1], crop):
+                part = mel[:, start : start + crop]
+                patches = -(-part.shape[1] // patch)
+                jobs.setdefault(min(crop // patch, bucket(patches)), []).append((i, len(pieces[i]), part, patches))
+                pieces[i].append(None)
+        run = _sharded_encoder(self.mesh)
+        used = {k: self.params[k] for k in ("tokenizer", "encoder")}
+        pending = []
+        for width, items in sorted(jobs.items()):
+            for s in range(0, len(items), self.chunk_batch):
+                group = items[s : s + self.chunk_batch]
+                size = self._padded_size(len(group))
+                batch = np.zeros((size, self.spec.n_mels, width * patch), np.float32)  # zeros: the published padding
+                count = np.full(size, width, np.int32)
+                for row, (_, _, part, patches) in enumerate(group):
+                    batch[row, :, : part.shape[1]] = part
+                    count[row] = patches
+                pending.append((group, run(self.spec, used, batch, count, layers)))
+        for group, feats in pending:
+            host = np.asarray(feats)  # [size, L, width, Fp*D]
+            for row, (i, c, _, patches) in enumerate(group):
+                pieces[i][c] = host[row, :, :patches]
+        return [np.concatenate(p, axis=1) for p in pieces]
 
     def log_mel(self, wave, sample_rate: int = 16_000) -> jax.Array:
-        """float waveform(s) [B, samples] or [samples] at any rate -> normalised log-mel [B, F, T] on the device."""
-        wave = np.asarray(wave, np.float32)
-        if wave.ndim not in (1, 2):
-            raise ValueError(f"expected a waveform [samples] or a batch [B, samples], got shape {wave.shape}")
-        wave = wave[None] if wave.ndim == 1 else wave
-        rate = self.spec.frontend.sample_rate
-        if sample_rate != rate:
-            wave = np.stack([resample(w, sample_rate, rate) for w in wave])
-        if wave.shape[1] < self.spec.frontend.win_length:
-            raise ValueError(
-                f"audio of {wave.shape[1]} samples at {rate} Hz is shorter than one analysis window "
-                f"({self.spec.frontend.win_length} samples)"
-            )
-        return self._mel(jnp.asarray(wave), self.spec.frontend)
+        """float waveform(s) [B, samples] or [samples] at any rate -> normalised log-mel [B, F, T] (a device array)."""
+        return jnp.asarray(np.stack(self._mels(self._waves(wave, sample_rate))))
 
     def embed(self, wave, sample_rate: int = 16_000, layers: bool = False) -> dict:
         """{'clip': [B, Fp*D], 'frames': [B, T, Fp*D]} and, with ``layers``, 'layers': [B, depth, T, Fp*D] (numpy)."""
-        feats = self._run(self.log_mel(wave, sample_rate), layers)
+        clips = self._waves(wave, sample_rate)
+        if len({c.shape[0] for c in clips}) > 1:
+            raise ValueError("embed() takes clips of one length ([B, samples]); embed_clips() takes a list of lengths")
+        feats = np.stack(self._features(self._mels(clips), layers))
         frames = feats[:, -1]
-        out = {"clip": np.asarray(jnp.mean(frames, axis=1)), "frames": np.asarray(frames)}
+        out = {"clip": frames.mean(axis=1), "frames": frames}
         if layers:
-            out["layers"] = np.asarray(feats)
+            out["layers"] = feats
+        return out
+
+    def embed_clips(self, waves, sample_rate: int = 16_000, layers: bool = False) -> list[dict]:
+        """Clips of any lengths (a list of [samples_i]) embedded together: per clip {'clip': [Fp*D], 'frames':
+        [T_i, Fp*D]} and, with ``layers``, 'layers': [depth, T_i, Fp*D], each what ``embed`` gives for that clip
+        alone (up to float rounding)."""
+        out = []
+        for feats in self._features(self._mels(self._waves(list(waves), sample_rate)), layers):
+            one = {"clip": feats[-1].mean(axis=0), "frames": feats[-1]}
+            if layers:
+                one["layers"] = feats
+            out.append(one)
         return out
 
     def tag(self, wave, sample_rate: int = 16_000) -> np.ndarray:
@@ -203,23 +316,35 @@ class Encoder:
         averaged over frequency, time-mean, BatchNorm (running statistics, no affine, eps 1e-5), linear, softmax."""
         if "head" not in self.params:
             raise ValueError("this encoder has no AudioSet head: tag() needs a fine-tuned checkpoint with head.*")
-        mel = self.log_mel(wave, sample_rate)
-        frames = self._run(mel, False)[:, -1]  # [B, T, Fp*D]
-        b, t, c = frames.shape
+        frames = self.embed(wave, sample_rate)["frames"].astype(np.float64)  # [B, T, Fp*D]
+        b, t, _ = frames.shape
         x = frames.reshape(b, t, -1, self.spec.dim).mean(axis=(1, 2))  # freq-average, then time-mean: [B, D]
-        h = self.params["head"]
-        x = (x - h["norm_mean"]) / jnp.sqrt(h["norm_var"] + 1e-5)
-        return np.asarray(jax.nn.softmax(x @ h["kernel"] + h["bias"], axis=-1))
+        h = {k: np.asarray(v, np.float64) for k, v in jax.device_get(self.params["head"]).items()}
+        x = (x - h["norm_mean"]) / np.sqrt(h["norm_var"] + 1e-5)
+        logits = x @ h["kernel"] + h["bias"]
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _read_encoder_dir(path: str) -> Encoder:
-    with open(os.path.join(path, ENCODER_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != "matpac_jax encoder":
-        raise ValueError(f"{path}/{ENCODER_FILE} is not a matpac_jax encoder description")
-    with np.load(os.path.join(path, PARAMS_FILE)) as data:
-        params = unflatten({k: data[k] for k in data.files})
-    return Encoder(EncoderSpec.from_json(meta["spec"]), params)
+    """An encoder directory; a missing, truncated or malformed file is a ValueError naming it and the fix."""
+    fix = f"write the directory again (python -m matpac_jax.convert ... --output={path}, or Encoder.save)"
+    meta_path, params_path = os.path.join(path, ENCODER_FILE), os.path.join(path, PARAMS_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        spec = EncoderSpec.from_json(meta["spec"]) if meta.get("format") == "matpac_jax encoder" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_path} is unreadable or malformed ({type(e).__name__}: {e}): {fix}") from None
+    if spec is None:
+        raise ValueError(f"{meta_path} is not a matpac_jax encoder description")
+    try:
+        with np.load(params_path, allow_pickle=False) as data:
+            params = unflatten({k: data[k] for k in data.files})
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{params_path} is missing, truncated or not an .npz ({why}): {fix}") from None
+    return Encoder(spec, params)
 
 
 def _read_training_checkpoint(path: str) -> Encoder:

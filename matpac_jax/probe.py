@@ -3,8 +3,9 @@ r"""Linear-probe evaluation of an encoder on a downstream dataset (SPEC §7), wi
     python -m matpac_jax.probe --checkpoint=models/pp --dataset=esc50 --root=/data/ESC-50 --output=results/pp
     python -m matpac_jax.probe --checkpoint=runs/pp --dataset=folder --root=my_set/ --seeds=5
 
-Computes the clip embeddings of every file of the dataset (cached in ``<output>/<dataset>.embeddings.npz`` with the
-checkpoint they came from, reused when they match), then runs ``evaluate.harness.evaluate_task``: standardisation with
+Computes the clip embeddings of every file of the dataset (cached in ``<output>/<dataset>.embeddings.npz``, reused only
+when the weights' content, the settings and the files match: otherwise, or when the cache is unreadable, they are
+recomputed with a one-line notice), then runs ``evaluate.harness.evaluate_task``: standardisation with
 training statistics, one linear layer, Adam, early stopping on validation, accuracy (single-label) or mAP
 (multi-label), every fold for k-fold datasets, ``--seeds`` seeds. Prints a markdown table and writes
 ``<output>/<dataset>.json``. Datasets: see ``matpac_jax.evaluate.datasets`` (esc50, us8k, gtzan, nsynth, openmic,
@@ -15,15 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
+from matpac_jax.fileio import atomic_save_npz, atomic_write_text, sha256_bytes
 
-def embed_task(encoder, task, progress: bool = True) -> np.ndarray:
-    """Clip embeddings [N, D] of ``task.files`` (decoded like the training data; a file that fails is an error)."""
+EMBEDDING_VERSION = 2  # bumped when the clip embedding of a file changes: caches from before are recomputed
+
+
+def embed_task(encoder, task, progress: bool = True, group: int = 64) -> np.ndarray:
+    """Clip embeddings [N, D] of ``task.files`` (decoded like the training data; a file that fails is an error),
+    ``group`` files at a time embedded together (``Encoder.embed_clips``: a few compiled programs whatever the
+    lengths)."""
     from matpac_jax.audio.io import load_audio
 
     bar = None
@@ -34,29 +43,85 @@ def embed_task(encoder, task, progress: bool = True) -> np.ndarray:
             bar = tqdm(total=len(task.files), unit="file", file=sys.stderr, desc=f"embed {task.name}")
         except ImportError:
             pass
-    rate = encoder.spec.frontend.sample_rate
+    rate, need = encoder.spec.frontend.sample_rate, encoder.spec.frontend.n_fft
     out = []
-    for path in task.files:
-        out.append(encoder.embed(load_audio(path, rate, min_samples=encoder.spec.frontend.win_length), rate)["clip"][0])
+    for start in range(0, len(task.files), group):
+        paths = task.files[start : start + group]
+        waves = [load_audio(path, rate, min_samples=need) for path in paths]
+        out += [r["clip"] for r in encoder.embed_clips(waves, rate)]
         if bar:
-            bar.update(1)
+            bar.update(len(paths))
     if bar:
         bar.close()
     return np.stack(out)
 
 
-def cached_embeddings(encoder, task, checkpoint: str, cache: str | None) -> np.ndarray:
-    """Embeddings from ``cache`` when it holds the same files from the same checkpoint, else computed and saved."""
-    ident = os.path.abspath(checkpoint)
-    if cache and os.path.exists(cache):
-        with np.load(cache) as data:
-            if str(data["checkpoint"]) == ident and list(data["files"]) == list(task.files):
-                return data["clip"]
+def _file_state(path: str) -> list:
+    """[path, size, mtime_ns] (None, None when it cannot be stat'ed): a rewritten file changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def cache_key(encoder, task) -> dict[str, str]:
+    """What the embeddings of ``task`` depend on, as digests: the encoder's weights (their content, not the path they
+    came from), the settings (encoder shape, front-end, embedding version) and the files (paths, sizes, mtimes)."""
+    settings = {"version": EMBEDDING_VERSION, "spec": encoder.spec.to_json()}
+    return {
+        "weights": encoder.weights_digest(),
+        "settings": sha256_bytes(json.dumps(settings, sort_keys=True).encode()),
+        "files": sha256_bytes(json.dumps([_file_state(p) for p in task.files]).encode()),
+    }
+
+
+def _read_cache(cache: str, key: dict[str, str], count: int, log) -> np.ndarray | None:
+    """The cached embeddings when ``cache`` holds ``count`` finite rows under ``key``; otherwise None, after one line
+    saying why (an unreadable or truncated file is treated as absent, never an error)."""
+    if not os.path.exists(cache):
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            stored = {k: str(data[f"key_{k}"]) for k in key if f"key_{k}" in data.files}
+            clip = data["clip"] if "clip" in data.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        log(f"probe: embedding cache {cache} is unreadable ({type(e).__name__}: {e}): recomputing it")
+        return None
+    if not stored:
+        log(f"probe: embedding cache {cache} has no content key (an older version wrote it): recomputing it")
+        return None
+    if differ := [k for k in key if stored.get(k) != key[k]]:
+        log(f"probe: embedding cache {cache} was computed with other {' and '.join(differ)}: recomputing it")
+        return None
+    if clip is None or clip.ndim != 2 or len(clip) != count or not np.isfinite(clip).all():
+        log(f"probe: embedding cache {cache} holds no valid [{count}, D] embeddings: recomputing it")
+        return None
+    return clip
+
+
+def cached_embeddings(encoder, task, checkpoint: str, cache: str | None, log=None) -> np.ndarray:
+    """Embeddings from ``cache`` when it was computed from the same weights, settings and files (``cache_key``),
+    else computed and written (atomically) to it. ``checkpoint`` is recorded for information only."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    key = cache_key(encoder, task) if cache else {}
+    if cache and (x := _read_cache(cache, key, len(task.files), log)) is not None:
+        return x
     x = embed_task(encoder, task)
     if cache:
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        np.savez(cache, clip=x, files=np.array(task.files), checkpoint=np.array(ident))
+        atomic_save_npz(cache, clip=x, files=np.array(task.files), checkpoint=np.array(os.path.abspath(checkpoint)),
+                        **{f"key_{k}": np.array(v) for k, v in key.items()})  # fmt: skip
     return x
+
+
+def check_args(args) -> None:
+    """ValueError naming the flag for a value the probe cannot use."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: the number of probe runs per split must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr={args.lr}: the learning rate must be a finite number > 0")
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps={args.max_steps}: must be at least 1")
 
 
 def markdown(results: list[dict], title: str = "") -> str:
@@ -84,24 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     from matpac_jax.inference import load_encoder
 
     try:
+        check_args(args)
         task = load_task(args.dataset, args.root)
         encoder = load_encoder(args.checkpoint)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from matpac_jax.audio.io import AudioError
+
     t0 = time.time()
-    x = cached_embeddings(encoder, task, args.checkpoint, os.path.join(args.output, f"{task.name}.embeddings.npz"))
-    t1 = time.time()
-    result = evaluate_task(task, x, seeds=tuple(range(args.seeds)), lr=args.lr, max_steps=args.max_steps)
+    try:
+        x = cached_embeddings(encoder, task, args.checkpoint, os.path.join(args.output, f"{task.name}.embeddings.npz"))
+        t1 = time.time()
+        result = evaluate_task(task, x, seeds=tuple(range(args.seeds)), lr=args.lr, max_steps=args.max_steps)
+    except (AudioError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result |= {
         "checkpoint": os.path.abspath(args.checkpoint),
         "embed_seconds": t1 - t0,
         "probe_seconds": time.time() - t1,
     }
-    os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, f"{task.name}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    # atomically; a single run's interval is NaN, written as `matpac_jax.results` reads it
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     print(markdown([result], title=os.path.basename(os.path.abspath(args.checkpoint))))
     print(f"wrote {path} (probe {result['probe_seconds']:.1f} s, embeddings {result['embed_seconds']:.1f} s)")
     return 0

@@ -12,31 +12,40 @@ embedded with the teacher's clip embedding of SPEC §5 (time-mean of the last la
 written to an output shard with the same index as its input shard: ``teacher-<i>-of-<n>.arrayrecord``, one record per
 clip (``encode_embedding``: a JSON header {key, dim, dtype} and the raw vector; with ``--frames`` also the
 frame-level features, read back with ``decode_frames``). Input shards are divided between
-processes (``i::process_count``) and each batch of clips is split over the local devices. A shard whose output file
-and ``.json`` sidecar exist is skipped, so a restarted pass continues where it stopped; outputs are written atomically.
-The pass ends by checking that every clip key of the corpus has exactly one embedding (missing / extra keys listed)
-and prints clips/s. Deterministic: no randomness anywhere.
+processes (``i::process_count``) and each batch of clips is split over the local devices. Each output shard has a
+``.json`` sidecar naming what it was made from: a digest of the teacher's weights and settings (their content, not
+their path), the input shard (name, size, modification time) and the pass's settings (seconds, dtype, frames). A shard
+whose sidecar matches is skipped, so a restarted pass continues where it stopped; one made from another teacher, input
+or settings (or with an unreadable sidecar) is recomputed, with a one-line notice: a rerun into the same output never
+mixes embeddings of two teachers. Outputs are written atomically. The pass ends by checking that every clip key of
+the corpus has exactly one embedding (missing / extra keys listed) and prints clips/s. Deterministic: no randomness
+anywhere. ``--clusters`` larger than the corpus is refused before any clip is embedded.
 
 Then, for distillation (process 0): ``embeddings.npy`` ([N, D], the pass's dtype, memory-mappable) and ``keys.json``
 hold every embedding in corpus order (record ``i`` of the sorted input shards is row ``i``), and ``clusters.npz`` the
-k-means of SPEC §6 over them (``centroids``, ``assignments``, ``sizes``; ``--clusters=0`` skips it). Both are rebuilt
-only when missing.
+k-means of SPEC §6 over them (``centroids``, ``assignments``, ``sizes``; ``--clusters=0`` skips it). Each is rebuilt
+when missing, unreadable or made from other shards / settings (``consolidated.json`` records the shards' sidecars;
+``target_stats.npz`` and ``clusters.npz`` the embeddings they came from).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
+import math
 import os
 import struct
 import sys
 import time
+import zipfile
 
 import numpy as np
 
 from matpac_jax.audio.io import from_int16, resample
 from matpac_jax.data.records import decode_pcm, read_shard, write_shard
+from matpac_jax.fileio import TMP_MARK, atomic_save_npz, atomic_write_json, sha256_bytes
 
 _HEADER = struct.Struct("<I")
 DTYPES = ("float16", "float32")
@@ -112,6 +121,75 @@ def _embed_shard(
     return out, keys
 
 
+SIDECAR_FORMAT = 2
+IDENTITY = {  # sidecar field -> what a mismatch means
+    "teacher": "teacher weights",
+    "teacher_spec": "teacher settings (shape, front-end)",
+    "input": "input shard (name, size or modification time)",
+    "seconds": "--seconds",
+    "dtype": "--dtype",
+    "frames": "--frames",
+}
+
+
+def teacher_identity(encoder) -> dict:
+    """The teacher's part of a shard's identity: digests of its weights' content and of its spec."""
+    spec = json.dumps(encoder.spec.to_json(), sort_keys=True)
+    return {"teacher": encoder.weights_digest(), "teacher_spec": sha256_bytes(spec.encode())}
+
+
+def shard_identity(teacher: dict, path: str, seconds: float, dtype: str, frames: bool) -> dict:
+    """What an output shard's content depends on (the ``IDENTITY`` fields of its sidecar); ``teacher`` from
+    ``teacher_identity``."""
+    st = os.stat(path)
+    return {
+        **teacher,
+        "input": {"name": os.path.basename(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+        "seconds": float(seconds),
+        "dtype": dtype,
+        "frames": bool(frames),
+    }
+
+
+def stale_reason(target: str, want: dict) -> str | None:
+    """None when ``target`` and its sidecar exist and the sidecar matches ``want``; else why the shard must be
+    (re)built: '' when it was never finished, a phrase naming the mismatch otherwise."""
+    if not os.path.exists(target + ".json"):
+        return ""
+    if not os.path.exists(target):
+        return "its sidecar has no shard"
+    try:
+        side = _read_json(target + ".json")
+    except (OSError, ValueError) as e:
+        return f"its sidecar is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
+        return "its sidecar has no teacher digest (an older version wrote it)"
+    differ = [label for key, label in IDENTITY.items() if side.get(key) != want[key]]
+    return f"it was made with another {', '.join(differ)}" if differ else None
+
+
+def check_settings(inputs: list[str], seconds: float, batch: int, dtype: str, clusters: int) -> int:
+    """ValueError naming the flag / config key of a setting the pass cannot use (before any clip is embedded); returns
+    the corpus's clip count (from the shards' indexes)."""
+    from matpac_jax.data.records import check_shard
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} (--dtype / config.teacher_pass.dtype): expected one of {DTYPES}")
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"seconds={seconds!r} (--seconds / config.audio.seconds): must be a finite number > 0")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch={batch!r} (--batch / config.teacher_pass.batch): must be an integer >= 1")
+    if not (isinstance(clusters, int) and clusters >= 0):
+        raise ValueError(f"clusters={clusters!r} (--clusters / config.teacher_pass.clusters): must be an integer >= 0")
+    total = sum(check_shard(path) for path in inputs)
+    if clusters > total:
+        raise ValueError(
+            f"clusters={clusters} (--clusters / config.teacher_pass.clusters) is more than the {total} clips of the "
+            f"corpus: k-means needs at least one clip per cluster; lower it (0 skips the k-means)"
+        )
+    return total
+
+
 def teacher_pass(
     records: str,
     checkpoint: str,
@@ -123,37 +201,45 @@ def teacher_pass(
     process_count: int = 1,
     log=print,
     frames: bool = False,
+    clusters: int = 0,
 ) -> dict:
-    """Run (or resume) the pass (``frames``: store the frame-level features too); returns {'clips', 'seconds',
-    'clips_per_s', 'built', 'skipped', 'missing', 'extra'}."""
+    """Run (or resume) the pass (``frames``: store the frame-level features too; ``clusters``: the k-means to come,
+    checked against the clip count first); returns {'clips', 'seconds', 'clips_per_s', 'built', 'skipped',
+    'rebuilt', 'missing', 'extra', 'duplicates'}."""
+    from matpac_jax.data.pipeline import expand_files  # a glob, or a prepare output / manifest: its exact shards
     from matpac_jax.inference import load_encoder
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
-    inputs = sorted(glob.glob(records))
-    if not inputs:
-        raise ValueError(f"--records={records!r} matches no shard")
+    try:
+        inputs = expand_files(records)
+    except ValueError as e:
+        raise ValueError(f"--records={records!r}: {e}") from None
+    check_settings(inputs, seconds, batch, dtype, clusters)
     encoder = load_encoder(checkpoint)
+    teacher = teacher_identity(encoder)
     os.makedirs(output, exist_ok=True)
-    built = skipped = clips = 0
+    built = skipped = rebuilt = clips = 0
     t0 = time.perf_counter()
     for i in range(process_index, len(inputs), process_count):
         target = output_name(output, i, len(inputs))
-        if os.path.exists(target) and os.path.exists(target + ".json"):
+        want = shard_identity(teacher, inputs[i], seconds, dtype, frames)
+        reason = stale_reason(target, want)
+        if reason is None:
             skipped += 1
             continue
+        if reason:
+            log(f"teacher pass: {os.path.basename(target)}: {reason}: recomputing it")
+            rebuilt += 1
         encoded, keys = _embed_shard(encoder, inputs[i], seconds, batch, dtype, frames)
         write_shard(target, encoded)
-        with open(target + ".json.tmp", "w") as f:
-            side = {"input": os.path.abspath(inputs[i]), "clips": len(keys), "seconds": seconds, "dtype": dtype}
-            json.dump(side | {"checkpoint": os.path.abspath(checkpoint)}, f)
-        os.replace(target + ".json.tmp", target + ".json")
+        side = want | {"format": SIDECAR_FORMAT, "clips": len(keys), "input_path": os.path.abspath(inputs[i]),
+                       "checkpoint": os.path.abspath(checkpoint)}  # fmt: skip
+        atomic_write_json(target + ".json", side)
         built, clips = built + 1, clips + len(keys)
         log(f"teacher pass: {os.path.basename(target)} ({len(keys)} clips)")
     elapsed = time.perf_counter() - t0
     report = check_complete(inputs, output)
     report |= {"clips": clips, "seconds": elapsed, "clips_per_s": clips / max(elapsed, 1e-9), "built": built,
-               "skipped": skipped}  # fmt: skip
+               "skipped": skipped, "rebuilt": rebuilt}  # fmt: skip
     return report
 
 
@@ -190,36 +276,106 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def consolidate(output: str) -> tuple[list[str], np.ndarray]:
-    """``embeddings.npy`` + ``keys.json`` in corpus order from the pass's shards (once); returns (keys, memmap)."""
+def _shards(output: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(output, "teacher-*.arrayrecord")))
+
+
+def source_digest(output: str) -> str:
+    """Digest of the pass's output shards as their sidecars describe them (names and contents)."""
+    parts = []
+    for path in _shards(output):
+        try:
+            with open(path + ".json", "rb") as f:
+                parts.append([os.path.basename(path), sha256_bytes(f.read())])
+        except OSError:
+            parts.append([os.path.basename(path), None])
+    return sha256_bytes(json.dumps(parts).encode())
+
+
+def _embeddings_token(output: str) -> str:
+    """What ``embeddings.npy`` was built from: the shards' digest of ``consolidated.json``, or, for embeddings made
+    otherwise (no shards), the size and modification time of ``embeddings.npy`` and ``keys.json``."""
+    try:
+        return str(_read_json(os.path.join(output, "consolidated.json"))["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        stats = [os.stat(os.path.join(output, n)) for n in ("embeddings.npy", "keys.json")]
+        return sha256_bytes(json.dumps([[s.st_size, s.st_mtime_ns] for s in stats]).encode())
+
+
+def _load_npz(path: str, want: dict, log, what: str) -> dict | None:
+    """The arrays of ``path`` when its scalar fields equal ``want``; None (with a notice) when it is missing,
+    unreadable or was made from other inputs, so that the caller rebuilds it."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {name: z[name] for name in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log(f"{what}: {path} is unreadable ({type(e).__name__}: {e}): recomputing it")
+        return None
+    differ = [k for k, v in want.items() if k not in data or data[k].shape != () or data[k].item() != v]
+    if differ:
+        log(f"{what}: {path} was made with other {', '.join(differ)}: recomputing it")
+        return None
+    return data
+
+
+def consolidate(output: str, log=print) -> tuple[list[str], np.ndarray]:
+    """``embeddings.npy`` + ``keys.json`` in corpus order from the pass's shards; returns (keys, memmap). Rebuilt when
+    missing or when the shards changed since (``consolidated.json``); without shards, existing files are used."""
     emb_path, keys_path = os.path.join(output, "embeddings.npy"), os.path.join(output, "keys.json")
-    if not (os.path.exists(emb_path) and os.path.exists(keys_path)):
-        shards = sorted(glob.glob(os.path.join(output, "teacher-*.arrayrecord")))
-        if not shards:
-            raise ValueError(f"{output} holds no teacher-*.arrayrecord shards: run the teacher pass first")
-        keys, first = [], decode_embedding(next(iter(read_shard(shards[0]))))[1]
-        n = sum(_read_json(p + ".json")["clips"] for p in shards)
-        out = np.lib.format.open_memmap(emb_path + ".tmp.npy", "w+", first.dtype, (n, first.shape[0]))
-        for path in shards:
-            for r in read_shard(path):
-                k, v = decode_embedding(r)
-                out[len(keys)] = v
-                keys.append(k)
-        out.flush()
-        del out
-        with open(keys_path + ".tmp", "w") as f:
-            json.dump(keys, f)
-        os.replace(emb_path + ".tmp.npy", emb_path)
-        os.replace(keys_path + ".tmp", keys_path)
+    marker = os.path.join(output, "consolidated.json")
+    shards = _shards(output)
+    have = os.path.exists(emb_path) and os.path.exists(keys_path)
+    if not shards and not have:
+        raise ValueError(f"{output} holds no teacher-*.arrayrecord shards: run the teacher pass first")
+    source = source_digest(output) if shards else None
+    if shards and not (have and _marker_source(marker) == source):
+        if have:
+            log(f"teacher pass: {emb_path} was built from other shards: rebuilding it")
+        _build_consolidated(output, shards, source)
     return _read_json(keys_path), np.load(emb_path, mmap_mode="r")
 
 
-def target_stats(output: str, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and standard deviation (float32 [D] each) of ``embeddings.npy``, computed once in float64
-    in chunks and cached in ``target_stats.npz`` (for ``config.distill.targets`` = 'center' / 'standardize')."""
+def _marker_source(marker: str) -> str | None:
+    try:
+        return _read_json(marker)["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _build_consolidated(output: str, shards: list[str], source: str) -> None:
+    emb_path, keys_path = os.path.join(output, "embeddings.npy"), os.path.join(output, "keys.json")
+    marker = os.path.join(output, "consolidated.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)  # written last: its absence marks a build that did not finish
+    keys, first = [], decode_embedding(next(iter(read_shard(shards[0]))))[1]
+    n = sum(_read_json(p + ".json")["clips"] for p in shards)
+    tmp = f"{emb_path}{TMP_MARK}{os.getpid()}.npy"
+    out = np.lib.format.open_memmap(tmp, "w+", first.dtype, (n, first.shape[0]))
+    for path in shards:
+        for r in read_shard(path):
+            k, v = decode_embedding(r)
+            out[len(keys)] = v
+            keys.append(k)
+    out.flush()
+    del out
+    if len(keys) != n:
+        os.remove(tmp)
+        raise ValueError(f"{output}: the shards hold {len(keys)} embeddings, their sidecars say {n}")
+    os.replace(tmp, emb_path)
+    atomic_write_json(keys_path, keys, indent=None)
+    atomic_write_json(marker, {"source": source, "clips": n})
+
+
+def target_stats(output: str, chunk: int = 65_536, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation (float32 [D] each) of ``embeddings.npy``, computed in float64 in
+    chunks and cached in ``target_stats.npz`` (for ``config.distill.targets`` = 'center' / 'standardize'); recomputed
+    when the embeddings changed or the file is unreadable."""
     path = os.path.join(output, "target_stats.npz")
-    if not os.path.exists(path):
-        _, x = consolidate(output)
+    _, x = consolidate(output, log)
+    want = {"source": _embeddings_token(output)}
+    if (data := _load_npz(path, want, log, "target stats")) is None:
         total, sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         for i in range(0, len(x), chunk):
             part = np.asarray(x[i : i + chunk], np.float64)
@@ -227,36 +383,36 @@ def target_stats(output: str, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarr
             sq += np.square(part).sum(0)
         mean = total / len(x)
         std = np.sqrt(np.maximum(sq / len(x) - mean * mean, 0.0))
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, mean=mean.astype(np.float32), std=std.astype(np.float32))
-        os.replace(path + ".tmp", path)
-    with np.load(path) as z:
-        return z["mean"], z["std"]
+        data = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+        atomic_save_npz(path, **data, **want)
+    return data["mean"], data["std"]
 
 
 def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096, log=print) -> dict:
-    """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz`` (once); returns its arrays."""
+    """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz``; returns its arrays. Recomputed
+    when the embeddings, ``k``, ``seed``, ``steps`` or ``batch`` changed or the file is unreadable."""
     from matpac_jax.distill.kmeans import fit_kmeans
 
     path = os.path.join(output, "clusters.npz")
-    if not os.path.exists(path):
-        _, x = consolidate(output)
+    _, x = consolidate(output, log)
+    want = {"source": _embeddings_token(output), "k": k, "seed": seed, "steps": steps, "batch": batch}
+    if (data := _load_npz(path, want, log, "k-means")) is None:
         t0 = time.perf_counter()
         r = fit_kmeans(x, k, seed=seed, steps=steps, batch=batch)
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, centroids=r["centroids"], assignments=r["assignments"], sizes=r["sizes"], k=k, seed=seed)
-        os.replace(path + ".tmp", path)
+        data = {"centroids": r["centroids"], "assignments": r["assignments"], "sizes": r["sizes"]}
+        atomic_save_npz(path, **data, **want)
         sizes = r["sizes"]
         took = time.perf_counter() - t0
         log(f"k-means: {k} clusters of {len(x)} embeddings in {took:.1f} s; sizes min {sizes.min()} median "
             f"{int(np.median(sizes))} max {sizes.max()}, {int((sizes == 0).sum())} empty")  # fmt: skip
-    with np.load(path) as z:
-        return {name: z[name] for name in z.files}
+        data |= {name: np.asarray(v) for name, v in want.items()}
+    return data
 
 
 def report_line(r: dict) -> str:
     return (f"teacher pass: {r['clips']} clips in {r['seconds']:.1f} s ({r['clips_per_s']:.1f} clips/s); "
-            f"{r['built']} shards built, {r['skipped']} already done")  # fmt: skip
+            f"{r['built']} shards built ({r.get('rebuilt', 0)} stale ones recomputed), {r['skipped']} already "
+            "done")  # fmt: skip
 
 
 def incomplete_message(r: dict) -> str | None:
@@ -279,7 +435,8 @@ def run_from_config(config, workdir: str) -> int:
         raise ConfigError("the teacher pass needs --config.teacher.checkpoint=DIR and --config.data.train='GLOB'")
     try:
         r = teacher_pass(config.data.train, config.teacher.checkpoint, workdir, config.audio.seconds, t.batch,
-                         t.dtype, jax.process_index(), jax.process_count(), frames=t.frames)  # fmt: skip
+                         t.dtype, jax.process_index(), jax.process_count(), frames=t.frames,
+                         clusters=t.clusters)  # fmt: skip
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if jax.process_index() != 0:
@@ -312,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         r = teacher_pass(args.records, args.checkpoint, args.output, args.seconds, args.batch, args.dtype,
-                         jax.process_index(), jax.process_count(), frames=args.frames)  # fmt: skip
+                         jax.process_index(), jax.process_count(), frames=args.frames,
+                         clusters=args.clusters)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

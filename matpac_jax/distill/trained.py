@@ -15,19 +15,25 @@ from flax import serialization
 from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_frames
 from matpac_jax.audio.io import resample
 from matpac_jax.distill.students import make_student
+from matpac_jax.fileio import atomic_write_bytes, atomic_write_json
+
+STUDENT_FILE, VARIABLES_FILE = "student.json", "variables.msgpack"
+_FIX = "save the student again (a distillation run writes WORKDIR/student at its end) or restore the directory"
+
+
+def _check_leaf(template: np.ndarray, value) -> None:
+    if np.shape(value) != template.shape:
+        raise ValueError(f"an array of shape {np.shape(value)} where the student has {template.shape}")
 
 
 def save_student(directory: str, config, state) -> str:
     """``student.json`` (the student and front-end config) and ``variables.msgpack`` (backbone params and BatchNorm
-    statistics, float32) of a trained student; the projection head is dropped (SPEC §6)."""
+    statistics, float32) of a trained student, each written atomically; the projection head is dropped (SPEC §6)."""
     os.makedirs(directory, exist_ok=True)
     host = jax.device_get({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]})
-    with open(os.path.join(directory, "variables.msgpack.tmp"), "wb") as f:
-        f.write(serialization.to_bytes(host))
-    os.replace(os.path.join(directory, "variables.msgpack.tmp"), os.path.join(directory, "variables.msgpack"))
+    atomic_write_bytes(os.path.join(directory, VARIABLES_FILE), serialization.to_bytes(host))
     meta = {"student": config.student.to_dict(), "audio": config.audio.to_dict(), "step": int(state.step)}
-    with open(os.path.join(directory, "student.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write_json(os.path.join(directory, STUDENT_FILE), meta)
     return directory
 
 
@@ -44,14 +50,36 @@ class Student:
 
     @classmethod
     def load(cls, directory: str) -> Student:
+        """ValueError naming the file and the fix for a missing, truncated or malformed ``student.json`` /
+        ``variables.msgpack``."""
         import ml_collections as mlc
 
-        with open(os.path.join(directory, "student.json")) as f:
-            config = mlc.ConfigDict(json.load(f))
-        shapes = jax.eval_shape(cls._init_fn(config), jax.random.key(0))
+        meta_path, variables_path = os.path.join(directory, STUDENT_FILE), os.path.join(directory, VARIABLES_FILE)
+        bad_variables = f"{variables_path} is missing, truncated or not this student's"
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or not {"student", "audio"} <= set(meta):
+                raise ValueError("no 'student' and 'audio' sections")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_path} is missing or malformed ({type(e).__name__}: {e}): {_FIX}") from None
+        try:
+            with open(variables_path, "rb") as f:
+                state = serialization.msgpack_restore(f.read())  # a truncated file fails here, before any tracing
+        except Exception as e:  # msgpack's errors have no common base but Exception
+            raise ValueError(f"{bad_variables} ({type(e).__name__}: {e}): {_FIX}") from None
+        try:
+            config = mlc.ConfigDict(meta)
+            shapes = jax.eval_shape(cls._init_fn(config), jax.random.key(0))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{meta_path} does not describe a student ({type(e).__name__}: {e}): {_FIX}") from None
         template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
-        with open(os.path.join(directory, "variables.msgpack"), "rb") as f:
-            return cls(config, serialization.from_bytes(template, f.read()))
+        try:
+            variables = serialization.from_state_dict(template, state)
+            jax.tree.map(_check_leaf, template, variables)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{bad_variables} ({type(e).__name__}: {e}): {_FIX}") from None
+        return cls(config, variables)
 
     @staticmethod
     def _init_fn(config):

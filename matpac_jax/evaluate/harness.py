@@ -174,8 +174,8 @@ def _check_inputs(x, labels, train_idx, test_idx, multilabel, num_classes, hyper
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise ValueError(f"empty split: {len(train_idx)} training and {len(test_idx)} test examples")
     for name, value in hyper.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
     if not 0 < hyper["val_fraction"] < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {hyper['val_fraction']!r}")
     return x.astype(np.float32), labels
@@ -203,6 +203,9 @@ def probe_split(
     ``x`` [N, D] embeddings, ``labels`` [N] class ids or [N, C] multi-hot targets; ``valid_idx`` None draws each seed's
     validation part from ``train_idx`` (``val_fraction``, stratified for single-label tasks). ValueError names any
     malformed input."""
+    seeds = tuple(seeds)
+    if not seeds or not all(isinstance(s, int | np.integer) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of integers (one probe run each), got {seeds!r}")
     hyper = dict(val_fraction=val_fraction, lr=lr, max_steps=max_steps, eval_every=eval_every, patience=patience)
     x, labels = _check_inputs(x, labels, train_idx, test_idx, multilabel, num_classes, hyper)
     if valid_idx is None:

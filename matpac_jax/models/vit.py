@@ -111,17 +111,20 @@ def layer_norm(name: str, dtype) -> nn.LayerNorm:
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's fused attention wants sequence lengths it supports: pad to a multiple of this
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to: int = 0) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to: int = 0, kv_lengths=None
+) -> jax.Array:
     """``jax.nn.dot_product_attention`` on [B, N, H, hd]; with ``pad_to`` (automatic 64 for 'cudnn') the sequence is
     zero-padded to a multiple of it and the true length passed as ``key_value_seq_lengths``, so padded keys get no
-    weight; padded query rows are dropped. The result equals the unpadded attention."""
+    weight; padded query rows are dropped. The result equals the unpadded attention. ``kv_lengths`` [B] (optional):
+    only the first ``kv_lengths[b]`` tokens of example b are attended to (padding tokens at the end get no weight)."""
     n = q.shape[1]
     multiple = pad_to or (CUDNN_SEQ_MULTIPLE if implementation == "cudnn" else 0)
     if not multiple or n % multiple == 0:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation, key_value_seq_lengths=kv_lengths)
     pad = ((0, 0), (0, -n % multiple), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    lengths = jnp.full((q.shape[0],), n, jnp.int32) if kv_lengths is None else kv_lengths
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation, key_value_seq_lengths=lengths)[:, :n]
 
 
@@ -135,11 +138,11 @@ class Attention(nn.Module):
     pad_to: int = 0  # see attention()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths=None) -> jax.Array:
         b, n, _ = x.shape
         qkv = dense(3 * self.dim, "qkv", self.dtype)(x).reshape(b, n, 3, self.heads, self.dim // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
-        out = attention(q, k, v, self.implementation, self.pad_to)
+        out = attention(q, k, v, self.implementation, self.pad_to, kv_lengths)
         return dense(self.dim, "proj", self.dtype)(out.reshape(b, n, self.dim))
 
 
@@ -165,9 +168,9 @@ class Block(nn.Module):
     attn_pad_to: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths=None) -> jax.Array:
         x = x + Attention(self.dim, self.heads, self.dtype, self.attn_impl, self.attn_pad_to, name="attn")(
-            layer_norm("norm1", self.dtype)(x)
+            layer_norm("norm1", self.dtype)(x), kv_lengths
         )
         return x + Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(
             layer_norm("norm2", self.dtype)(x)
@@ -202,26 +205,27 @@ class Transformer(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_layers: bool = False):
+    def __call__(self, x: jax.Array, return_layers: bool = False, kv_lengths=None):
         """x [B, L, D] -> [B, L, D] after the final norm; with return_layers also the list of every block's
-        output (the last one after the final norm), as the embedding extractor needs."""
+        output (the last one after the final norm), as the embedding extractor needs. ``kv_lengths`` [B]: tokens from
+        ``kv_lengths[b]`` on are padding that no token attends to (see ``attention``)."""
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.scan_layers and not self.is_initializing():
-            x, layers = self._scan(x, return_layers)
+            x, layers = self._scan(x, return_layers, kv_lengths)
         else:
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat]) if self.remat else Block
             layers = []
             for i in range(self.depth):
                 x = block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to,
-                          name=f"blocks_{i}")(x)  # fmt: skip
+                          name=f"blocks_{i}")(x, kv_lengths)  # fmt: skip
                 layers.append(x)
         x = layer_norm("norm", self.dtype)(x)
         if return_layers:
             return x, layers[:-1] + [x]
         return x
 
-    def _scan(self, x: jax.Array, return_layers: bool) -> tuple[jax.Array, list[jax.Array]]:
+    def _scan(self, x: jax.Array, return_layers: bool, kv_lengths=None) -> tuple[jax.Array, list[jax.Array]]:
         """The blocks as one scan over their weights stacked on a leading [depth] axis."""
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *w: jnp.stack(w), *(params[f"blocks_{i}"] for i in range(self.depth)))
@@ -229,7 +233,7 @@ class Transformer(nn.Module):
         block = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attn_impl, self.attn_pad_to, parent=None)
 
         def body(h, w):
-            h = block.apply({"params": w}, h)
+            h = block.apply({"params": w}, h, kv_lengths)
             return h, (h if return_layers else None)
 
         if self.remat:
