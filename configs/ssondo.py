@@ -58,12 +58,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     )
 
     c.student = dict(
-        arch="mobilenet",  # 'mobilenet' (EfficientAT mn: width 1.0 = mn10, 2.97 M) or 'eres2net' (1.43 M)
+        arch="mobilenet",  # 'mobilenet' (EfficientAT mn: width 1.0 = mn10, 2.97 M) or 'eres2net' (S-SONDO's, 1.37 M)
+        # or 'dymn' (EfficientAT DyMN: width 1.0 = dymn10, 8.64 M, kernel-attention temperature 30 as S-SONDO
+        # trains it; ImageNet start: init_from=dymn10_im.pt)
         width=1.0,
-        channels=32,  # eres2net
-        blocks=(1, 1, 2, 1),  # eres2net
+        channels=16,  # eres2net: S-SONDO's m_channels (a 1024-d embedding of 128 mels: 2 x 4·16 channels x 128/16)
+        blocks=(3, 4, 6, 3, 3),  # eres2net: blocks per stage (S-SONDO's num_blocks; four entries: 3D-Speaker's)
         head_hidden=1280,  # projection head d -> 1280 -> Hardswish -> Dropout -> teacher dimension (dropped after)
         dropout=0.2,
+        # published weights to start from (distill.published): EfficientAT's mn10_im.pt (the paper's mn10 init;
+        # classifier dropped) or a released S-SONDO student .ckpt (backbone, and its projection head when it fits)
+        init_from="",
     )
     c.teacher = dict(
         checkpoint="",  # the teacher: encoder directory, training workdir or checkpoint (teacher pass, closing probe)
@@ -132,8 +137,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     """2-s clips of the demo corpus (`python -m matpac_jax.data.demo`), a 64-mel front-end with a 20 ms hop, an
-    ERes2Net of 8 channels (92,508 parameters; smoke: a MobileNetV3 of width 0.1), batch 32, the schedule scaled to the
-    run; the closing probe compares the student, the student at initialisation and the teacher."""
+    ERes2Net of 8 channels, one block per stage (213,914 parameters; smoke: a MobileNetV3 of width 0.1), batch 32, the
+    schedule scaled to the run; the closing probe compares the student, the student at initialisation and the
+    teacher."""
     c.total_steps = 6 if smoke else 600
     c.log_every = 2 if smoke else 50
     c.checkpoint.every = 3 if smoke else 200
@@ -141,7 +147,7 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.audio.n_mels, c.audio.hop_length = 32 if smoke else 64, 640  # a quarter of the recipe's log-mel pixels (demo)
     c.student.arch = "mobilenet" if smoke else "eres2net"  # the demo's MobileNetV3 of 43 k did not learn the task
     c.student.width = 0.1
-    c.student.channels = 8
+    c.student.channels, c.student.blocks = 8, (1, 1, 1, 1, 1)  # S-SONDO's five stages, shallow and narrow (demo)
     c.student.head_hidden = 64 if smoke else 256
     c.teacher_pass.batch = 64
     c.teacher_pass.kmeans_steps = 50

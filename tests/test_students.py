@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from matpac_jax.distill.students import (
-    ERes2Net,
     MobileNetV3,
     ProjectionHead,
     count_params,
@@ -60,63 +59,33 @@ def test_projection_head():
     np.testing.assert_array_equal(a, head.apply(v, x))
 
 
-def _eres2net_count(channels=32, blocks=(1, 1, 2, 1), scale=2, expansion=2) -> int:
-    """Parameter count of ERes2Net by hand: conv k×k (no bias) = k²·cin·cout, BatchNorm = 2c, AFF(c) = 1×1 convs
-    2c -> r -> c with biases (r = max(c // 4, 8)) and two BatchNorms."""
-
-    def aff(c):
-        r = max(c // 4, 8)
-        return 2 * c * r + r + 2 * r + r * c + c + 2 * c
-
-    total = 9 * channels + 2 * channels  # stem
-    cin, fused = channels, None
-    for i, n in enumerate(blocks):
-        planes = channels * 2**i
-        for b in range(n):
-            stride = 2 if i > 0 and b == 0 else 1
-            w, out = planes // 2, planes * expansion
-            total += cin * w * scale + 2 * w * scale  # conv1 + bn1
-            total += scale * (9 * w * w + 2 * w) + (scale - 1) * aff(w)  # 3x3 convs + local fusions
-            total += w * scale * out + 2 * out  # conv3 + bn3
-            if stride != 1 or cin != out:
-                total += cin * out + 2 * out
-            cin = out
-        if fused is not None:
-            total += fused * cin + 2 * cin + aff(cin)  # 1x1 stride-2 downsampling + global fusion
-        fused = cin
-    return total
-
-
-def test_eres2net_parameter_count_and_tstp_embedding():
-    model = ERes2Net()
-    variables = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 128, 100))))
-    n = count_params(variables["params"])
-    assert n == _eres2net_count() == 1_429_248  # SPEC §6: "ERes2Net 1.4M"
-    assert count_params(jax.eval_shape(lambda: _init(ERes2Net(16, (2, 2, 2, 2)), jnp.zeros((1, 64, 32))))["params"]) \
-        == _eres2net_count(16, (2, 2, 2, 2))  # fmt: skip
-    small = ERes2Net(8, (1, 1, 1, 1))
-    v = jax.jit(lambda: _init(small, jnp.zeros((1, 128, 40))))()
-    x = jax.random.normal(jax.random.key(3), (2, 128, 40))
-    y = jax.jit(small.apply)(v, x)
-    assert y.shape == (2, 2 * 8 * 8 * 2)  # mean and std over time of 8·8·2 channels
-    assert np.all(np.asarray(y[:, 128:]) > 0)  # the std half
-    assert jax.eval_shape(small.apply, v, x[:, :, :24]).shape == (2, 256)  # any clip length
-    _, updates = jax.jit(lambda v, x: small.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), v["batch_stats"], updates["batch_stats"])
-    assert min(jax.tree.leaves(moved)) > 0  # every BatchNorm sees the batch
-
-
 def test_make_student_distiller_embed_is_the_backbone_output():
     import ml_collections as mlc
 
-    cfg = mlc.ConfigDict(dict(arch="eres2net", channels=8, blocks=(1, 1, 1, 1), head_hidden=64, dropout=0.2))
+    cfg = mlc.ConfigDict(dict(arch="eres2net", channels=8, blocks=(1, 1, 1, 1, 1), head_hidden=64, dropout=0.2))
     model = make_student(cfg, out_dim=48)
     v = _init(model, jnp.zeros((1, 128, 40)))
     assert set(v["params"]) == {"backbone", "head"}
     x = jax.random.normal(jax.random.key(4), (2, 128, 40))
     emb, proj = model.apply(v, x)
-    assert emb.shape == (2, 256) and proj.shape == (2, 48)
+    assert emb.shape == (2, 2 * 4 * 8 * 128 // 16) and proj.shape == (2, 48)  # ERes2Net's TSTP: 2 x 32 x 8
     np.testing.assert_array_equal(model.apply(v, x, method=model.embed), emb)
     cfg.arch = "resnet"
     with pytest.raises(ValueError, match="config.student.arch='resnet'"):
         make_student(cfg)
+
+
+def test_squeeze_excitation_gate_is_a_plain_sigmoid():
+    """EfficientAT models/mn/block_types.py:61 (a425fdc): ``scale_activation = torch.nn.Sigmoid`` (torchvision's
+    MobileNetV3 has a hard-sigmoid); :73-79 the gate is computed from the mean over frequency and time."""
+    from matpac_jax.distill.students import SqueezeExcite
+
+    x = jax.random.normal(jax.random.key(7), (2, 3, 5, 16))
+    se = SqueezeExcite(8)
+    v = se.init(jax.random.key(8), x)
+    p = jax.tree.map(np.asarray, v["params"])
+    s = np.maximum(np.asarray(x).mean(axis=(1, 2)) @ p["fc1"]["kernel"][0, 0] + p["fc1"]["bias"], 0)
+    z = s @ p["fc2"]["kernel"][0, 0] + p["fc2"]["bias"]
+    want = np.asarray(x) / (1 + np.exp(-z))[:, None, None]
+    np.testing.assert_allclose(se.apply(v, x), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.abs(np.clip(z + 3, 0, 6) / 6 - 1 / (1 + np.exp(-z))).max() > 1e-3  # the two gates differ here

@@ -67,6 +67,10 @@ class DistillTask:
         abstract = jax.eval_shape(create, jax.random.key(0))
         state_sharding = parallel.state_shardings(abstract, mesh)
         init_fn = jax.jit(create, out_shardings=state_sharding)
+        if c.student.get("init_from"):  # published weights (EfficientAT / S-SONDO), read and shape-checked here
+            from matpac_jax.distill.published import initialise_from
+
+            init_fn = initialise_from(init_fn, c.student, abstract, state_sharding)
         stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
         step_fn = make_distill_step(
             self.model, c, tx, self.frontend, lr_schedule(c.optim, c.total_steps, c.data.batch_size), stats
