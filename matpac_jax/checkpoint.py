@@ -1,4 +1,4 @@
-"""Checkpoints with an orbax CheckpointManager under ``WORKDIR/checkpoints/<step>/``.
+"""Checkpoints with an orbax CheckpointManager under ``WORKDIR/checkpoints/<step>/``, and the workdir lock.
 
 One checkpoint holds three items:
 
@@ -9,46 +9,240 @@ One checkpoint holds three items:
   input is indexed by step and needs none.
 
 Saves are asynchronous (``config.checkpoint.async_save``): ``save`` returns once the state is copied off the devices
-and the files are written in the background; the next save, ``wait`` and ``close`` wait for it. They are atomic:
-orbax writes into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
-checkpoint as the latest (leftover temporary directories are removed at the next start). The last
-``checkpoint.keep`` are kept, plus every multiple of ``checkpoint.keep_period`` when that is > 0.
+and the files are written in the background; the next save, ``wait`` and ``close`` wait for it
+(``async_save=False``: ``save`` waits at once). They are atomic: orbax writes into a temporary directory and renames
+it when complete, so a crash mid-save leaves the previous checkpoint as the latest (leftover temporary directories are
+removed at the next start). The last ``checkpoint.keep`` are kept, plus every multiple of ``checkpoint.keep_period``
+when that is > 0.
+
+Integrity: when every process has written its files, and before the rename that commits the checkpoint, process 0
+writes ``<step>/checksums.json`` (the step, and the size and sha256 of every file but orbax's two commit markers,
+``_CHECKPOINT_METADATA`` and ``commit_success.txt``, rewritten at the commit). A committed checkpoint therefore
+always has its manifest, whatever the moment of a kill. ``resume_step`` verifies the latest checkpoint against it
+(``config.checkpoint.verify``); a corrupt or unverifiable one (a flipped bit, a truncated or missing file, no
+manifest) is named with the reason, moved to ``WORKDIR/checkpoints-rejected/`` (nothing is deleted) and the previous
+one is tried; ``CheckpointError`` (exit 2) names every step and the fix when none is left. A checkpoint directory whose
+manifest names another step (a renamed directory) is refused with both numbers.
 
 What may change between save and restore: the mesh, the device count and the sharding rules (arrays are restored
 into the target's shardings); the process count only with ``checkpoint.reset_data=True``, because grain's iterator
 state is per process (each process reads its own slice): the state is restored and the data pipeline restarts from
 the beginning of its order, so the data order differs from an uninterrupted run.
+
+The workdir lock (``WorkdirLock``): a run holds an exclusive ``flock`` on ``WORKDIR/.lock.process-<i>`` (``i`` its
+process index) for as long as it trains, with its pid, host and command written in it; a second run of the same
+process index on the same workdir fails at once naming the holder, while the processes of one job do not block each
+other. The kernel releases the lock when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import sys
+import time
 
 import grain
 import orbax.checkpoint as ocp
+
+from matpac_jax import fileio
+from matpac_jax.config_lib import ConfigError
+
+MANIFEST = "checksums.json"
+MANIFEST_FORMAT = "matpac_jax checkpoint checksums"
+UNHASHED = ("_CHECKPOINT_METADATA", "commit_success.txt")  # top-level files orbax rewrites when it commits
+REJECTED = "checkpoints-rejected"  # WORKDIR/checkpoints-rejected/<step>: checkpoints that failed verification
+LOCK_NAME = ".lock.process-{}"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed (corrupt, unverifiable, renamed, another config); the message names the
+    step, the reason and the fix. ``python -m matpac_jax.main`` prints it and exits 2."""
+
+
+class WorkdirBusyError(ConfigError):
+    """Another run holds the workdir's lock; the message names it. Exit 2."""
 
 
 def _is_grain_iterator(it) -> bool:
     return it is not None and hasattr(it, "get_state") and hasattr(it, "set_state")
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def _remove_unfinished(directory: str) -> None:
     """Delete leftovers of saves that never finished (``<step>.orbax-checkpoint-tmp-*``) before the manager starts.
     Orbax's own clean-up runs in a background future that close() does not wait for, so it is done here, at once."""
-    import shutil
-
-    import jax
-
-    if jax.process_index() != 0 or not os.path.isdir(directory):
+    if _process_index() != 0 or not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
         if ".orbax-checkpoint-tmp" in name:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+# --- Checksum manifests.
+
+
+def _hashed_files(step_dir: str) -> list[str]:
+    """Relative paths of the files a manifest covers, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(step_dir):
+        dirnames.sort()
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), step_dir)
+            if rel not in (MANIFEST, *UNHASHED) and fileio.TMP_MARK not in name:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str, step: int) -> None:
+    """``step_dir/checksums.json``: the step, and the size and sha256 of every file of the checkpoint."""
+    files = {}
+    for rel in _hashed_files(step_dir):
+        full = os.path.join(step_dir, rel)
+        files[rel] = {"bytes": os.path.getsize(full), "sha256": fileio.sha256_file(full)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    fileio.atomic_write_json(os.path.join(step_dir, MANIFEST), manifest)
+
+
+def verify(step_dir: str) -> tuple[int | None, str | None]:
+    """(the step the manifest names, None) when every file matches ``checksums.json``; (step or None, the first
+    problem) otherwise: no or unreadable manifest, a missing file, another size, other contents."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(path):
+        if not os.path.isdir(step_dir):
+            return None, "the directory is missing"
+        return None, f"it has no {MANIFEST} (unverifiable: written by an older version, or the file was removed)"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        step, files = int(manifest["step"]), dict(manifest["files"])
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError("unknown format")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"its {MANIFEST} is unreadable ({e})"
+    for rel, expected in sorted(files.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            return step, f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != expected["bytes"]:
+            return step, f"{rel} has {size} bytes, {expected['bytes']} were written"
+        if fileio.sha256_file(full) != expected["sha256"]:
+            return step, f"{rel} differs from what was written (sha256 mismatch)"
+    metadata = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+    try:
+        with open(metadata) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return step, f"_CHECKPOINT_METADATA is unreadable ({e.__class__.__name__})"
+    return step, None
+
+
+# --- The workdir lock.
+
+
+class WorkdirLock:
+    """Exclusive lock of one process index of a job on a workdir (``with WorkdirLock(workdir):``).
+
+    ``WorkdirBusyError`` names the holder when another process holds it. On a filesystem without ``flock`` support
+    a warning is printed and the run goes on unlocked."""
+
+    def __init__(self, workdir: str, process_index: int | None = None):
+        index = _process_index() if process_index is None else process_index
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME.format(index))
+        self.fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkdirBusyError(
+                f"--workdir={os.path.dirname(self.path)} is in use by another run ({holder}): wait for it to end, "
+                f"stop it, or give another --workdir (lock file {self.path})"
+            ) from None
+        except OSError as e:  # e.g. a FUSE mount without locks
+            os.close(fd)
+            print(f"warning: cannot lock {self.path} ({e.strerror}): a second run on this workdir would not be "
+                  "detected", file=sys.stderr, flush=True)  # fmt: skip
+            return self
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}  # fmt: skip
+        data = (json.dumps(holder) + "\n").encode()
+        os.ftruncate(fd, 0)  # in place: replacing the file would hand a new, unlocked inode to the next run
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 1 << 16, 0).decode())
+        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+# --- Multi-process agreement: process 0 decides, the others read its answer (coordination service, no devices).
+
+_AGREEMENTS = [0]
+
+
+def _agree(decide, name: str):
+    """``decide()`` on process 0 -> (value, error message or None), the value JSON-able; every process returns the
+    value or raises ``CheckpointError`` with the message, so all processes resume from the same step or all stop."""
+    import jax
+
+    if jax.process_count() == 1:
+        value, error = decide()
+    else:
+        from jax._src import distributed as _distributed
+
+        client = _distributed.global_state.client
+        _AGREEMENTS[0] += 1
+        key = f"matpac_jax/{name}/{_AGREEMENTS[0]}"
+        if jax.process_index() == 0:
+            value, error = decide()
+            client.key_value_set(key, json.dumps([value, error]))
+        else:
+            value, error = json.loads(client.blocking_key_value_get(key, 3_600_000))
+    if error:
+        raise CheckpointError(error)
+    return value
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, keep_period: int = 0, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(self, workdir: str, keep: int = 3, keep_period: int = 0, async_save: bool = True,
+                 verify: bool = True):  # fmt: skip
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.async_save, self.verify = async_save, verify
+        self._to_seal: list[int] = []  # steps whose saves are under way, in order
+        self._verified: set[int] = set()
         _remove_unfinished(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -57,7 +251,8 @@ class Checkpointer:
                 keep_period=keep_period or None,
                 create=True,
                 cleanup_tmp_directories=True,
-                enable_async_checkpointing=async_save,
+                enable_async_checkpointing=True,  # always: the manifest is written by the commit's callback
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
             ),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -69,7 +264,8 @@ class Checkpointer:
     @classmethod
     def from_config(cls, workdir: str, config) -> Checkpointer:
         c = config.checkpoint
-        return cls(workdir, keep=c.keep, keep_period=c.keep_period, async_save=c.async_save)
+        return cls(workdir, keep=c.keep, keep_period=c.keep_period, async_save=c.async_save,
+                   verify=c.get("verify", True))  # fmt: skip
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -77,31 +273,148 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # --- Verification.
+
+    def _renamed(self, step: int, named: int) -> str:
+        return (
+            f"{self.step_dir(step)} holds the checkpoint of step {named}, not of step {step} (a renamed or copied "
+            f"directory): rename it back to {named}, or move it out of {self.directory}"
+        )
+
+    def check(self, step: int) -> None:
+        """Raise ``CheckpointError`` unless checkpoint ``step`` matches its manifest (no-op with verify=False)."""
+        if not self.verify or step in self._verified:
+            return
+        named, problem = verify(self.step_dir(step))
+        if named is not None and named != step:
+            raise CheckpointError(self._renamed(step, named))
+        if problem:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is corrupt or unverifiable: {problem}")
+        self._verified.add(step)
+
+    def resume_step(self) -> int | None:
+        """The latest checkpoint that verifies, or None when there is none at all.
+
+        Newer checkpoints that fail are named (with the reason), moved to ``WORKDIR/checkpoints-rejected/`` and the
+        previous one is tried; ``CheckpointError`` names every step and the fix when none verifies (nothing is moved
+        then), or names both steps for a directory whose manifest names another step. Process 0 decides for the
+        job."""
+        step, moved = _agree(self._decide_resume_step, "resume_step")
+        if moved:
+            self.manager.reload()  # on every process: their managers listed the moved steps at start
+        if step is not None and self.verify:
+            self._verified.add(step)  # by process 0, for the job
+        return step
+
+    def _decide_resume_step(self) -> tuple[tuple[int | None, bool], str | None]:
+        """((step, whether checkpoints were moved), error message or None), on process 0."""
+        steps = self.all_steps()
+        if not steps or not self.verify:
+            return ((steps[-1] if steps else None), False), None
+        rejected = []
+        for step in reversed(steps):
+            named, problem = verify(self.step_dir(step))
+            if named is not None and named != step:
+                return None, self._renamed(step, named)
+            if problem:
+                rejected.append((step, problem))
+                continue
+            self._verified.add(step)
+            for bad, reason in rejected:
+                moved = self._reject(bad)
+                print(f"checkpoint {bad} is corrupt or unverifiable: {reason}; moved to {moved}. Resuming from the "
+                      f"previous verified checkpoint, step {step}", file=sys.stderr, flush=True)  # fmt: skip
+            return (step, bool(rejected)), None
+        detail = "; ".join(f"step {s}: {reason}" for s, reason in rejected)
+        return None, (
+            f"no checkpoint in {self.directory} can be verified ({detail}). If they were written by an older version "
+            f"(no {MANIFEST}), resume unverified with --config.checkpoint.verify=False; otherwise restore them from a "
+            "backup, or move the directory aside to start over"
+        )
+
+    def _reject(self, step: int) -> str:
+        """Move checkpoint ``step`` to WORKDIR/checkpoints-rejected/<step>[-n] (kept for inspection)."""
+        root = os.path.join(self.workdir, REJECTED)
+        os.makedirs(root, exist_ok=True)
+        target, n = os.path.join(root, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(root, f"{step}-{n}"), n + 1
+        os.replace(self.step_dir(step), target)
+        return target
+
+    # --- Restore and save.
+
+    def saved_config(self, step: int) -> dict | None:
+        """The config that saved checkpoint ``step`` (JSON), or None when it cannot be read."""
+        try:
+            with open(os.path.join(self.step_dir(step), "config", "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def restore(self, abstract_state, step: int | None = None, data_iter=None):
         """Restore into the shapes, dtypes and shardings of ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves); a
-        grain iterator passed as ``data_iter`` is moved to the saved position of this process."""
+        grain iterator passed as ``data_iter`` is moved to the saved position of this process. The checkpoint is
+        verified first (``CheckpointError``), and must hold the state of its own step."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self.check(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if _is_grain_iterator(data_iter):
             import jax
 
             name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-            if not os.path.exists(os.path.join(self.directory, str(step), "data", name)):
+            if not os.path.exists(os.path.join(self.step_dir(step), "data", name)):
                 raise ValueError(
                     f"checkpoint {step} in {self.directory} holds no data-iterator state for this process ({name}): "
                     "it was saved with another process count or another input. Restore the train state with a fresh "
                     "data order by setting --config.checkpoint.reset_data=True"
                 )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if isinstance(e, ValueError) and "reset_data=True" in str(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} does not restore into this run's state ({first[:300]}): "
+                "resume with the config that saved it, or give a new --workdir"
+            ) from e
+        saved = getattr(state, "step", None)
+        if saved is not None and int(saved) != step:
+            raise CheckpointError(
+                f"{self.step_dir(step)} holds the state of step {int(saved)}, not of step {step} (a renamed or "
+                f"copied directory): rename it to {int(saved)}, or move it out of {self.directory}"
+            )
+        return state
 
     def save(self, step: int, state, config, data_iter=None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if _is_grain_iterator(data_iter):
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        sealer = _process_index() == 0  # orbax runs the commit callback on the primary process only
+        if sealer:
+            self._to_seal.append(step)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if not saved and sealer:
+            self._to_seal.remove(step)
+        elif not self.async_save:
+            self.manager.wait_until_finished()
+        return saved
+
+    def _seal(self) -> None:
+        """Orbax's post-finalization callback (process 0, every process's files written, before the commit rename):
+        the manifest of the oldest save under way."""
+        step = self._to_seal.pop(0)
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        pending = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+        step_dir = os.path.join(self.directory, pending[0]) if len(pending) == 1 else self.step_dir(step)
+        write_manifest(step_dir, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

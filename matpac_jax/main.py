@@ -4,9 +4,11 @@ Flags only. ``--coordinator``, ``--num_processes``, ``--process_id`` start a mul
 pods and SLURM are detected). ``config.task`` picks the work: 'pretrain' (MATPAC / MATPAC++) and 'distill' (S-SONDO
 students) run the one trainer, train.loop.train_and_evaluate; 'teacher_pass' runs the S-SONDO teacher-embedding pass
 and its k-means into WORKDIR (distill.teacher_pass.run_from_config). Exit status: 0 when the run finished or was
-preempted (SIGTERM: it saved and says where it resumes), 3 when it stopped on a non-finite loss or gradient
-(WORKDIR/nonfinite_report.json), 2 for a config error found before any compute (the message names the key and the
-fix), 1 for anything else.
+preempted (SIGTERM: it saved and says where it resumes), 3 when it stopped on a non-finite update (WORKDIR/
+nonfinite_report.json; with config.nonfinite='skip', after config.nonfinite_max_skips in a row), 2 for an error found
+before any compute, printed as one line that names the key (or the flag, the checkpoint, the run holding the workdir)
+and the fix: an unknown config key or flag, a bad value, a checkpoint that fails verification or was saved with
+another config, a workdir in use; 1 for anything else.
 """
 
 from __future__ import annotations
@@ -25,12 +27,59 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_key_error(argv: list[str], error: Exception) -> str:
+    """One line naming the override of a key the config does not have (ml_collections raises a KeyError or an
+    AttributeError out of flag parsing) and the keys that level has."""
+    config = flags.FLAGS["config"].value  # None while the overrides are parsed: load the file again
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    if config is None and spec:
+        from matpac_jax.config_lib import load_config_file
+
+        path, _, arg = spec.partition(":")
+        try:
+            config = load_config_file(path, os.path.basename(path), arg or None)
+        except Exception:  # noqa: BLE001 - only for the hint
+            config = None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, parts = config, arg.split("=", 1)[0].removeprefix("--").split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            if not hasattr(node, "keys") or part not in node:
+                parent = ".".join(parts[:i])
+                known = f"; keys of {parent}: {', '.join(sorted(node.keys()))}" if hasattr(node, "keys") else ""
+                return f"{arg}: unknown config key {'.'.join(parts[: i + 1])}{known}"
+            node = node[part]
+    return f"unknown config key ({error})"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error (an unknown flag or config key, a bad value, a config file that fails)
+    printed as one line and exit status 2 instead of a traceback and 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    except (KeyError, AttributeError) as e:
+        message = _config_key_error(argv, e)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax / grain log every save at INFO; -v 0 shows them
     config = _CONFIG.value
+    try:
+        _ = config.task  # a config file that failed to load raises here
+    except (OSError, ValueError, AttributeError) as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        print(f"error: --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: cannot load the config "
+              f"({detail})", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.getcwd(), ".jax_cache"))
     from matpac_jax import distributed
 
@@ -48,9 +97,12 @@ def main(argv) -> None:
 
     try:
         if config.task == "teacher_pass":
+            from matpac_jax.checkpoint import WorkdirLock
             from matpac_jax.distill.teacher_pass import run_from_config
 
-            sys.exit(run_from_config(config, _WORKDIR.value))
+            with WorkdirLock(_WORKDIR.value):
+                status = run_from_config(config, _WORKDIR.value)
+            sys.exit(status)
         result = train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -64,4 +116,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -5,7 +5,8 @@
    mixed with a random other clip of the batch, the loss λ-mixed against both teacher targets (EfficientAT's mixup)
 3. backbone (BatchNorm in training mode) -> projection head (dropout) -> loss to the teacher clip embedding
 4. Adam(W) update after global-norm clipping; BatchNorm statistics move
-5. the non-finite guard of pretraining: a NaN/Inf loss or gradient norm keeps the previous state
+5. the non-finite guard of pretraining: a NaN/Inf loss, gradient norm or updated state (parameters, BatchNorm
+   statistics, optimizer moments) keeps the previous state
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import struct
 
 from matpac_jax.audio.frontend import log_mel
 from matpac_jax.distill.losses import LOSSES, cosine, distill_loss, mixup_loss
+from matpac_jax.train.step import all_finite
 
 
 @struct.dataclass
@@ -89,7 +91,8 @@ def make_distill_step(model, config, tx: optax.GradientTransformation, frontend_
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        state_finite = all_finite((params, batch_stats, opt_state))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         params, batch_stats, opt_state = jax.tree.map(
             lambda u, k: jnp.where(finite, u, k),
             (params, batch_stats, opt_state),
@@ -102,6 +105,7 @@ def make_distill_step(model, config, tx: optax.GradientTransformation, frontend_
             lr=lr_fn(state.step),
             grad_norm=grad_norm,
             nonfinite=1.0 - finite.astype(jnp.float32),
+            nonfinite_state=1.0 - state_finite.astype(jnp.float32),
             nonfinite_inputs=jnp.zeros((), jnp.int32),  # int16 audio cannot be non-finite
             embedding_std=jnp.mean(jnp.std(emb.astype(jnp.float32), axis=0)),
         )

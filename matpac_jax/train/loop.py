@@ -1,6 +1,7 @@
 """The trainer: one loop for every task, read top to bottom.
 
-early config checks -> mesh -> input -> model & optimizer -> sharded state (fresh or restored) -> jitted step -> loop
+early config checks -> workdir lock -> mesh -> input -> resume point (latest verified checkpoint, its config compared)
+-> model & optimizer -> sharded state (fresh or restored) -> jitted step -> loop
 (metrics fetched one step late so the host never stalls the device; checkpoints every N steps, on SIGTERM and at the
 end) -> closing probe
 
@@ -19,8 +20,8 @@ import time
 import jax
 
 from matpac_jax import distributed, parallel
-from matpac_jax.checkpoint import Checkpointer
-from matpac_jax.config_lib import ConfigError
+from matpac_jax.checkpoint import Checkpointer, WorkdirLock
+from matpac_jax.config_lib import ConfigError, check_config, resume_differences
 from matpac_jax.flops import count_matmul_flops, peak_flops
 from matpac_jax.train.metrics_log import MetricsLog, without_timings
 from matpac_jax.train.preemption import PreemptionWatch
@@ -82,6 +83,7 @@ def check_run(config, workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror}): give a writable directory") from e
     if config.nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"config.nonfinite={config.nonfinite!r}: expected one of {', '.join(NONFINITE_ACTIONS)}")
+    check_config(config)
     c = config.checkpoint
     if c.every < 1 or c.keep < 1 or c.keep_period < 0:
         raise ConfigError(
@@ -158,12 +160,43 @@ class Profiler:
                 print(f"profile of steps {a}..{b - 1} written to {self.directory}", flush=True)
 
 
+def resume_point(ckpt: Checkpointer, config) -> int:
+    """The step to resume from (0: a fresh run), checked before anything is built: ``total_steps`` must reach the
+    latest checkpoint, the checkpoint must verify (``Checkpointer.resume_step`` falls back to the previous verified
+    one), and the config that saved it may differ only in keys that may change on resume
+    (``config_lib.resume_differences``). ``ConfigError`` names the numbers or the keys."""
+    latest = ckpt.latest_step()
+    if latest is not None and latest > config.total_steps:
+        raise ConfigError(
+            f"config.total_steps={config.total_steps} is below the step of the latest checkpoint, {latest}, in "
+            f"{ckpt.directory}: set --config.total_steps={latest} or more to resume it, or give a new --workdir"
+        )
+    first = ckpt.resume_step() or 0
+    saved = ckpt.saved_config(first) if first else None
+    diffs = resume_differences(saved, config) if saved else []
+    if diffs:
+        listed = "; ".join(f"config.{k}: saved {old!r}, now {new!r}" for k, old, new in diffs)
+        raise ConfigError(
+            f"checkpoint {first} in {ckpt.directory} was saved with another config ({listed}): resume with the saved "
+            f"values ({ckpt.step_dir(first)}/config/metadata) or give a new --workdir; to accept a change that leaves "
+            "the state's layout alone, add --config.checkpoint.allow_changes=KEY[,KEY...]"
+        )
+    return first
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}.
 
-    Raises ``NonFiniteError`` (config.nonfinite='stop') after writing WORKDIR/nonfinite_report.json.
+    The workdir is locked for the whole run (checkpoint.WorkdirLock: a second run on it fails at once, naming this
+    one). Raises ``NonFiniteError`` (config.nonfinite='stop', or more than ``config.nonfinite_max_skips`` consecutive
+    skipped updates) after writing WORKDIR/nonfinite_report.json.
     """
     check_run(config, workdir)
+    with WorkdirLock(workdir):
+        return _train_locked(config, workdir)
+
+
+def _train_locked(config, workdir: str) -> dict:
     # --- Mesh.
     try:
         mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -178,36 +211,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "or change config.mesh or the accumulation"
         )
 
-    # --- Input (first: a data error should surface before any compilation).
+    # --- Input (first: a data error should surface before any compilation and before the workdir is written).
     task = make_task(config, workdir)
     try:
         source = task.make_input()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     periodic_probe = task.periodic_probe()
+
+    # --- Checkpoints: where to resume (a corrupt or mismatching checkpoint is reported before anything is built).
     ckpt = Checkpointer.from_config(workdir, config)
-    first = ckpt.latest_step() or 0
-    batches = batch_iterator(source, first)
+    try:
+        first = resume_point(ckpt, config)
+        batches = batch_iterator(source, first)
 
-    # --- Model, optimizer, state.
-    init_fn, train_step, abstract = task.build(mesh)
-    if first:
-        data_iter = None if config.checkpoint.reset_data else batches
-        state = ckpt.restore(abstract, data_iter=data_iter)
-        if jax.process_index() == 0:
-            print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
-    else:
-        state = init_fn(jax.random.key(config.seed))
+        # --- Model, optimizer, state.
+        init_fn, train_step, abstract = task.build(mesh)
+        if first:
+            data_iter = None if config.checkpoint.reset_data else batches
+            state = ckpt.restore(abstract, step=first, data_iter=data_iter)
+            if jax.process_index() == 0:
+                print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
+        else:
+            state = init_fn(jax.random.key(config.seed))
 
-    # --- Loop.
-    peak = peak_flops()
-    flops = None
-    if peak:  # counting traces the step once more: only where an MFU can be reported
-        flops = count_matmul_flops(train_step, abstract, task.batch_spec(), jax.random.key(0))
-    report = memory_report(train_step, abstract, task.batch_spec())
-    if report and jax.process_index() == 0:
-        print(report, flush=True)
-    log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak)
+        # --- Loop.
+        peak = peak_flops()
+        flops = None
+        if peak:  # counting traces the step once more: only where an MFU can be reported
+            flops = count_matmul_flops(train_step, abstract, task.batch_spec(), jax.random.key(0))
+        report = memory_report(train_step, abstract, task.batch_spec())
+        if report and jax.process_index() == 0:
+            print(report, flush=True)
+        log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak)
+    except BaseException:
+        ckpt.close()
+        raise
     inputs = DevicePrefetch(batches, mesh, config.data.get("device_prefetch", 2))
     data_iter = inputs if inputs.stateful else None
     profiler = Profiler(config.profile_steps, workdir)

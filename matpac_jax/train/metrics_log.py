@@ -7,8 +7,11 @@ the device it just fed. Host timings are added per step:
 - ``data_wait_s``: of that, the time spent getting the batch from the input pipeline onto the devices;
 - ``samples_per_s``, ``tokens_per_s`` (encoder tokens), and ``mfu`` when the device peak and step FLOPs are known.
 
-A non-finite step (``metrics['nonfinite']``, see train/step.py) either stops the run (``config.nonfinite='stop'``:
-``nonfinite_report.json`` names the step and the quantities, ``NonFiniteError`` is raised) or is logged and skipped.
+A non-finite step (``metrics['nonfinite']``: a NaN/Inf loss, gradient norm or updated state, see train/step.py; the
+state then keeps its previous values, so checkpoints only ever hold finite states) either stops the run
+(``config.nonfinite='stop'``: ``nonfinite_report.json``, strict JSON, names the step and the quantities,
+``NonFiniteError`` is raised) or is logged and skipped; ``config.nonfinite_max_skips`` consecutive skips stop the run
+the same way (a run whose every update is non-finite does not end as if it had trained).
 On resume from step ``s``, lines after ``s`` (written after the checkpoint, before a crash) are dropped first, so the
 file reads as one uninterrupted run. Only process 0 writes.
 """
@@ -22,13 +25,17 @@ import time
 
 import jax
 
+from matpac_jax import fileio
+
 LINE_DETAIL = (("loss_pred", "pred"), ("loss_cls", "cls"), ("cos_to_teacher", "cos to teacher"))  # console line
 TIMING_KEYS = ("step_time_s", "data_wait_s", "samples_per_s", "tokens_per_s", "mfu")
 GUARDED = ("loss", "loss_pred", "loss_cls", "grad_norm")  # what the report checks for NaN / Inf
+DEFAULT_MAX_SKIPS = 10  # config.nonfinite_max_skips where a config (saved by an older version) lacks it
 
 
 class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss or gradient norm with ``config.nonfinite='stop'``; ``report`` is what was written to disk."""
+    """A non-finite update with ``config.nonfinite='stop'``, or ``config.nonfinite_max_skips`` consecutive ones with
+    'skip'; ``report`` is what was written to disk."""
 
     def __init__(self, message: str, report: dict):
         super().__init__(message)
@@ -47,10 +54,7 @@ def truncate_after(path: str, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, "".join(kept))
 
 
 class MetricsLog:
@@ -75,6 +79,8 @@ class MetricsLog:
         self.steps = 0  # steps after the first (compilation) of this process, with summed step and data-wait times
         self.elapsed = self.waited = 0.0
         self.skipped = 0
+        self.consecutive = 0  # non-finite steps in a row (config.nonfinite='skip')
+        self.max_skips = int(config.get("nonfinite_max_skips", DEFAULT_MAX_SKIPS))
         self.file = self.tb = None
         if self.writer:
             path = os.path.join(workdir, "metrics.jsonl")
@@ -120,6 +126,7 @@ class MetricsLog:
         if m.get("nonfinite", 0.0) > 0:
             self._nonfinite(step, m)
             return
+        self.consecutive = 0
         first_or_last = step in (self.first_step + 1, self.config.total_steps)
         if self.writer and (step % self.config.log_every == 0 or first_or_last):
             print(self.line(step, m), flush=True)
@@ -127,24 +134,38 @@ class MetricsLog:
     def _nonfinite(self, step: int, m: dict) -> None:
         bad = {k: m[k] for k in GUARDED if k in m and not math.isfinite(m[k])}
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        if m.get("nonfinite_state", 0.0) > 0:
+            bad["state"] = "the updated parameters, optimizer moments, EMA teacher or center held NaN/Inf"
+            what = ", ".join(filter(None, (what, "updated state (parameters / optimizer / teacher / center)")))
         inputs = int(m.get("nonfinite_inputs", 0))
         if inputs:
             what += f"; the batch held {inputs} non-finite audio samples"
-        if self.config.nonfinite == "skip":
+        self.consecutive += 1
+        if self.config.nonfinite == "skip" and self.consecutive < self.max_skips:
             self.skipped += 1
             if self.writer:
                 print(f"step {step}: non-finite {what}: update skipped ({self.skipped} so far)", flush=True)
             return
         report = {"step": step, "nonfinite": bad, "nonfinite_inputs": inputs, "metrics": m}
         path = os.path.join(self.workdir, "nonfinite_report.json")
+        if self.config.nonfinite == "skip":
+            first = step - self.consecutive + 1
+            report |= {"consecutive_nonfinite_steps": self.consecutive, "first_nonfinite_step": first}
+            message = (
+                f"steps {first}..{step}: {self.consecutive} non-finite updates in a row (last: {what}), "
+                f"config.nonfinite_max_skips={self.max_skips}: stopped (report: {path}). Every update was skipped, so "
+                "the checkpoints hold only finite states: check the input, lower config.optim.lr (resuming with "
+                "--config.checkpoint.allow_changes=optim.lr) or raise config.nonfinite_max_skips, then rerun"
+            )
+        else:
+            message = (
+                f"step {step}: non-finite {what}; stopped without saving it (report: {path}). The checkpoints hold "
+                "only finite states: rerun to resume from the last one, or set --config.nonfinite=skip to skip such "
+                "updates"
+            )
         if self.writer:
-            with open(path, "w") as f:
-                json.dump(report, f, indent=1)
-        raise NonFiniteError(
-            f"step {step}: non-finite {what}; stopped without saving (report: {path}). The last checkpoint is intact: "
-            "rerun to resume from it, or set --config.nonfinite=skip to skip such updates",
-            report,
-        )
+            fileio.atomic_write_json(path, report)
+        raise NonFiniteError(message, report)
 
     def line(self, step: int, m: dict) -> str:
         if not self.steps:  # only the compilation step so far

@@ -175,8 +175,9 @@ class PretrainTask:
         return source
 
     def periodic_probe(self):
+        model = MatpacModel.from_config(self.config)  # its geometry is checked by config_lib.check_config
         try:
-            probe = PeriodicProbe(self.config, MatpacModel.from_config(self.config), self.splits, self.workdir)
+            probe = PeriodicProbe(self.config, model, self.splits, self.workdir)
         except (OSError, ValueError) as e:
             raise ConfigError(f"config.probe.datasets: {e}") from None
         return lambda step, state, tb: probe(step, state.student, tb)
