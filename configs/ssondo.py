@@ -79,8 +79,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dtype="float16",  # stored embeddings: float16 (15 GB for 2 M x 3840) or float32
         frames=False,  # also store frame-level features [T, 3840] per clip (62x the bytes: ~1 TB for AudioSet)
         clusters=50,  # k of the k-means for balanced sampling (SPEC §6); 0 = none
-        kmeans_steps=200,  # mini-batch k-means steps
+        kmeans_steps=200,  # mini-batch k-means steps (when kmeans_epochs is 0)
         kmeans_batch=4096,
+        kmeans_inits=1,  # k-means++ starts, the best kept (S-SONDO's MiniBatchKMeans: 10)
+        kmeans_epochs=0.0,  # > 0: passes over the corpus instead of kmeans_steps (S-SONDO's: up to 100, batch 10,000)
     )
     c.distill = dict(
         loss="cosine",  # 1 - cos (SPEC §6 best); info_nce, kl_softmax, l1, mse

@@ -388,17 +388,19 @@ def target_stats(output: str, chunk: int = 65_536, log=print) -> tuple[np.ndarra
     return data["mean"], data["std"]
 
 
-def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096, log=print) -> dict:
+def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096, log=print, inits: int = 1,
+            epochs: float = 0.0) -> dict:  # fmt: skip
     """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz``; returns its arrays. Recomputed
-    when the embeddings, ``k``, ``seed``, ``steps`` or ``batch`` changed or the file is unreadable."""
+    when the embeddings or any k-means setting changed or the file is unreadable."""
     from matpac_jax.distill.kmeans import fit_kmeans
 
     path = os.path.join(output, "clusters.npz")
     _, x = consolidate(output, log)
-    want = {"source": _embeddings_token(output), "k": k, "seed": seed, "steps": steps, "batch": batch}
+    want = {"source": _embeddings_token(output), "k": k, "seed": seed, "steps": steps, "batch": batch,
+            "inits": inits, "epochs": float(epochs)}  # fmt: skip
     if (data := _load_npz(path, want, log, "k-means")) is None:
         t0 = time.perf_counter()
-        r = fit_kmeans(x, k, seed=seed, steps=steps, batch=batch)
+        r = fit_kmeans(x, k, seed=seed, steps=steps, batch=batch, inits=inits, epochs=epochs)
         data = {"centroids": r["centroids"], "assignments": r["assignments"], "sizes": r["sizes"]}
         atomic_save_npz(path, **data, **want)
         sizes = r["sizes"]
@@ -450,7 +452,8 @@ def run_from_config(config, workdir: str) -> int:
     target_stats(workdir)
     print(f"{len(keys)} embeddings of dimension {x.shape[1]} ({x.dtype}) in {os.path.join(workdir, 'embeddings.npy')}")
     if t.clusters:
-        cluster(workdir, t.clusters, seed=config.seed, steps=t.kmeans_steps, batch=t.kmeans_batch)
+        cluster(workdir, t.clusters, seed=config.seed, steps=t.kmeans_steps, batch=t.kmeans_batch,
+                inits=t.kmeans_inits, epochs=t.kmeans_epochs)  # fmt: skip
     return 0
 
 
