@@ -21,3 +21,15 @@ def assert_close_to_scale(actual, desired, rtol: float = 1e-5) -> None:
     assert actual.shape == desired.shape, (actual.shape, desired.shape)
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
     np.testing.assert_allclose(actual, desired, rtol=0, atol=rtol * max(scale, np.finfo(np.float32).tiny))
+
+
+def smoke_config(steps: int, **overrides):
+    """The smoke pretraining config on one device without its closing probe, ``total_steps=steps``, top-level keys
+    overridden."""
+    config = load_config()
+    config.probe.enabled = False
+    config.total_steps = steps
+    config.mesh.data = 1
+    for key, value in overrides.items():
+        config[key] = value
+    return config

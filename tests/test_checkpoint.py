@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config
+from helpers import load_config, smoke_config
 
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer
@@ -117,13 +117,7 @@ def _nan_at(step_to_poison: int):
 
 
 def _smoke(steps=6, **overrides):
-    config = load_config()
-    config.probe.enabled = False
-    config.total_steps = steps
-    config.mesh.data = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return smoke_config(steps, **overrides)
 
 
 def test_nonfinite_stop_writes_a_report_and_no_new_checkpoint(tmp_path, monkeypatch):

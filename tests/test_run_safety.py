@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, smoke_config
 
 from matpac_jax import checkpoint as ckpt_lib
 from matpac_jax import parallel
@@ -25,13 +25,7 @@ from matpac_jax.train.metrics_log import TIMING_KEYS, NonFiniteError
 
 
 def _smoke(steps=4, **overrides):
-    config = load_config()
-    config.probe.enabled = False
-    config.total_steps = steps
-    config.mesh.data = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return smoke_config(steps, **overrides)
 
 
 def _metrics(workdir) -> list[dict]:

@@ -34,6 +34,7 @@ import os
 import sys
 
 import numpy as np
+from flax import traverse_util
 
 
 class StateDictMismatch(ValueError):
@@ -111,17 +112,6 @@ def _template(module, n_mels: int = 64, frames: int = 64) -> dict[str, tuple[str
             for path, v in jax.tree_util.tree_leaves_with_path(shapes)}  # fmt: skip
 
 
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def mobilenet_from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.0) -> dict:
     """EfficientAT mn backbone state dict (``features.*``; no classifier) -> ``MobileNetV3(width)`` variables
     ``{'params', 'batch_stats'}`` (float32). Raises ``StateDictMismatch`` listing unknown and missing keys, and the
@@ -147,7 +137,7 @@ def mobilenet_from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.
     if wrong or len(flat) != len(template):
         absent = sorted(set(template) - set(flat))
         raise StateDictMismatch(what, detail=f"wrong shapes: {wrong}" + (f"; not filled: {absent}" if absent else ""))
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # --- Layouts: EfficientAT (features.* + classifier.*) or S-SONDO's Lightning checkpoint (student_model.*).
