@@ -129,7 +129,8 @@ def test_ema_is_decay_weighted_average():
 
 @pytest.mark.parametrize("start,end,total", [(0.99995, 0.99999, 294_816), (0.998, 1.0, 294_816)])
 def test_ema_one_minus_decay_is_computed_directly(start, end, total):
-    """1 − d to float32 precision of 1 − d itself (the reference keeps d and 1 − d as doubles, SPEC §3): 1 −
+    """1 − d to float32 precision of 1 − d itself (the reference keeps d and 1 − d as doubles: fairseq
+    fairseq/modules/ema_module.py:125-126, ``mul_(decay)``, ``add_(param, alpha=1 - decay)``; SPEC §3): 1 −
     float32(d) at d ≈ 0.99995 is off by up to ~8e-4 of 1 − d."""
     steps = np.asarray([1, 5_000, 20_000, 147_408, 250_000, total])
     d, one_minus = (np.asarray(x, np.float64) for x in obj.ema_weights(jnp.asarray(steps), start, end, total))

@@ -36,8 +36,8 @@ def info_nce(student: jax.Array, teacher: jax.Array, temperature: float = 0.1) -
 def kl_softmax(student: jax.Array, teacher: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Per example τ² · mean over the embedding dimensions of p · (log p − log q), p = softmax(t / τ),
     q = softmax(s / τ): the published ``KLDivLoss(reduction="none")`` averaged over dimensions (and, by
-    ``distill_loss``, the batch) and scaled by τ² (MedAliAdlouni/ssondo knowledge_distillation_training/system.py
-    ``_kd_loss_kl_div``). It is KL(p || q) · τ² / D."""
+    ``distill_loss``, the batch) and scaled by τ² (MedAliAdlouni/ssondo
+    training_ssondo/knowledge_distillation_training/system.py:307-327 ``_kd_loss_kl_div``): KL(p || q) · τ² / D."""
     s, t = _f32(student, teacher)
     log_p = jax.nn.log_softmax(t / temperature, -1)
     log_q = jax.nn.log_softmax(s / temperature, -1)

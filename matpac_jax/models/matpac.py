@@ -97,9 +97,10 @@ class MatpacModel:
     def init(self, rng: jax.Array) -> tuple[dict, dict]:
         """Fresh (student, teacher) parameters. The teacher encoder is initialised independently (not a copy).
 
-        Cls heads, 'copy_initial' (the reference, SPEC §3): one head is drawn (MLP N(0, 0.02²), zero biases, torch's
-        default uniform ``weight_v``, g = 1) and becomes the teacher head; the student head is the same head with its
-        three MLP kernels re-drawn xavier-uniform (biases zero), so ``weight_v`` and g start identical in both.
+        Cls heads, 'copy_initial' (the reference, SPEC §3; aurianworld/matpac training_matpac/models/model.py:809,
+        :814 re-initialise the student head, :361-363 copy ``weight_v``): one head is drawn (MLP N(0, 0.02²), zero
+        biases, torch's default uniform ``weight_v``, g = 1) and becomes the teacher head; the student head is the same
+        head with its three MLP kernels re-drawn xavier-uniform (biases zero), so ``weight_v`` and g start identical.
         'copy': the student head starts equal to the teacher head.
         """
         k_tok, k_enc, k_teach, k_pred, k_head_t, k_head_s = jax.random.split(rng, 6)

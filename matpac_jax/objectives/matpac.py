@@ -71,7 +71,8 @@ def select_hypothesis(preds: jax.Array, winner: jax.Array) -> jax.Array:
 
 
 def linear_anneal(step: jax.Array, start: float, end: float, total_steps: int) -> jax.Array:
-    """start -> end linearly over total_steps, then end (the reference's ``get_annealed_rate``)."""
+    """start -> end linearly over total_steps, then end (aurianworld/matpac training_matpac/models/utils.py:8-17
+    ``get_annealed_rate``, called by ``do_ema_step`` at models/model.py:317-327)."""
     frac = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
     return start + (end - start) * frac
 
@@ -79,14 +80,16 @@ def linear_anneal(step: jax.Array, start: float, end: float, total_steps: int) -
 def ema_weights(step: jax.Array, start: float, end: float, total_steps: int) -> tuple[jax.Array, jax.Array]:
     """(d, 1 − d) of the linearly annealed EMA decay, with 1 − d computed directly from the double constants
     1 − start and 1 − end: 1 − float32(d) would lose ~8e-4 of 1 − d at d ≈ 0.99995 (the reference keeps d and 1 − d
-    as doubles, each rounded once when it scales a float32 tensor)."""
+    as Python doubles, each rounded once when it scales a float32 tensor: fairseq/modules/ema_module.py:125-126,
+    ``ema_param.mul_(decay); ema_param.add_(param, alpha=1 - decay)``)."""
     frac = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
     return start + (end - start) * frac, (1.0 - start) + (start - end) * frac
 
 
 def teacher_temperature(step: jax.Array, warmup_temp: float, temp: float, warmup_steps: int) -> jax.Array:
     """τ_t = warmup_temp + (temp − warmup_temp) · t / warmup_steps for t < warmup_steps, then temp: the reference's
-    ``get_annealed_rate`` (divides by warmup_steps, not warmup_steps − 1 as np.linspace would)."""
+    ``get_annealed_rate`` (training_matpac/models/utils.py:8-17, called at models/model.py:273-278; divides by
+    warmup_steps, not warmup_steps − 1 as np.linspace would)."""
     frac = jnp.clip(step.astype(jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
     return warmup_temp + (temp - warmup_temp) * frac
 

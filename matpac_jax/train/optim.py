@@ -86,7 +86,7 @@ class ScaleByFairseqAdamState(NamedTuple):
 
 
 def scale_by_fairseq_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-    """fairseq's Adam direction (``fairseq/optim/adam.py``): m / (√v + eps) · √(1 − b2ⁿ) / (1 − b1ⁿ).
+    """fairseq's Adam direction (fairseq/optim/adam.py:223-234): m / (√v + eps) · √(1 − b2ⁿ) / (1 − b1ⁿ).
 
     eps sits on the raw √v, before the bias correction; optax's ``scale_by_adam`` puts it on √v̂, which differs by
     up to ~40 % of an update over the first ~100 steps at eps = 1e-6, b2 = 0.95. Moments in float32."""
@@ -110,7 +110,7 @@ def scale_by_fairseq_adam(b1: float, b2: float, eps: float) -> optax.GradientTra
 
 
 def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
-    """g · min(1, max_norm / (‖g‖ + eps)): fairseq's ``clip_grad_norm_`` (``fairseq/utils.py``) and torch's
+    """g · min(1, max_norm / (‖g‖ + eps)): fairseq's ``clip_grad_norm_`` (fairseq/utils.py:392-395) and torch's
     ``clip_grad_norm_``; optax's ``clip_by_global_norm`` omits the eps."""
 
     def update(updates, state, params=None):

@@ -1,6 +1,7 @@
 """The pretraining step: a pure function (state, batch, rng) -> (state, metrics), jitted by the trainer.
 
-Order within step t follows the reference (aurianworld/matpac training_matpac/models/model.py ``forward_cls_pred``):
+Order within step t follows the reference (aurianworld/matpac training_matpac/models/model.py ``forward_cls_pred``:
+teacher forward at :263-265 and :302, ``do_ema_step`` after the losses at :317-327):
   1. log-mel on device, masking, student / predictor forward, teacher forward with the shadows γ_t as they stand
   2. prediction loss (annealed MCL over K hypotheses), cls loss on the winning hypothesis, total 0.5 / 0.5
   3. the shadows move after the losses (``do_ema_step``): γ_{t+1} = d·γ_t + (1 − d)·θ_t from this step's student
