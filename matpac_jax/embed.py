@@ -40,7 +40,7 @@ def list_inputs(path: str, skipped: list | None = None) -> list[tuple[str, str]]
     """[(name, file)]: name is the key written to the output (relative path for folders, as written in a CSV). A CSV
     row without a path is appended to ``skipped`` as {path, reason} naming its line (a ``ValueError`` without
     ``skipped``)."""
-    from matpac_jax.data.prepare import AUDIO_EXTENSIONS
+    from matpac_jax.data.sources import AUDIO_EXTENSIONS
 
     if os.path.isdir(path):
         out = []

@@ -15,6 +15,7 @@ import pytest
 from test_inference import HEADS, published_state_dict
 
 import matpac_jax.convert as convert
+import matpac_jax.state_dict_io as state_dict_io
 from matpac_jax.convert import ConversionError, read_safetensors, read_state_dict, write_safetensors
 from matpac_jax.fileio import TMP_MARK
 
@@ -48,7 +49,7 @@ def _hostile_files(tmp_path):
 def test_hostile_pickle_is_refused_and_never_run(tmp_path, capsys):
     marker, files = _hostile_files(tmp_path)
     for path in files:
-        assert [g.rsplit(".", 1)[1] for g in convert._checkpoint_globals(path)] == ["system"]  # posix / nt
+        assert [g.rsplit(".", 1)[1] for g in state_dict_io._checkpoint_globals(path)] == ["system"]  # posix / nt
         with pytest.raises(ConversionError) as e:
             read_state_dict(path)
         msg = str(e.value)
@@ -82,8 +83,8 @@ def test_pickle_globals_reads_opcodes_only(tmp_path):
     from collections import OrderedDict
 
     data = pickle.dumps([argparse.Namespace(a=1), OrderedDict(b=2), argparse.Namespace(c=3)], protocol=4)
-    assert convert.pickle_globals(data) == ["argparse.Namespace", "collections.OrderedDict"]
-    assert convert.pickle_globals(b"\x80\x02garbage") == []
+    assert state_dict_io.pickle_globals(data) == ["argparse.Namespace", "collections.OrderedDict"]
+    assert state_dict_io.pickle_globals(b"\x80\x02garbage") == []
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (optional extra)")

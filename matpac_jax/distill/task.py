@@ -18,10 +18,10 @@ import numpy as np
 from matpac_jax import parallel
 from matpac_jax.audio.frontend import num_frames
 from matpac_jax.config_lib import ConfigError
+from matpac_jax.distill.corpus import target_stats
 from matpac_jax.distill.data import distill_dataset
 from matpac_jax.distill.step import create_distill_state, make_distill_step
 from matpac_jax.distill.students import count_params, make_student
-from matpac_jax.distill.teacher_pass import target_stats
 from matpac_jax.distill.trained import Student, save_student
 from matpac_jax.train.optim import lr_schedule, make_optimizer
 from matpac_jax.train.pretrain import frontend_config
