@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         width=1.0,
         channels=16,  # eres2net: S-SONDO's m_channels (a 1024-d embedding of 128 mels: 2 x 4·16 channels x 128/16)
         blocks=(3, 4, 6, 3, 3),  # eres2net: blocks per stage (S-SONDO's num_blocks; four entries: 3D-Speaker's)
+        dtype="bfloat16",  # compute dtype (the published run: 16-bit mixed); parameters, BatchNorm statistics,
+        # optimizer and loss stay float32
         head_hidden=1280,  # projection head d -> 1280 -> Hardswish -> Dropout -> teacher dimension (dropped after)
         dropout=0.2,
         # published weights to start from (distill.published): EfficientAT's mn10_im.pt (the paper's mn10 init;
@@ -149,6 +151,7 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.audio.n_mels, c.audio.hop_length = 32 if smoke else 64, 640  # a quarter of the recipe's log-mel pixels (demo)
     c.student.arch = "mobilenet" if smoke else "eres2net"  # the demo's MobileNetV3 of 43 k did not learn the task
     c.student.width = 0.1
+    c.student.dtype = "float32"  # CPUs have no fast bf16
     c.student.channels, c.student.blocks = 8, (1, 1, 1, 1, 1)  # S-SONDO's five stages, shallow and narrow (demo)
     c.student.head_hidden = 64 if smoke else 256
     c.teacher_pass.batch = 64

@@ -145,6 +145,8 @@ def check_config(config) -> None:
     elif config.task == "distill":
         for path, (ok, expected) in DISTILL_CHECKS.items():
             _check(config, path, ok, expected)
+        if config.student.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config.student.dtype={config.student.dtype!r}: expected 'float32' or 'bfloat16'")
 
 
 def _check_pretrain(config) -> None:

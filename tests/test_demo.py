@@ -1,11 +1,14 @@
-"""The README's first command: the demo trains, checkpoints, and its learned encoder beats the initial one."""
+"""The README's first command: the demo trains, checkpoints, and its learned encoder beats the initial one (slow:
+run with `pytest -m slow`)."""
 
 import json
 import os
 
+import pytest
 from test_main import main
 
 
+@pytest.mark.slow  # minutes of CPU: `pytest -m slow`
 def test_demo_learned_encoder_beats_the_initial_one(tmp_path):
     r = main("--config=configs/pp.py:demo", f"--workdir={tmp_path}", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,9 +1,12 @@
 """The S-SONDO distillation step: a pure function (state, batch, rng) -> (state, metrics), jitted by the trainer.
 
-1. the student's log-mel front-end on device (SPEC §6: 32 kHz, 128 mels, n_fft 1024, win 800, hop 320)
+1. the student's log-mel front-end on device, float32 (SPEC §6: 32 kHz, 128 mels, n_fft 1024, win 1024, hop 512)
 2. optional mixup (``config.distill.mixup`` = α > 0): per example λ ~ Beta(α, α), λ ← max(λ, 1 − λ), the log-mel
    mixed with a random other clip of the batch, the loss λ-mixed against both teacher targets (EfficientAT's mixup)
-3. backbone (BatchNorm in training mode) -> projection head (dropout) -> loss to the teacher clip embedding
+3. backbone (BatchNorm in training mode) -> projection head (dropout) -> loss to the teacher clip embedding; with
+   ``config.student.dtype='bfloat16'`` the forward and backward run on bfloat16 copies of the parameters and the
+   log-mel (the published run's 16-bit mixed precision), while parameters, gradients, optimizer moments, BatchNorm
+   statistics (flax reduces them in float32) and the loss stay float32
 4. Adam(W) update after global-norm clipping; BatchNorm statistics move
 5. the non-finite guard of pretraining: a NaN/Inf loss, gradient norm or updated state (parameters, BatchNorm
    statistics, optimizer moments) keeps the previous state
@@ -44,6 +47,19 @@ def loss_kwargs(distill) -> dict:
 
 
 TARGETS = ("raw", "center", "standardize")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(student) -> jnp.dtype:
+    """``config.student.dtype``: the dtype the student computes in (parameters stay float32)."""
+    name = student.dtype
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.student.dtype={name!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    return jnp.dtype(name)
+
+
+def cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def normalize_targets(target: jax.Array, mode: str, stats: tuple | None) -> jax.Array:
@@ -63,6 +79,7 @@ def make_distill_step(model, config, tx: optax.GradientTransformation, frontend_
     if d.targets not in TARGETS:
         raise ValueError(f"config.distill.targets={d.targets!r}: choose one of {', '.join(TARGETS)}")
     kwargs = loss_kwargs(d)
+    dtype = compute_dtype(config.student)
 
     def train_step(state: DistillState, batch: dict, rng: jax.Array) -> tuple[DistillState, dict]:
         rng_drop, rng_lam, rng_perm = jax.random.split(rng, 3)
@@ -78,9 +95,10 @@ def make_distill_step(model, config, tx: optax.GradientTransformation, frontend_
 
         def loss_fn(params):
             (emb, proj), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, mel, train=True, mutable=["batch_stats"],
-                rngs={"dropout": rng_drop},
+                {"params": cast_floats(params, dtype), "batch_stats": state.batch_stats}, mel.astype(dtype),
+                train=True, mutable=["batch_stats"], rngs={"dropout": rng_drop},
             )  # fmt: skip
+            proj = proj.astype(jnp.float32)
             if d.mixup > 0:
                 loss = mixup_loss(d.loss, proj, target, target[perm], lam, **kwargs)
             else:

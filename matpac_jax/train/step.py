@@ -30,12 +30,16 @@ NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def all_finite(tree) -> jax.Array:
-    """True (a bool scalar) when every floating-point leaf of ``tree`` is free of NaN / Inf: one reduction per leaf,
-    fused by XLA into the computation that produces it."""
+    """True (a bool scalar) when every floating-point leaf of ``tree`` is free of NaN / Inf: the tree's global norm
+    (a sum of squares per leaf, optax's ``tree_norm``) is finite. A NaN or Inf anywhere makes it NaN / Inf; a finite
+    tree whose sum of squares overflows float32 (values near 1e19) also counts as non-finite, which no trainable state
+    reaches. Per-leaf ``all(isfinite(x))`` reductions, the obvious form, made XLA's CPU compiler take 240 s and 6.6 GB
+    on the ~700 leaves of a MobileNetV3 distillation state (parameters and Adam moments); this form compiles the
+    same step in 17 s and 1.4 GB."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return jnp.array(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return jnp.isfinite(optax.tree_utils.tree_norm(leaves))
 
 
 def moments(x: jax.Array) -> jax.Array:
