@@ -189,8 +189,11 @@ def test_skip_stops_after_max_consecutive_skips_with_finite_checkpoints_and_a_st
 def test_the_checksum_manifest_is_written_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
     seen = []
     original = ckpt_lib.write_manifest
-    monkeypatch.setattr(ckpt_lib, "write_manifest", lambda d, step: (
-        seen.append((os.path.basename(d), os.path.isdir(tmp_path / "checkpoints" / str(step)))), original(d, step)))
+    def write_manifest(d, step):
+        seen.append((os.path.basename(d), os.path.isdir(tmp_path / "checkpoints" / str(step))))
+        return original(d, step)
+
+    monkeypatch.setattr(ckpt_lib, "write_manifest", write_manifest)
     for step, async_save in ((1, True), (2, False)):
         c = Checkpointer(str(tmp_path), async_save=async_save)
         c.save(step, {"x": jnp.arange(3.0)}, load_config())

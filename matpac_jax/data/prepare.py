@@ -76,7 +76,6 @@ KILL_SHARD_ENV = "MATPAC_JAX_PREPARE_KILL_SHARD"  # fault injection for tests: t
 _IN_WORKER = False  # True in a worker process of ``_run_parallel`` (where KILL_SHARD_ENV applies)
 
 
-
 def _json_safe(obj):
     """``obj`` with every string made valid UTF-8 (``_shown``), for the sidecars and the manifest."""
     if isinstance(obj, str):
