@@ -189,6 +189,7 @@ def test_skip_stops_after_max_consecutive_skips_with_finite_checkpoints_and_a_st
 def test_the_checksum_manifest_is_written_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
     seen = []
     original = ckpt_lib.write_manifest
+
     def write_manifest(d, step):
         seen.append((os.path.basename(d), os.path.isdir(tmp_path / "checkpoints" / str(step))))
         return original(d, step)
