@@ -145,8 +145,12 @@ def check_config(config) -> None:
     elif config.task == "distill":
         for path, (ok, expected) in DISTILL_CHECKS.items():
             _check(config, path, ok, expected)
-        if config.student.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"config.student.dtype={config.student.dtype!r}: expected 'float32' or 'bfloat16'")
+        from matpac_jax.distill.step import compute_dtype
+
+        try:
+            compute_dtype(config.student)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_pretrain(config) -> None:
