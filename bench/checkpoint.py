@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.checkpoint import Checkpointer  # noqa: E402
-from matpac_jax.train import pretrain  # noqa: E402
+from matpac_jax.matpac import task as pretrain  # noqa: E402
 
 
 def measure(state, config, directory: str, async_save: bool, repeats: int) -> tuple[list[float], list[float]]:

@@ -25,35 +25,30 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from matpac_jax.audio.frontend import num_frames  # noqa: E402
+from matpac_jax import parallel  # noqa: E402
 from matpac_jax.config_lib import load_config_file  # noqa: E402
-from matpac_jax.distill.step import create_distill_state, make_distill_step  # noqa: E402
-from matpac_jax.distill.students import count_params, make_student  # noqa: E402
+from matpac_jax.distill.students import count_params  # noqa: E402
+from matpac_jax.distill.task import DistillTask  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
-from matpac_jax.train.optim import lr_schedule, make_optimizer  # noqa: E402
-from matpac_jax.train.pretrain import frontend_config  # noqa: E402
+from matpac_jax.train.program import compile_program  # noqa: E402
+from matpac_jax.train.task import TaskInput  # noqa: E402
 
 STUDENTS = {"mn10": dict(arch="mobilenet", width=1.0), "eres2net": dict(arch="eres2net"),
             "dymn10": dict(arch="dymn", width=1.0)}  # fmt: skip
 
 
 def measure(config, steps: int, warmup: int) -> dict:
-    frontend = frontend_config(config)
+    """The trainer's program (DistillTask.build through train.program: guard, shardings, donation) on one device."""
     b, n = config.data.batch_size, int(round(config.audio.seconds * config.audio.sample_rate))
-    model = make_student(config.student)
-    mel_shape = (1, config.audio.n_mels, num_frames(n, frontend))
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
-    tx = make_optimizer(config.optim, config.total_steps, params_shape, b)
-    step = jax.jit(
-        make_distill_step(model, config, tx, frontend, lr_schedule(config.optim, config.total_steps, b)),
-        donate_argnums=0,
-    )
+    task = DistillTask(config, "/nonexistent")
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    init_fn, step, _ = compile_program(task.build(TaskInput(None, {"target_dim": 3840})), mesh)
     rng = np.random.default_rng(0)
     batch = {
         "audio": jnp.asarray(rng.integers(-3000, 3000, (b, n)), jnp.int16),
         "target": jnp.asarray(rng.standard_normal((b, 3840)), jnp.float32),
     }
-    state = jax.jit(lambda r: create_distill_state(model, tx, r, mel_shape))(jax.random.key(0))
+    state = init_fn(jax.random.key(0))
     key = jax.random.key(1)
     flops = count_matmul_flops(step, state, batch, key)
     t0 = time.perf_counter()

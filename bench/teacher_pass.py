@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib  # noqa: E402
 from matpac_jax.inference import Encoder, EncoderSpec  # noqa: E402
-from matpac_jax.models.matpac import MatpacModel  # noqa: E402
+from matpac_jax.matpac.model import MatpacModel  # noqa: E402
 
 
 def main() -> None:

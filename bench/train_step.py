@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
-from matpac_jax.train import pretrain  # noqa: E402
+from matpac_jax.matpac import task as pretrain  # noqa: E402
 from matpac_jax.train.loop import compiled_memory  # noqa: E402
 
 # (name, overrides, batch multiplier): the straightforward step, each option, and all of them with a larger batch

@@ -22,27 +22,12 @@ import ml_collections as mlc
 
 from matpac_jax import config_lib
 
+common = config_lib.sibling_module(__file__, "common.py")  # the run sections every config shares
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     arg = config_lib.parse_arg(arg, variant="", batch=0, mcl_heads=-1, steps=0)
-    c = mlc.ConfigDict()
-    c.task = "pretrain"
-    c.seed = 1337
-    c.total_steps = 294_816
-    c.log_every = 100  # console line every N steps (metrics.jsonl and TensorBoard get every step)
-    c.checkpoint = dict(
-        every=5_000,  # save every N steps, at the end and on preemption (SIGTERM)
-        keep=3,  # keep the last N checkpoints ...
-        keep_period=0,  # ... and, if > 0, every checkpoint whose step is a multiple of this
-        async_save=True,  # write in the background; the step waits only for the device-to-host copy
-        reset_data=False,  # restore the state but restart the data pipeline (e.g. after changing the process count)
-        verify=True,  # resume only from a checkpoint whose files match its checksums.json (else the previous one)
-        allow_changes="",  # 'key,key': config keys accepted to differ from the checkpoint's on resume (e.g. optim.lr)
-    )
-    c.nonfinite = "stop"  # NaN/Inf loss, grad norm or new state: 'stop' (report, save nothing new, exit 3) or 'skip'
-    c.nonfinite_max_skips = 10  # 'skip': stop (exit 3) after this many non-finite updates in a row
-    c.profile_steps = ""  # 'a,b': jax.profiler trace of steps [a, b) into WORKDIR/profile
-
+    c = common.run_config("pretrain", seed=1337, total_steps=294_816)
     c.audio = dict(  # SPEC §1: the teacher front-end
         sample_rate=16_000,
         n_fft=400,
@@ -89,39 +74,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         head_ema_end=1.0,  # teacher cls head, linear over the run
     )
 
-    c.optim = dict(
-        optimizer="adamw_fairseq",  # fairseq's Adam (eps on √v); 'adamw' = optax's; 'lamb' / 'lars' for large batches
-        lr=3e-4,  # peak, at reference_batch
-        lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
+    c.optim = common.optim(
+        optimizer="adamw_fairseq",  # SPEC §4: fairseq's Adam (eps on √v)
+        lr=3e-4,
         reference_batch=2048,
-        accum_steps=1,  # gradient accumulation: the batch in A micro-batches, one update (same result, less memory)
-        b1=0.9,
         b2=0.95,
         eps=1e-6,
         weight_decay=0.05,
-        wd_exclude_bias_norm_tokens=False,  # True = M2D: no decay on biases, norms, tokens
         warmup_steps=19_654,
         clip_norm=3.0,
     )
-
-    c.data = dict(
-        source="records",  # 'records' (ArrayRecord shards) or 'demo' (built-in synthetic corpus)
-        train="",  # glob of training shards
-        batch_size=2048,  # global
+    c.data = common.data(
+        batch_size=2048,
         short_clips="skip",  # 'skip' or 'pad' clips shorter than a crop
-        workers=8,  # grain worker processes per host (decode + crop); 0 = in the main process
-        device_prefetch=2,  # batches read and transferred to the devices ahead of the step
         demo=dict(num_train=0, num_test=0, seconds=0.0, seed=0),
-    )
-
-    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)  # -1: all remaining devices; dcn_data: slices / nodes (parallel.py)
-
-    c.probe = dict(
-        enabled=False,  # the demo's closing probe: learned vs initial encoder, mean ± 95 % CI over seeds
-        steps=1000,  # max Adam steps per probe (early stopping on validation)
-        seeds=3,
-        every=0,  # > 0: probe the current student every N steps (demo split and/or datasets below)
-        datasets="",  # 'esc50=/data/ESC-50;folder=/data/my_set': adapters of matpac_jax.evaluate.datasets
     )
 
     if arg.variant in ("demo", "smoke"):

@@ -27,22 +27,14 @@ import ml_collections as mlc
 
 from matpac_jax import config_lib
 
+common = config_lib.sibling_module(__file__, "common.py")  # the run sections every config shares
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     arg = config_lib.parse_arg(arg, variant="", student="", loss="cosine", steps=0, batch=0)
-    c = mlc.ConfigDict()
-    c.task = "distill"  # or 'teacher_pass'
-    c.seed = 0
     # EfficientAT's AudioSet schedule (SPEC §6 names its shape, not its lengths): 200 "epochs" of 100,000 clips at
     # batch 120; warm-up 8 epochs, ramp-down from epoch 80 over 95 epochs to 1 % of the peak.
-    c.total_steps = 166_667
-    c.log_every = 100
-    c.checkpoint = dict(every=5_000, keep=3, keep_period=0, async_save=True, reset_data=False, verify=True,
-                        allow_changes="")  # fmt: skip
-    c.nonfinite = "stop"
-    c.nonfinite_max_skips = 10
-    c.profile_steps = ""
-
+    c = common.run_config("distill", seed=0, total_steps=166_667)  # task: or 'teacher_pass'
     c.audio = dict(  # SPEC §6: S-SONDO's student front-end (its utils/preprocess.py LogMelSpectrogram), on device
         sample_rate=32_000,
         n_fft=1024,
@@ -93,16 +85,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         balanced=True,  # sample clips with probability ∝ 1 / |k-means cluster| (with replacement)
         mixup=0.0,  # α of EfficientAT's mixup (0.3 there); 0 = the un-augmented clip the teacher embedded (SPEC §6)
     )
-    c.optim = dict(
+    c.optim = common.optim(
         optimizer="adamw",  # torch's Adam form (eps after the bias correction), as the published distillation
-        lr=8e-4,  # peak, at reference_batch
-        lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
+        lr=8e-4,
         reference_batch=120,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,  # Adam
-        wd_exclude_bias_norm_tokens=False,
         schedule="warmup_ramp_down",
         warmup_steps=6_667,
         ramp_down_start=66_667,
@@ -110,16 +96,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         final_lr_factor=0.01,
         clip_norm=5.0,
     )
-    c.data = dict(
-        source="records",
-        train="",  # glob of the record shards the teacher pass read
+    c.data = common.data(
+        train="",  # the record shards the teacher pass read
         batch_size=120,
-        workers=8,  # grain processes per host (decode, resample, batch)
-        device_prefetch=2,  # batches read and transferred to the devices ahead of the step
         demo=dict(num_train=800, num_test=800, seconds=2.0, seed=0, sample_rate=32_000),  # the closing probe's split
     )
-    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)
-    c.probe = dict(enabled=False, steps=1000, seeds=3, every=0, datasets="")
 
     if arg.variant == "teacher_pass":
         c.task = "teacher_pass"

@@ -37,6 +37,7 @@ other. The kernel releases the lock when the process ends, however it ends.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -160,8 +161,6 @@ class WorkdirLock:
         self.fd: int | None = None
 
     def acquire(self) -> WorkdirLock:
-        import fcntl
-
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -265,7 +264,7 @@ class Checkpointer:
     def from_config(cls, workdir: str, config) -> Checkpointer:
         c = config.checkpoint
         return cls(workdir, keep=c.keep, keep_period=c.keep_period, async_save=c.async_save,
-                   verify=c.get("verify", True))  # fmt: skip
+                   verify=c.verify)  # fmt: skip
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -422,3 +421,26 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def is_training_run(path: str) -> bool:
+    """A training workdir (``checkpoints/``) or one of its ``checkpoints/<step>`` directories (``state/``)."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
+
+
+def read_trained_state(path: str) -> tuple[dict, dict]:
+    """(config as a dict, state as a tree of numpy arrays) of a workdir's latest checkpoint or of one
+    ``checkpoints/<step>`` directory, read on the host without the model: what ``load_model`` builds a trained model
+    from."""
+    step_dir = path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        steps = [int(s) for s in os.listdir(os.path.join(path, "checkpoints")) if s.isdigit()]
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {path}/checkpoints: train first, or give a checkpoint")
+        step_dir = os.path.join(path, "checkpoints", str(max(steps)))
+    with open(os.path.join(step_dir, "config", "metadata")) as f:
+        config = json.load(f)
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, "state")))
+    if not isinstance(state, dict):
+        state = {k: getattr(state, k) for k in vars(state)}
+    return config, state

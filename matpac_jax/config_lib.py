@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -35,13 +36,19 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     return out
 
 
-def load_config_file(here: str, name: str, arg: str | None) -> mlc.ConfigDict:
-    """get_config(arg) of the config file `name` next to the file `here` (configs/ is not a package)."""
+def sibling_module(here: str, name: str):
+    """The module of the file ``name`` next to the file ``here`` (configs/ is not a package: its files are loaded by
+    path, so that a config works from any working directory)."""
     path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
     spec = importlib.util.spec_from_file_location(f"_config_{name[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load_config_file(here: str, name: str, arg: str | None) -> mlc.ConfigDict:
+    """get_config(arg) of the config file `name` next to the file `here`."""
+    return sibling_module(here, name).get_config(arg)
 
 
 # --- Checks of a training config, before any data is read or anything is compiled.
@@ -106,6 +113,7 @@ OBJECTIVE_CHECKS = {
     "objective.head_ema_start": _UNIT_CLOSED,
     "objective.head_ema_end": _UNIT_CLOSED,
 }
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.student.dtype: what the student computes in
 DISTILL_CHECKS = {
     "distill.temperature": _POSITIVE,
     "distill.mixup": _NON_NEGATIVE,
@@ -127,7 +135,7 @@ def check_config(config) -> None:
     for key in ("data.workers", "data.device_prefetch", "optim.warmup_steps", "optim.ramp_down_start",
                 "optim.ramp_down_steps", "objective.teacher_temp_warmup_steps"):  # fmt: skip
         _int_at_least(config, key, 0)
-    for axis, size in (config.get("mesh") or {}).items():
+    for axis, size in config.mesh.items():
         if axis == "dcn_data":
             _int_at_least(config, "mesh.dcn_data", 1)
         elif isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
@@ -145,16 +153,30 @@ def check_config(config) -> None:
     elif config.task == "distill":
         for path, (ok, expected) in DISTILL_CHECKS.items():
             _check(config, path, ok, expected)
-        from matpac_jax.distill.step import compute_dtype
+        if config.data.source != "records" or config.optim.accum_steps != 1:
+            raise ConfigError(
+                f"config.data.source={config.data.source!r}, config.optim.accum_steps={config.optim.accum_steps}: "
+                "distillation reads the teacher pass's record shards (data.source='records') without accumulation (1)"
+            )
+        if config.student.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"config.student.dtype={config.student.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}"
+            )
 
-        try:
-            compute_dtype(config.student)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+
+DATA_SOURCES = ("records", "tfds", "demo")
 
 
 def _check_pretrain(config) -> None:
     m, a = config.model, config.audio
+    source = config.data.source
+    if source not in DATA_SOURCES:
+        raise ConfigError(f"config.data.source={source!r}: expected one of {', '.join(map(repr, DATA_SOURCES))}")
+    if source == "tfds" and not config.data.tfds_name:
+        raise ConfigError(
+            "config.data.tfds_name is empty: with config.data.source='tfds' name the prepared dataset, e.g. "
+            "--config.data.tfds_name=my_audio:1.0.0 --config.data.tfds_data_dir=/data/tfds"
+        )
     _int_at_least(config, "model.patch", 1)
     for key in ("n_mels", "crop_frames"):
         if a[key] < m.patch or a[key] % m.patch:
@@ -193,6 +215,7 @@ RESUME_MAY_CHANGE = (
     "total_steps", "log_every", "profile_steps", "nonfinite", "nonfinite_max_skips", "checkpoint.", "mesh.", "probe.",
     "data.train", "data.workers", "data.device_prefetch", "teacher.checkpoint", "teacher.embeddings",
     "model.attn_impl", "model.remat", "model.attn_pad_to", "model.scan_layers", "optim.accum_steps",
+    "data.tfds_data_dir",  # the prepared tfds dataset moved (its name, split and contents may not change)
 )  # fmt: skip
 
 
@@ -211,9 +234,7 @@ def resume_differences(saved: dict, config) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for each key both configs hold whose value differs and that may not change on
     resume (``RESUME_MAY_CHANGE`` and ``config.checkpoint.allow_changes``, a comma-separated list of keys or
     'prefix.' the user accepts changing). Keys only one side holds (added or removed by another version) are skipped."""
-    import json
-
-    extra = str(config.checkpoint.get("allow_changes", "")).split(",")
+    extra = str(config.checkpoint.allow_changes).split(",")
     allowed = RESUME_MAY_CHANGE + tuple(k.strip().removeprefix("config.") for k in extra if k.strip())
     new = flatten(json.loads(json.dumps(config.to_dict())))
     old = flatten(saved)

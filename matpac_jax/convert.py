@@ -46,8 +46,10 @@ import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig
 from matpac_jax.fileio import TMP_MARK, unwritable_reason
-from matpac_jax.inference import Encoder, EncoderSpec, load_encoder
+from matpac_jax.inference import Encoder, EncoderSpec
+from matpac_jax.load import load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
+from matpac_jax.saved_model import MODEL_FILE, flatten, unflatten
 from matpac_jax.state_dict_io import (  # noqa: F401  (re-exported: the converter's file formats)
     ConversionError,
     flatten_nested,
@@ -228,8 +230,6 @@ def from_torch(
         problems.append(f"unknown keys {unknown}")
     if problems:
         raise ConversionError("; ".join(problems))
-    from matpac_jax.inference import unflatten
-
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     _check_shapes(spec, params)
     if "teacher" in params and "tokenizer" in params:
@@ -251,8 +251,6 @@ def _check_shapes(spec: EncoderSpec, params: dict) -> None:
 
 def to_torch(spec: EncoderSpec, params: dict) -> dict[str, np.ndarray]:
     """Our encoder (+ head / probe) -> the published key layout (numpy arrays, float32)."""
-    from matpac_jax.inference import flatten
-
     flat = flatten(params)
     grid_f, grid_t = spec.n_mels // spec.patch, spec.crop_frames // spec.patch
     sd = {
@@ -339,10 +337,8 @@ def check_output(path: str, directory: bool) -> None:
 
 def save_encoder(encoder: Encoder, directory: str) -> str:
     """``encoder.save`` into a temporary directory beside ``directory``, then moved into place: a new directory is
-    renamed whole; in an existing one each file is replaced (parameters first, ``encoder.json`` last), so a reader
+    renamed whole; in an existing one each file is replaced (weights first, ``model.json`` last), so a reader
     never sees a half-written file, and a failed conversion leaves the directory as it was."""
-    from matpac_jax.inference import ENCODER_FILE
-
     directory = os.path.abspath(directory)
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     tmp = f"{directory}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -352,7 +348,7 @@ def save_encoder(encoder: Encoder, directory: str) -> str:
         if not os.path.exists(directory):
             os.rename(tmp, directory)
             return directory
-        names = sorted(os.listdir(tmp), key=lambda n: (n == ENCODER_FILE, n))
+        names = sorted(os.listdir(tmp), key=lambda n: (n == MODEL_FILE, n))
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
         return directory

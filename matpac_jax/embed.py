@@ -1,9 +1,10 @@
-r"""Embed audio files with a trained encoder.
+r"""Embed audio files with any trained model (``load_model``: an encoder, a fine-tuned encoder, a distilled student).
 
     python -m matpac_jax.embed --checkpoint=models/pp --input=clips/ --output=emb.npz [--frames]
     python -m matpac_jax.embed --checkpoint=runs/pp --input=list.csv --output=emb/      # one .npy per file
 
-``--checkpoint``: an encoder directory (``python -m matpac_jax.convert``), a training workdir or a checkpoint.
+``--checkpoint``: a model directory (``python -m matpac_jax.convert``, a distillation's ``WORKDIR/student``), a training
+workdir or a checkpoint. ``--frames`` needs a model with frame embeddings (ViT encoders; students pool the clip).
 ``--input``: an audio file, a folder (searched recursively for audio files) or a CSV with a ``path`` column (relative
 paths are resolved against the CSV's folder). Files are decoded like the training data (any rate and channel count ->
 16 kHz mono); a file that cannot be decoded is skipped, listed at the end and in ``<output>.skipped.json``.
@@ -31,17 +32,18 @@ import os
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from matpac_jax.audio.io import AudioError, load_audio
+from matpac_jax.data.sources import AUDIO_EXTENSIONS
 from matpac_jax.fileio import atomic_save_npz, atomic_write, atomic_write_json, unwritable_reason
+from matpac_jax.load import load_model
 
 
 def list_inputs(path: str, skipped: list | None = None) -> list[tuple[str, str]]:
     """[(name, file)]: name is the key written to the output (relative path for folders, as written in a CSV). A CSV
     row without a path is appended to ``skipped`` as {path, reason} naming its line (a ``ValueError`` without
     ``skipped``)."""
-    from matpac_jax.data.sources import AUDIO_EXTENSIONS
-
     if os.path.isdir(path):
         out = []
         for root, _, files in os.walk(path):
@@ -119,21 +121,14 @@ def audioset_labels(path: str) -> list[str]:
 def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: list, progress: bool = True, tag=False):
     """Yields (name, clip [D], frames [T, D] or None, tags [C] or None) per decodable file, in the order of ``files``
     (``name`` is passed through as given); appends {path, reason} to ``skipped``."""
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(files), unit="file", file=sys.stderr, desc="embed")
-        except ImportError:
-            pass
+    bar = tqdm(total=len(files), unit="file", file=sys.stderr, desc="embed") if progress else None
     for name, path in files:
+        rate = encoder.sample_rate
         try:
-            wave = load_audio(path, encoder.spec.frontend.sample_rate, min_samples=encoder.spec.frontend.win_length)
+            wave = load_audio(path, rate, min_samples=encoder.min_samples)
         except AudioError as e:
             skipped.append({"path": path, "reason": e.reason})
         else:
-            rate = encoder.spec.frontend.sample_rate
             out = encoder.embed(wave, rate)
             tags = encoder.tag(wave, rate)[0] if tag else None
             yield name, out["clip"][0], (out["frames"][0] if frames else None), tags
@@ -191,16 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default=None, help="class_labels_indices.csv, to print labels with --tag")
     ap.add_argument("--top-k", type=int, default=5)
     args = ap.parse_args(argv)
-    from matpac_jax.inference import load_encoder
-
     skipped = []
     try:
         files = list_inputs(args.input, skipped)
         keys, renamed = output_keys([name for name, _ in files])
         report = _outputs(args, keys)[-1]
-        encoder = load_encoder(args.checkpoint, chunk_batch=args.chunk_batch)
+        encoder = load_model(args.checkpoint, chunk_batch=args.chunk_batch)
+        if args.frames and encoder.frame_rate is None:
+            raise ValueError(f"--frames: {args.checkpoint} holds a model without frame embeddings (it pools the clip)")
         labels = audioset_labels(args.labels) if args.labels else None
-        if args.tag and "head" not in encoder.params:
+        if args.tag and "head" not in getattr(encoder, "params", {}):
             raise ValueError(
                 f"--tag: {args.checkpoint} has no AudioSet head (convert a fine-tuned checkpoint with head.*)"
             )

@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import IO
 
+import numpy as np
+
 TMP_MARK = ".tmp-"  # every temporary file written here has this in its name (``clean_temporaries`` finds them)
 
 
@@ -69,8 +71,6 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> N
 
 def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
     """``numpy.savez`` of ``arrays`` to exactly ``path`` (no ``.npz`` appended), atomically."""
-    import numpy as np
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -107,8 +107,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_arrays(arrays) -> str:
     """Digest of a mapping name -> array in sorted name order: each name, dtype, shape and the C-order bytes (the
     same arrays give the same digest whatever their memory layout or device, a changed value another one)."""
-    import numpy as np
-
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(np.asarray(arrays[name]))

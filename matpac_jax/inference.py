@@ -1,8 +1,9 @@
-"""Using a trained encoder: ``load_encoder(path).embed(wave, sample_rate)`` (SPEC §5, "precise" mode).
+"""The ViT encoder behind ``load_model`` (matpac_jax.load) for MATPAC / MATPAC++ encoders, ours or converted
+published ones, with or without the AudioSet head (SPEC §5, "precise" mode):
 
-    from matpac_jax import load_encoder
-    enc = load_encoder("runs/pp")                      # a training workdir, one of its checkpoints/<step>, or an
-    out = enc.embed(wave, sample_rate=44_100)           # encoder directory written by `python -m matpac_jax.convert`
+    from matpac_jax import load_model
+    enc = load_model("runs/pp")                        # a training workdir, one of its checkpoints/<step>, or a
+    out = enc.embed(wave, sample_rate=44_100)           # model directory written by `python -m matpac_jax.convert`
     out["clip"]    # [B, 3840]       time-mean of the last layer's frame features
     out["frames"]  # [B, T, 3840]    one every 160 ms: the 5 frequency tokens of a time step, concatenated
     enc.embed(wave, 16_000, layers=True)["layers"]  # [B, 12, T, 3840], the last one after the final LayerNorm
@@ -21,9 +22,9 @@ is encoded in a chunk of the next power of two of patches (``crop_frames / 16`` 
 masked out of the attention, so its real tokens see exactly the tokens they saw unpadded. Batches are padded to
 powers of two.
 
-An encoder directory (``encoder.json`` + ``params.npz``, each written atomically) holds the encoder's shape, the
-front-end and the parameters (``tokenizer/...``, ``encoder/...``, optionally ``head/...`` for the 527-class AudioSet
-head and ``probe/...``).
+``Encoder.save`` writes a model directory (matpac_jax.saved_model, kind 'vit': the spec is the encoder's shape and
+front-end; the weights ``tokenizer/...``, ``encoder/...``, optionally ``head/...`` for the 527-class AudioSet head and
+``probe/...``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
-import os
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +39,10 @@ import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_frames, num_samples_for_frames
 from matpac_jax.audio.io import resample
-from matpac_jax.fileio import atomic_save_npz, atomic_write_json, sha256_arrays
+from matpac_jax.fileio import sha256_arrays
 from matpac_jax.models.vit import Tokenizer, Transformer
+from matpac_jax.saved_model import flatten, write_model_dir
 
-ENCODER_FILE, PARAMS_FILE = "encoder.json", "params.npz"
 MIN_FRAME_BUCKET = 64  # log-mel frame buckets: 64, 80, 96, 112, 128, 160, ... (four per octave)
 MEL_BATCH_SAMPLES = 1 << 22  # waveform samples per log-mel call (bounds its device memory), at least one clip
 TRACES: collections.Counter = collections.Counter()  # 'log_mel' / 'encoder' -> programs traced (one per compile)
@@ -65,12 +63,10 @@ class EncoderSpec:
 
     @classmethod
     def from_config(cls, config) -> EncoderSpec:
-        from matpac_jax.train.pretrain import frontend_config
-
         e = config.model.encoder
         a = config.audio
         return cls(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames,
-                   frontend_config(config))  # fmt: skip
+                   LogMelConfig.from_audio_config(a))  # fmt: skip
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,27 +74,6 @@ class EncoderSpec:
     @classmethod
     def from_json(cls, d: dict) -> EncoderSpec:
         return cls(**{**d, "frontend": LogMelConfig(**d["frontend"])})
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def bucket(n: int, steps_per_octave: int = 1) -> int:
@@ -182,20 +157,38 @@ class Encoder:
         ndev = self.mesh.devices.size
         return min(self.chunk_batch, -(-bucket(n) // ndev) * ndev)
 
+    # --- What every loaded model tells (matpac_jax.load.Model).
+
+    @property
+    def sample_rate(self) -> int:
+        """The rate the front-end reads; ``embed`` resamples other rates to it."""
+        return self.spec.frontend.sample_rate
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip ``embed`` takes (one analysis window)."""
+        return self.spec.frontend.n_fft
+
+    @property
+    def embedding_dim(self) -> int:
+        return (self.spec.n_mels // self.spec.patch) * self.spec.dim
+
+    @property
+    def frame_rate(self) -> float:
+        """Frame embeddings per second (one per patch of frames: 6.25 for the published 16 kHz / hop 160 / patch 16)."""
+        return self.spec.frontend.sample_rate / (self.spec.frontend.hop_length * self.spec.patch)
+
+    def describe(self) -> dict:
+        """Everything but the weights (what caches of its embeddings are keyed on, with ``weights_digest``)."""
+        return {"kind": "vit", **self.spec.to_json()}
+
     def weights_digest(self) -> str:
         """``weights_digest`` of these parameters (with ``spec``: what caches of its embeddings are keyed on)."""
         return weights_digest(self.params)
 
-    # --- Saving / loading.
-
     def save(self, directory: str) -> str:
-        """``params.npz``, then ``encoder.json`` (what ``load_encoder`` looks for), each written atomically: a reader
-        sees the old file or the new one, never a part."""
-        os.makedirs(directory, exist_ok=True)
-        atomic_save_npz(os.path.join(directory, PARAMS_FILE), **flatten(jax.device_get(self.params)))
-        meta = {"format": "matpac_jax encoder", "version": 1, "spec": self.spec.to_json()}
-        atomic_write_json(os.path.join(directory, ENCODER_FILE), meta)
-        return directory
+        """A model directory (saved_model: ``model.json`` + ``weights.npz``, kind 'vit'), written atomically."""
+        return write_model_dir(directory, "vit", self.spec.to_json(), jax.device_get(self.params))
 
     # --- The forward pass.
 
@@ -324,60 +317,3 @@ class Encoder:
         logits = x @ h["kernel"] + h["bias"]
         p = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _read_encoder_dir(path: str) -> Encoder:
-    """An encoder directory; a missing, truncated or malformed file is a ValueError naming it and the fix."""
-    fix = f"write the directory again (python -m matpac_jax.convert ... --output={path}, or Encoder.save)"
-    meta_path, params_path = os.path.join(path, ENCODER_FILE), os.path.join(path, PARAMS_FILE)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        spec = EncoderSpec.from_json(meta["spec"]) if meta.get("format") == "matpac_jax encoder" else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{meta_path} is unreadable or malformed ({type(e).__name__}: {e}): {fix}") from None
-    if spec is None:
-        raise ValueError(f"{meta_path} is not a matpac_jax encoder description")
-    try:
-        with np.load(params_path, allow_pickle=False) as data:
-            params = unflatten({k: data[k] for k in data.files})
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        why = f"{type(e).__name__}: {e}"
-        raise ValueError(f"{params_path} is missing, truncated or not an .npz ({why}): {fix}") from None
-    return Encoder(spec, params)
-
-
-def _read_training_checkpoint(path: str) -> Encoder:
-    """A workdir (its latest checkpoint) or one checkpoints/<step> directory of a training run."""
-    import ml_collections as mlc
-    import orbax.checkpoint as ocp
-
-    step_dir = path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        steps = [int(s) for s in os.listdir(os.path.join(path, "checkpoints")) if s.isdigit()]
-        if not steps:
-            raise FileNotFoundError(f"no finished checkpoint in {path}/checkpoints")
-        step_dir = os.path.join(path, "checkpoints", str(max(steps)))
-    with open(os.path.join(step_dir, "config", "metadata")) as f:
-        config = mlc.ConfigDict(json.load(f))
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, "state")))
-    get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
-    # the encoder, plus the training-only parts, so that `convert --to-torch` can write the full published layout
-    params = {**get("student"), "teacher": get("teacher"), "center": get("center")}
-    return Encoder(EncoderSpec.from_config(config), jax.tree.map(np.asarray, params))
-
-
-def load_encoder(path: str, chunk_batch: int = 16) -> Encoder:
-    """An encoder from an encoder directory (``encoder.json``), a training workdir or one of its checkpoints."""
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, ENCODER_FILE)):
-        enc = _read_encoder_dir(path)
-    elif os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state")):
-        enc = _read_training_checkpoint(path)
-    else:
-        raise FileNotFoundError(
-            f"{path}: neither an encoder directory ({ENCODER_FILE}) nor a training workdir / checkpoint; convert a "
-            "published PyTorch checkpoint with `python -m matpac_jax.convert --torch-checkpoint=FILE --output=DIR`"
-        )
-    enc.chunk_batch = chunk_batch
-    return enc

@@ -1,7 +1,9 @@
-r"""Linear-probe evaluation of an encoder on a downstream dataset (SPEC §7), with 95 % confidence intervals.
+r"""Linear-probe evaluation of any trained model (``load_model``: an encoder, a fine-tuned encoder, a distilled
+student) on a downstream dataset (SPEC §7), with 95 % confidence intervals.
 
     python -m matpac_jax.probe --checkpoint=models/pp --dataset=esc50 --root=/data/ESC-50 --output=results/pp
     python -m matpac_jax.probe --checkpoint=runs/pp --dataset=folder --root=my_set/ --seeds=5
+    python -m matpac_jax.probe --checkpoint=runs/ssondo/student --dataset=folder --root=my_set/
 
 Computes the clip embeddings of every file of the dataset (cached in ``<output>/<dataset>.embeddings.npz``, reused only
 when the weights' content, the settings and the files match: otherwise, or when the cache is unreadable, they are
@@ -23,32 +25,28 @@ import time
 import zipfile
 
 import numpy as np
+from tqdm import tqdm
 
+from matpac_jax.audio.io import AudioError, load_audio
+from matpac_jax.evaluate.datasets import load_task
+from matpac_jax.evaluate.harness import evaluate_task
 from matpac_jax.fileio import atomic_save_npz, atomic_write_text, sha256_bytes
+from matpac_jax.load import load_model
 
 EMBEDDING_VERSION = 2  # bumped when the clip embedding of a file changes: caches from before are recomputed
 
 
-def embed_task(encoder, task, progress: bool = True, group: int = 64) -> np.ndarray:
-    """Clip embeddings [N, D] of ``task.files`` (decoded like the training data; a file that fails is an error),
-    ``group`` files at a time embedded together (``Encoder.embed_clips``: a few compiled programs whatever the
-    lengths)."""
-    from matpac_jax.audio.io import load_audio
-
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(task.files), unit="file", file=sys.stderr, desc=f"embed {task.name}")
-        except ImportError:
-            pass
-    rate, need = encoder.spec.frontend.sample_rate, encoder.spec.frontend.n_fft
+def embed_task(model, task, progress: bool = True, group: int = 64) -> np.ndarray:
+    """Clip embeddings [N, D] of ``task.files`` by any loaded model (decoded like the training data; a file that
+    fails is an error), ``group`` files at a time embedded together (``embed_clips``: for ViT encoders a few compiled
+    programs whatever the lengths)."""
+    bar = tqdm(total=len(task.files), unit="file", file=sys.stderr, desc=f"embed {task.name}") if progress else None
+    rate, need = model.sample_rate, model.min_samples
     out = []
     for start in range(0, len(task.files), group):
         paths = task.files[start : start + group]
         waves = [load_audio(path, rate, min_samples=need) for path in paths]
-        out += [r["clip"] for r in encoder.embed_clips(waves, rate)]
+        out += [r["clip"] for r in model.embed_clips(waves, rate)]
         if bar:
             bar.update(len(paths))
     if bar:
@@ -65,12 +63,13 @@ def _file_state(path: str) -> list:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def cache_key(encoder, task) -> dict[str, str]:
-    """What the embeddings of ``task`` depend on, as digests: the encoder's weights (their content, not the path they
-    came from), the settings (encoder shape, front-end, embedding version) and the files (paths, sizes, mtimes)."""
-    settings = {"version": EMBEDDING_VERSION, "spec": encoder.spec.to_json()}
+def cache_key(model, task) -> dict[str, str]:
+    """What the embeddings of ``task`` depend on, as digests: the model's weights (their content, not the path they
+    came from), the settings (the model's shape and front-end, embedding version) and the files (paths, sizes,
+    mtimes)."""
+    settings = {"version": EMBEDDING_VERSION, "spec": model.describe()}
     return {
-        "weights": encoder.weights_digest(),
+        "weights": model.weights_digest(),
         "settings": sha256_bytes(json.dumps(settings, sort_keys=True).encode()),
         "files": sha256_bytes(json.dumps([_file_state(p) for p in task.files]).encode()),
     }
@@ -136,7 +135,7 @@ def markdown(results: list[dict], title: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.probe", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="encoder directory, training workdir or checkpoint")
+    ap.add_argument("--checkpoint", required=True, help="model directory, training workdir or checkpoint")
     ap.add_argument("--dataset", required=True, help="esc50, us8k, gtzan, nsynth, openmic, fsd50k, mtt or folder")
     ap.add_argument("--root", required=True, help="the dataset's folder, in its official layout")
     ap.add_argument("--output", default="probe_results", help="folder for the JSON result and the embedding cache")
@@ -144,19 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=1000)
     args = ap.parse_args(argv)
-    from matpac_jax.evaluate.datasets import load_task
-    from matpac_jax.evaluate.harness import evaluate_task
-    from matpac_jax.inference import load_encoder
 
     try:
         check_args(args)
         task = load_task(args.dataset, args.root)
-        encoder = load_encoder(args.checkpoint)
+        encoder = load_model(args.checkpoint)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from matpac_jax.audio.io import AudioError
-
     t0 = time.time()
     try:
         x = cached_embeddings(encoder, task, args.checkpoint, os.path.join(args.output, f"{task.name}.embeddings.npz"))

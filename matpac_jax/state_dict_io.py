@@ -4,14 +4,40 @@ read here, no dependency), every malformed file refused with a ``ConversionError
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib.util
 import json
 import os
+import pickle
+import pickletools
 import re
 import struct
+import warnings
+import zipfile
 
 import numpy as np
 
 from matpac_jax.fileio import atomic_write
+
+
+class StateDictMismatch(ValueError):
+    """A state dict whose keys do not match the student: ``unknown`` (keys of the file the student has no place for)
+    and ``missing`` (keys the student needs that the file lacks), both sorted lists of key names, listed in the
+    message after ``what`` (the file / model); ``detail`` adds anything else (wrong shapes, the expected layout)."""
+
+    def __init__(self, what: str, unknown=(), missing=(), detail: str = ""):
+        self.what, self.detail = what, detail
+        self.unknown = sorted(unknown)
+        self.missing = sorted(missing)
+        parts = [f"{what}: the state dict does not match"]
+        if self.missing:
+            parts.append(f"missing keys {self.missing}")
+        if self.unknown:
+            parts.append(f"unknown keys {self.unknown}")
+        if detail:
+            parts.append(detail)
+        super().__init__("; ".join(parts))
 
 
 class ConversionError(ValueError):
@@ -111,8 +137,6 @@ def _safe_globals() -> list:
     allowlist): the plain data a fairseq training checkpoint holds besides ``model``: ``args``
     (``argparse.Namespace``) and numpy scalars (``numpy.dtype`` + ``numpy.core.multiarray.scalar``, written under
     either numpy 1 or numpy 2 module name) in its metrics."""
-    import argparse
-
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
@@ -124,8 +148,6 @@ def _safe_globals() -> list:
 
 def pickle_globals(data: bytes) -> list[str]:
     """The globals (``module.name``) a pickle stream imports, found by reading its opcodes (nothing is executed)."""
-    import pickletools
-
     names, strings, memo, last = [], [], {}, None
     try:
         for op, arg, _ in pickletools.genops(data):
@@ -152,8 +174,6 @@ def pickle_globals(data: bytes) -> list[str]:
 
 def _checkpoint_globals(path: str) -> list[str]:
     """The globals imported by a ``torch.save`` zip (its ``data.pkl``) or a raw pickle file, read without running it."""
-    import zipfile
-
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -175,10 +195,6 @@ def _torch_load(path: str) -> dict:
     """``torch.load`` that can only build tensors and plain data: ``weights_only=True`` with the few extra globals of
     ``_safe_globals`` allowed for this call only. A file needing anything else raises ``ConversionError`` naming the
     refused global(s); nothing in it is executed."""
-    import contextlib
-    import pickle
-    import warnings
-
     import torch
 
     scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; older: weights_only's defaults only
@@ -247,8 +263,6 @@ def flatten_nested(sd: dict, convert=np.asarray, prefix: str = "") -> dict[str, 
 def state_dict_path(path: str) -> str:
     """The file ``write_state_dict(path, ...)`` writes: ``path`` itself, or with ``.safetensors`` for its extension
     when it is not a ``.pt`` file or PyTorch is not installed."""
-    import importlib.util
-
     if path.endswith(".safetensors") or (path.endswith(".pt") and importlib.util.find_spec("torch") is not None):
         return path
     return os.path.splitext(path)[0] + ".safetensors"

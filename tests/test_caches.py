@@ -25,7 +25,8 @@ from matpac_jax.data.records import ClipRecord, decode_pcm, encode_record, read_
 from matpac_jax.distill import teacher_pass as tp
 from matpac_jax.evaluate.datasets import load_task
 from matpac_jax.evaluate.harness import probe_split
-from matpac_jax.inference import TRACES, Encoder, load_encoder
+from matpac_jax.inference import TRACES, Encoder
+from matpac_jax.load import load_encoder
 
 RATE = 16_000
 
@@ -151,12 +152,10 @@ def test_harness_refuses_empty_seeds_and_infinite_hyperparameters():
 
 
 def test_probe_result_is_written_atomically(models, dataset, tmp_path, monkeypatch, capsys):
-    import matpac_jax.evaluate.harness as harness
-
     _, a = models[0]
     ckpt, out = a.save(str(tmp_path / "enc")), tmp_path / "out"
     fake = {"task": "folder", "metric": "accuracy", "mean": 0.5, "ci95": float("nan"), "runs": [], "num_clips": 8}
-    monkeypatch.setattr(harness, "evaluate_task", lambda task, x, **_: dict(fake, dim=x.shape[1]))  # the write only
+    monkeypatch.setattr(probe, "evaluate_task", lambda task, x, **_: dict(fake, dim=x.shape[1]))  # the write only
     argv = [f"--checkpoint={ckpt}", "--dataset=folder", f"--root={dataset}", f"--output={out}", "--seeds=1",
             "--max-steps=20"]  # fmt: skip
     assert probe.main(argv) == 0
@@ -183,22 +182,22 @@ def test_probe_result_is_written_atomically(models, dataset, tmp_path, monkeypat
 def test_encoder_directory_is_atomic_and_a_truncated_one_is_named(models, tmp_path, monkeypatch):
     (_, a), (_, b) = models
     path = a.save(str(tmp_path / "enc"))
-    assert sorted(os.listdir(path)) == ["encoder.json", "params.npz"]
+    assert sorted(os.listdir(path)) == ["model.json", "weights.npz"]
     monkeypatch.setattr(fileio.os, "replace", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         b.save(path)
     monkeypatch.undo()
     assert load_encoder(path).weights_digest() == a.weights_digest() != b.weights_digest()  # the old one, whole
-    assert sorted(os.listdir(path)) == ["encoder.json", "params.npz"]
-    params = os.path.join(path, "params.npz")
+    assert sorted(os.listdir(path)) == ["model.json", "weights.npz"]
+    params = os.path.join(path, "weights.npz")
     data = open(params, "rb").read()
     with open(params, "wb") as f:
         f.write(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"params.npz is missing, truncated or not an .npz .*write the directory"):
+    with pytest.raises(ValueError, match=r"weights.npz is missing, truncated or not an .npz .*write the directory"):
         load_encoder(path)
-    with open(os.path.join(path, "encoder.json"), "w") as f:
-        f.write('{"format": "matpac_jax encoder", "spec": {"di')
-    with pytest.raises(ValueError, match="encoder.json is unreadable or malformed"):
+    with open(os.path.join(path, "model.json"), "w") as f:
+        f.write('{"format": "matpac_jax model", "spec": {"di')
+    with pytest.raises(ValueError, match="model.json is unreadable or malformed"):
         load_encoder(path)
 
 
@@ -211,22 +210,22 @@ def test_student_files_are_atomic_and_a_truncated_one_is_named(tmp_path):
     w = {"conv": {"kernel": np.ones((3, 3), np.float32)}}  # any variables: the files, not the model, are tested here
     state = types.SimpleNamespace(params={"backbone": w}, batch_stats={"backbone": w}, step=3)
     path = save_student(str(tmp_path / "student"), config, state)
-    assert sorted(os.listdir(path)) == ["student.json", "variables.msgpack"]  # no temporary left
-    assert json.loads(open(os.path.join(path, "student.json")).read())["step"] == 3
+    assert sorted(os.listdir(path)) == ["model.json", "weights.npz"]  # no temporary left
+    assert json.loads(open(os.path.join(path, "model.json")).read())["spec"]["step"] == 3
     config.audio.unwritable = object()  # the metadata's write fails half-way: the previous file stays whole
     with pytest.raises(TypeError):
         save_student(path, config, types.SimpleNamespace(**(vars(state) | {"step": 4})))
-    assert json.loads(open(os.path.join(path, "student.json")).read())["step"] == 3
-    assert sorted(os.listdir(path)) == ["student.json", "variables.msgpack"]
-    variables = os.path.join(path, "variables.msgpack")
+    assert json.loads(open(os.path.join(path, "model.json")).read())["spec"]["step"] == 3
+    assert sorted(os.listdir(path)) == ["model.json", "weights.npz"]
+    variables = os.path.join(path, "weights.npz")
     data = open(variables, "rb").read()
     with open(variables, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="variables.msgpack is missing, truncated or not this student's"):
+    with pytest.raises(ValueError, match="weights.npz is missing, truncated or not an .npz"):
         Student.load(path)
-    with open(os.path.join(path, "student.json"), "w") as f:
+    with open(os.path.join(path, "model.json"), "w") as f:
         f.write('{"student": {')
-    with pytest.raises(ValueError, match="student.json is missing or malformed"):
+    with pytest.raises(ValueError, match="model.json is unreadable or malformed"):
         Student.load(path)
 
 

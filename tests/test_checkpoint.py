@@ -15,7 +15,8 @@ from helpers import load_config, smoke_config
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer
 from matpac_jax.config_lib import ConfigError
-from matpac_jax.train import loop, pretrain
+from matpac_jax.matpac import task as pretrain
+from matpac_jax.train import loop
 from matpac_jax.train.metrics_log import TIMING_KEYS, NonFiniteError
 
 
@@ -164,7 +165,7 @@ def _tb_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_metrics_tensorboard_and_profile(tmp_path):
-    result = loop.train_and_evaluate(_smoke(steps=4, profile_steps="1,3"), str(tmp_path))
+    result = loop.train_and_evaluate(_smoke(steps=4, profile_steps=(1, 3)), str(tmp_path))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     for m in lines:
@@ -191,7 +192,7 @@ def test_metrics_tensorboard_and_profile(tmp_path):
         (lambda c: c.mesh.update(data=16), "needs 16 devices, only 8 are available"),
         (lambda c: c.data.update(source="records", train="/nonexistent/*.arrayrecord"), "no files match"),
         (lambda c: c.update(nonfinite="ignore"), "config.nonfinite='ignore'"),
-        (lambda c: c.update(profile_steps="5"), "config.profile_steps='5'"),
+        (lambda c: c.update(profile_steps=(5,)), r"config.profile_steps=\(5,\)"),
         (lambda c: c.checkpoint.update(every=0), "config.checkpoint: every=0"),
     ],
 )

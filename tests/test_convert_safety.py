@@ -213,7 +213,8 @@ def small_safetensors(tmp_path_factory):
 
 
 def test_convert_output_checked_first_and_written_atomically(small_safetensors, tmp_path, monkeypatch, capsys):
-    from matpac_jax.inference import Encoder, load_encoder
+    from matpac_jax.inference import Encoder
+    from matpac_jax.load import load_encoder
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -229,7 +230,7 @@ def test_convert_output_checked_first_and_written_atomically(small_safetensors, 
     assert load_encoder(str(out)).spec.heads == HEADS
 
     def half_then_fail(self, directory):
-        with open(os.path.join(directory, "params.npz"), "wb") as f:
+        with open(os.path.join(directory, "weights.npz"), "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 

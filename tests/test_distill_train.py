@@ -122,11 +122,13 @@ def _config(corpus, steps=6, **distill):
 def _build(config):
     from matpac_jax import parallel
     from matpac_jax.distill.task import DistillTask
+    from matpac_jax.train.program import compile_program
 
     task = DistillTask(config, "/nonexistent")
-    batches = iter(task.make_input())
-    init_fn, step_fn, _ = task.build(parallel.make_mesh({"data": 2}, jax.devices()[:2]))
-    return task, batches, init_fn, step_fn
+    data = task.make_input()
+    mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
+    init_fn, step_fn, _ = compile_program(task.build(data), mesh)  # the trainer's program: guard, shardings, donation
+    return task, iter(data.source), init_fn, step_fn
 
 
 def test_step_learns_moves_batchnorm_and_keeps_the_state_on_nonfinite_targets(corpus):
@@ -201,6 +203,7 @@ def test_standardised_targets_are_the_teacher_embeddings_z_scored_over_the_corpu
 
 def test_distill_run_resumes_exactly_and_writes_the_student(corpus, tmp_path):
     from matpac_jax.distill.trained import Student
+    from matpac_jax.load import load_model
     from matpac_jax.train.loop import train_and_evaluate
 
     straight = train_and_evaluate(_config(corpus, mixup=0.3), str(tmp_path / "a"))
@@ -210,9 +213,12 @@ def test_distill_run_resumes_exactly_and_writes_the_student(corpus, tmp_path):
     assert resumed["final_metrics"] == pytest.approx(straight["final_metrics"], rel=1e-5)
     student = Student.load(str(tmp_path / "b" / "student"))
     wave = 0.1 * np.random.default_rng(0).standard_normal((2, 16_000)).astype(np.float32)
-    e = student.embed(wave, 16_000)
+    e = student.embed(wave, 16_000)["clip"]
     assert e.shape == (2, 2 * 4 * 4 * 32 // 16) and np.isfinite(e).all()  # TSTP: 2 x 4·4 channels x 32/16 mel rows
-    assert json.loads((tmp_path / "b" / "student" / "student.json").read_text())["step"] == 6
+    from_run = load_model(str(tmp_path / "b"))  # the workdir's latest checkpoint: the same student
+    assert isinstance(from_run, Student) and from_run.embedding_dim == e.shape[1]
+    np.testing.assert_array_equal(from_run.embed(wave, 16_000)["clip"], e)
+    assert json.loads((tmp_path / "b" / "student" / "model.json").read_text())["spec"]["step"] == 6
     with pytest.raises(ConfigError, match="config.teacher.embeddings"):
         c = _config(corpus)
         c.teacher.embeddings = ""

@@ -16,7 +16,8 @@ from test_inference import HEADS, published_state_dict
 import matpac_jax.hear as hear
 from matpac_jax.audio.io import load_audio
 from matpac_jax.convert import from_torch
-from matpac_jax.inference import Encoder, load_encoder
+from matpac_jax.inference import Encoder
+from matpac_jax.load import load_encoder
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import soundfile as sf
 
 import matpac_jax.embed as embed
-import matpac_jax.inference as inference
 from matpac_jax.fileio import TMP_MARK
 
 
@@ -18,7 +17,7 @@ class StandInEncoder:
     """What embed uses of an Encoder; records how many clips it embedded."""
 
     def __init__(self, classes: int = 0):
-        self.spec = inference.EncoderSpec()
+        self.sample_rate, self.min_samples, self.frame_rate = 16_000, 400, 6.25
         self.params = {"head": {"bias": np.zeros(classes, np.float32)}} if classes else {}
         self.calls = 0
 
@@ -34,7 +33,7 @@ class StandInEncoder:
 @pytest.fixture
 def encoder(monkeypatch):
     enc = StandInEncoder()
-    monkeypatch.setattr(inference, "load_encoder", lambda path, chunk_batch=16: enc)
+    monkeypatch.setattr(embed, "load_model", lambda path, chunk_batch=16: enc)
     return enc
 
 
@@ -185,7 +184,7 @@ def test_csv_problems_are_named(tmp_path, encoder, capsys):
 
 def test_labels_must_match_the_head(tmp_path, monkeypatch, capsys):
     enc = StandInEncoder(classes=3)
-    monkeypatch.setattr(inference, "load_encoder", lambda path, chunk_batch=16: enc)
+    monkeypatch.setattr(embed, "load_model", lambda path, chunk_batch=16: enc)
     wav = _wav(tmp_path / "a.wav", 1000)
     labels = tmp_path / "labels.csv"
     labels.write_text("index,mid,display_name\n0,/m/1,one\n1,/m/2,two\n")

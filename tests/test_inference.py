@@ -13,7 +13,9 @@ from helpers import ROOT, assert_close_to_scale
 from test_frontend import reference_log_mel
 
 from matpac_jax.convert import ConversionError, from_torch, read_safetensors, to_torch, write_safetensors
-from matpac_jax.inference import Encoder, flatten, load_encoder
+from matpac_jax.inference import Encoder
+from matpac_jax.load import load_encoder
+from matpac_jax.saved_model import flatten
 
 DIM, DEPTH, HEADS, GRID_T, PATCH, N_MELS = 64, 2, 4, 8, 16, 80  # a small ViT: 128-frame chunks
 
@@ -223,7 +225,7 @@ def _training_state_dict(mcl_heads: int):
 
     from matpac_jax.convert import to_torch
     from matpac_jax.inference import EncoderSpec
-    from matpac_jax.models.matpac import MatpacModel
+    from matpac_jax.matpac.model import MatpacModel
 
     config = load_config()
     config.model.mcl_heads = mcl_heads

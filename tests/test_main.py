@@ -129,8 +129,8 @@ def test_records_run_resumes_with_the_same_data_order(tmp_path):
 
     from matpac_jax import parallel
     from matpac_jax.checkpoint import Checkpointer
+    from matpac_jax.matpac.task import build
     from matpac_jax.train.loop import train_and_evaluate
-    from matpac_jax.train.pretrain import build
 
     write_demo_shards(tmp_path / "data")
     config = records_config(tmp_path / "data")

@@ -12,11 +12,11 @@ import pytest
 import reference as ref
 from helpers import assert_close_to_scale, load_config
 
-from matpac_jax.models.cls_head import ClsHead
-from matpac_jax.models.matpac import MatpacModel
-from matpac_jax.models.predictor import Predictor
+from matpac_jax.matpac.cls_head import ClsHead
+from matpac_jax.matpac.model import MatpacModel
+from matpac_jax.matpac.objective import num_visible
+from matpac_jax.matpac.predictor import Predictor
 from matpac_jax.models.vit import Block, Tokenizer, Transformer, sincos_pos_embed_2d, truncated_pos_embed
-from matpac_jax.objectives.matpac import num_visible
 
 # --- helpers ----------------------------------------------------------------------------------------------
 

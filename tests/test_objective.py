@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import assert_close_to_scale
 
-from matpac_jax.objectives import matpac as obj
+from matpac_jax.matpac import objective as obj
 
 RNG = np.random.default_rng(0)
 

@@ -174,7 +174,8 @@ def test_other_archs_dispatch_to_their_modules_with_strict_keys(arch, monkeypatc
 
 
 def test_converter_cli_writes_a_student_directory(tmp_path, monkeypatch, capsys):
-    from matpac_jax.distill.trained import STUDENT_FILE, Student
+    from matpac_jax.distill.trained import Student
+    from matpac_jax.saved_model import MODEL_FILE
 
     sd = ref.efficientat_state_dict(1.0, seed=5)
     path = str(tmp_path / "mn10_im.safetensors")
@@ -185,7 +186,7 @@ def test_converter_cli_writes_a_student_directory(tmp_path, monkeypatch, capsys)
     student = Student.load(str(out))
     _tree_equal(jax.device_get(student.variables), mobilenet_from_torch_state_dict(_backbone(sd), 1.0))
     recipe = published.student_config_for("mn10")
-    meta = json.loads((out / STUDENT_FILE).read_text())
+    meta = json.loads((out / MODEL_FILE).read_text())["spec"]
     assert meta["audio"] == recipe.audio.to_dict() and meta["student"]["arch"] == "mobilenet"
 
     # a released checkpoint: the front-end comes from its training_config (here the recipe's: same values)
@@ -193,7 +194,7 @@ def test_converter_cli_writes_a_student_directory(tmp_path, monkeypatch, capsys)
     ckpt["training_config.preprocess.logmelspec.hop_len"] = np.asarray(0.02)
     monkeypatch.setattr(convert, "read_state_dict", lambda p: dict(ckpt))
     assert published.main(["--input=release.ckpt", "--arch=mn10", f"--output={tmp_path / 'rel'}"]) == 0
-    audio = json.loads((tmp_path / "rel" / STUDENT_FILE).read_text())["audio"]
+    audio = json.loads((tmp_path / "rel" / MODEL_FILE).read_text())["spec"]["audio"]
     assert audio == recipe.audio.to_dict() | {"hop_length": 640}
 
     ckpt["state_dict.student_model.model.features.2.block.9.weight"] = np.zeros(1, np.float32)
@@ -208,6 +209,8 @@ def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypa
     from matpac_jax import parallel
     from matpac_jax.config_lib import load_config_file
     from matpac_jax.distill.task import DistillTask
+    from matpac_jax.train.program import compile_program
+    from matpac_jax.train.task import TaskInput
 
     c = load_config_file(published._RECIPE, "ssondo.py", "smoke")  # MobileNetV3 of width 0.1, head 64
     c.distill.targets = "raw"
@@ -226,8 +229,8 @@ def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypa
 
     c.student.init_from = "release.ckpt"
     task = DistillTask(c, str(tmp_path))
-    task.target = (24, np.float32)  # the teacher's dimension, known once the input is opened
-    init_fn, _, abstract = task.build(mesh)
+    data = TaskInput(None, {"target_dim": 24})  # the teacher's dimension, known once the input is opened
+    init_fn, _, abstract = compile_program(task.build(data), mesh)
     state = jax.device_get(init_fn(jax.random.key(0)))
     want = load_student_weights("release.ckpt", c.student)
     _tree_equal(state.params, want["params"])  # backbone and projection head
@@ -235,9 +238,8 @@ def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypa
 
     # a head of other shapes (another teacher or hidden size) is left to its initialisation; the backbone loads
     zeros = lambda rng: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)  # noqa: E731
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
     c.student.init_from = "other_head.ckpt"
-    state = published.initialise_from(zeros, c.student, abstract, shardings)(None)
+    state = published.initialise_from(zeros, c.student, abstract)(None)
     _tree_equal(jax.device_get(state.params["backbone"]), want["params"]["backbone"])
     assert all(not np.any(a) for a in jax.tree.leaves(jax.device_get(state.params["head"])))
     assert "its projection head" in capsys.readouterr().out
@@ -246,7 +248,7 @@ def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypa
                                ("release.ckpt", 0.25, r"EfficientAT mn backbone \(width 0.25\)")):  # fmt: skip
         c.student.init_from, c.student.width = path, width
         with pytest.raises(ConfigError, match=f"config.student.init_from={path}: .*{error}"):
-            published.initialise_from(zeros, c.student, abstract, shardings)
+            published.initialise_from(zeros, c.student, abstract)
 
 
 def test_lightning_checkpoint_saved_by_torch_reads_safely(tmp_path):

@@ -15,7 +15,7 @@ from helpers import ROOT
 
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer
-from matpac_jax.train import pretrain
+from matpac_jax.matpac import task as pretrain
 from matpac_jax.train.metrics_log import TIMING_KEYS
 
 STEPS = 10

@@ -20,7 +20,8 @@ from matpac_jax import checkpoint as ckpt_lib
 from matpac_jax import parallel
 from matpac_jax.checkpoint import Checkpointer, CheckpointError, WorkdirBusyError, WorkdirLock
 from matpac_jax.config_lib import ConfigError
-from matpac_jax.train import loop, pretrain
+from matpac_jax.matpac import task as pretrain
+from matpac_jax.train import loop
 from matpac_jax.train.metrics_log import TIMING_KEYS, NonFiniteError
 
 
@@ -130,8 +131,9 @@ def test_the_distillation_step_keeps_the_state_when_the_update_turns_it_non_fini
     import flax.linen as nn
 
     from matpac_jax.distill.step import create_distill_state, make_distill_step
+    from matpac_jax.matpac.task import frontend_config
     from matpac_jax.train.optim import lr_schedule, make_optimizer
-    from matpac_jax.train.pretrain import frontend_config
+    from matpac_jax.train.program import guarded
 
     class Tiny(nn.Module):  # BatchNorm + two layers: the step's contract, compiled in a moment
         @nn.compact
@@ -148,8 +150,8 @@ def test_the_distillation_step_keeps_the_state_when_the_update_turns_it_non_fini
     tx = make_optimizer(config.optim, config.total_steps, params, config.data.batch_size)
     samples = int(config.audio.seconds * config.audio.sample_rate)
     state = create_distill_state(model, tx, jax.random.key(0), mel_shape)
-    step = jax.jit(make_distill_step(model, config, tx, frontend_config(config),
-                                     lr_schedule(config.optim, config.total_steps)))  # fmt: skip
+    step = jax.jit(guarded(make_distill_step(model, config, tx, frontend_config(config),
+                                             lr_schedule(config.optim, config.total_steps))))  # fmt: skip
     rng = np.random.default_rng(0)
     batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (4, samples)), jnp.int16),
              "target": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}  # fmt: skip
@@ -281,7 +283,7 @@ def test_resume_with_another_model_or_fewer_steps_is_refused_naming_the_keys(fin
 
 def test_resume_accepts_the_keys_that_may_change(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
-    config = _smoke(steps=10, log_every=1, profile_steps="5,6", nonfinite="skip")
+    config = _smoke(steps=10, log_every=1, profile_steps=(5, 6), nonfinite="skip")
     config.checkpoint.update(every=5, keep=1, allow_changes="optim.lr")
     config.mesh.update(data=-1, fsdp=1)
     config.data.update(workers=2, device_prefetch=1)

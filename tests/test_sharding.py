@@ -8,7 +8,7 @@ import pytest
 from helpers import load_config
 
 from matpac_jax import parallel
-from matpac_jax.train import pretrain
+from matpac_jax.matpac import task as pretrain
 
 STEPS = 3
 

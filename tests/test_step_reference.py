@@ -12,8 +12,8 @@ from helpers import load_config
 
 from matpac_jax import parallel
 from matpac_jax.audio.frontend import log_mel
-from matpac_jax.objectives import matpac as obj
-from matpac_jax.train import pretrain
+from matpac_jax.matpac import objective as obj
+from matpac_jax.matpac import task as pretrain
 
 STEP = 2
 

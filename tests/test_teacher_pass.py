@@ -25,7 +25,8 @@ from matpac_jax.distill.teacher_pass import (
     output_name,
     teacher_pass,
 )
-from matpac_jax.inference import Encoder, load_encoder
+from matpac_jax.inference import Encoder
+from matpac_jax.load import load_encoder
 
 SECONDS = 2.0  # a short "10 s" keeps the test fast; the code path is the same
 

@@ -12,7 +12,7 @@ import soundfile as sf
 import tensorflow_datasets as tfds
 
 from matpac_jax.audio.io import from_int16, load_audio
-from matpac_jax.data.tfds_audio import make_builder, prepare_labelled_folder, read_csv
+from matpac_jax.data.tfds_audio import main, make_builder, prepare_labelled_folder, read_csv
 
 SR = 16000
 # (path, label, split, native rate, format)
@@ -163,3 +163,13 @@ def test_reuse_and_overwrite(folder, tmp_path):
     assert len(prepare_labelled_folder("tiny_rebuild", folder, tmp_path / "one.csv", tmp_path / "d")["train"]) == 2
     rebuilt = prepare_labelled_folder("tiny_rebuild", folder, tmp_path / "one.csv", tmp_path / "d", overwrite=True)
     assert len(rebuilt["train"]) == 3
+
+
+def test_command_line_prepares_and_names_bad_input(folder, tmp_path, capsys):
+    args = [f"--folder={folder}", f"--data_dir={tmp_path / 'd'}", "--workers=1"]
+    assert main(["--name=tiny_cli", f"--csv={folder / 'labels.csv'}", *args]) == 0
+    out = capsys.readouterr().out
+    assert "prepared tiny_cli/1.0.0" in out and "test 2, train 5 clips; 1 skipped" in out
+    assert len(tfds.data_source("tiny_cli", data_dir=str(tmp_path / "d"))["train"]) == 5
+    assert main(["--name=tiny_cli2", f"--csv={tmp_path / 'nope.csv'}", *args]) == 2
+    assert "labels CSV not found" in capsys.readouterr().err

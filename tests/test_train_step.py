@@ -8,7 +8,7 @@ import pytest
 from helpers import load_config
 
 from matpac_jax import parallel
-from matpac_jax.train import pretrain
+from matpac_jax.matpac import task as pretrain
 from matpac_jax.train.optim import (
     clip_by_global_norm,
     decay_mask,
@@ -273,10 +273,25 @@ def test_remat_scan_and_padded_attention_change_memory_not_numbers():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), ref_params, params)
 
 
-def test_batch_spec_is_what_the_input_yields():
-    """The memory report compiles the step for the task's batch_spec: it must be the batch the loop feeds (demo
-    batches are float32), or every run compiles its step twice."""
-    task = pretrain.PretrainTask(load_config(), "/nonexistent")
-    batch = task.make_input()(0)
-    spec = task.batch_spec()
-    assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {k: (v.shape, v.dtype) for k, v in batch.items()}
+def test_batch_spec_is_what_the_input_yields(tmp_path):
+    """The memory report compiles the step for the batch the loop feeds (its shapes are read from the first batch,
+    demo batches are float32), or every run compiles its step twice: one program serves the report and the steps."""
+    from helpers import smoke_config
+
+    from matpac_jax.matpac import step as matpac_step
+    from matpac_jax.train import loop
+
+    traced = []
+    real = matpac_step.make_train_step
+
+    def counting(*args, **kwargs):
+        fn = real(*args, **kwargs)
+        return lambda state, batch, rng: (traced.append({k: (v.shape, v.dtype) for k, v in batch.items()}),
+                                          fn(state, batch, rng))[1]  # fmt: skip
+
+    config = smoke_config(3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain, "make_train_step", counting)
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    batch = pretrain.PretrainTask(config, "/nonexistent").make_input().source(0)
+    assert traced and all(t == {k: (v.shape, v.dtype) for k, v in batch.items()} for t in traced), traced

@@ -19,7 +19,11 @@ The training split as record shards (the input of the S-SONDO demo chain; keys `
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
+
+from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
 
 __all__ = ["CLASS_NAMES", "make_demo_corpus", "demo_splits"]
 
@@ -201,12 +205,18 @@ def demo_splits(
     return train, test
 
 
+def demo_embeddings(model, splits, rate: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clip embeddings by any loaded model of the demo's train + test clips (at ``rate`` Hz): (x [N, D], labels [N],
+    number of train clips)."""
+    train, test = splits
+    x = np.concatenate([model.embed(train["waves"], rate)["clip"], model.embed(test["waves"], rate)["clip"]])
+    return x, np.concatenate([train["labels"], test["labels"]]), len(train["labels"])
+
+
 def write_records(output: str, num_train: int, num_test: int, seconds: float, seed: int, sample_rate: int,
                   num_shards: int = 2) -> list[str]:  # fmt: skip
     """The training split of ``demo_splits(num_train, num_test, seconds, seed, sample_rate)`` as pcm16 record shards
     (labels included); returns the shard paths."""
-    from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
-
     train, _ = demo_splits(num_train, num_test, seconds, seed, sample_rate)
     records = [
         encode_record(ClipRecord(f"demo-{i:05d}", w, sample_rate, (int(y),)))
@@ -219,8 +229,6 @@ def write_records(output: str, num_train: int, num_test: int, seconds: float, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.data.demo", description="Write the demo corpus's "
                                  "training split as record shards.")  # fmt: skip
     ap.add_argument("--output", required=True)

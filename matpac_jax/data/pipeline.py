@@ -27,6 +27,11 @@ Files (``expand_files``): globs, paths, or the output folder of ``python -m matp
 ``manifest.json``), which stands for exactly the manifest's shards; every shard is checked to be a readable ArrayRecord
 file before training starts. Worker processes exit when the trainer is gone, even when it was killed with SIGKILL.
 
+tfds: instead of files, a random-access source of int16 PCM clips (``tfds_source.TfdsAudioSource``: a split of a tfds
+dataset prepared in ArrayRecord format, read without TensorFlow) goes through the same shuffle, crop, process split,
+batching, workers and iterator state. ``train_input(config)`` gives what ``config.data`` names: its files (source
+'records') or its tfds split (source 'tfds').
+
 Resume: the iterator's ``get_state()`` is a small JSON-able dict; ``set_state`` on a fresh iterator of the same
 pipeline (same arguments, same worker count) continues with exactly the batches that would have followed.
 """
@@ -45,7 +50,9 @@ import time
 import grain
 import numpy as np
 
+from matpac_jax.data.prepare import manifest_shards
 from matpac_jax.data.records import check_shard, decode_pcm
+from matpac_jax.data.tfds_source import TfdsAudioSource
 
 SHORT_CLIPS = ("skip", "pad")
 
@@ -53,8 +60,6 @@ SHORT_CLIPS = ("skip", "pad")
 def _manifest_paths(pattern: str) -> list[str]:
     """The shards a prepare manifest lists (``pattern``: its folder or its ``manifest.json``), each checked to hold
     the manifest's record count; ValueError naming the missing or mismatched shard."""
-    from matpac_jax.data.prepare import manifest_shards  # lazy: grain workers need not import the preparation code
-
     try:
         listed = manifest_shards(pattern)
     except ValueError as e:
@@ -189,13 +194,14 @@ def worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
 
 
 class _DecodeCrop:
-    """``random_map`` transform: record bytes -> ``{'audio': int16 [crop]}``, or None for a short clip to skip."""
+    """``random_map`` transform: record bytes (or, ``decoded``, int16 PCM) -> ``{'audio': int16 [crop]}``, or None
+    for a short clip to skip."""
 
-    def __init__(self, crop: int, pad: bool):
-        self.crop, self.pad = crop, pad
+    def __init__(self, crop: int, pad: bool, decoded: bool = False):
+        self.crop, self.pad, self.decoded = crop, pad, decoded
 
-    def __call__(self, data: bytes, rng: np.random.Generator) -> dict | None:
-        pcm = decode_pcm(data)[1]
+    def __call__(self, data: bytes | np.ndarray, rng: np.random.Generator) -> dict | None:
+        pcm = data if self.decoded else decode_pcm(data)[1]
         n = pcm.shape[0]
         if n < self.crop:
             if not self.pad:
@@ -224,8 +230,23 @@ class _SkipShort:
         return False
 
 
+def train_input(config) -> list[str] | str | TfdsAudioSource:
+    """What ``config.data`` names for ``pretrain_dataset``: ``config.data.train`` (source 'records'), or the split
+    ``config.data.tfds_split`` of ``config.data.tfds_name`` under ``config.data.tfds_data_dir`` (source 'tfds'),
+    checked to exist and to be at ``config.audio.sample_rate``."""
+    data = config.data
+    if data.source == "records":
+        return data.train
+    if data.source == "tfds":
+        label = f"config.data.tfds_name={data.tfds_name!r}"
+        return TfdsAudioSource.open(
+            data.tfds_name, data.tfds_data_dir, data.tfds_split, config.audio.sample_rate, label
+        )
+    raise ValueError(f"config.data.source={data.source!r}: train_input reads 'records' or 'tfds'")
+
+
 def pretrain_dataset(
-    files: list[str] | str,
+    files: list[str] | str | TfdsAudioSource,
     *,
     global_batch: int,
     crop_samples: int,
@@ -240,9 +261,10 @@ def pretrain_dataset(
     """Infinite dataset of this process's batches ``{'audio': int16 [global_batch / process_count, crop_samples]}``.
 
     ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records, or a prepare output folder /
-    its ``manifest.json`` (exactly the shards it lists; ``expand_files``). ``workers > 0`` decodes in
-    that many processes (``mp_prefetch``, ``prefetch_buffer`` batches buffered per worker); ``workers=0`` reads in
-    the calling thread, which the trainer overlaps with the device step through JAX's asynchronous dispatch.
+    its ``manifest.json`` (exactly the shards it lists; ``expand_files``); or a ``TfdsAudioSource`` (any random-access
+    source of int16 PCM clips). ``workers > 0`` decodes in that many processes (``mp_prefetch``, ``prefetch_buffer``
+    batches buffered per worker); ``workers=0`` reads in the calling thread, which the trainer overlaps with the
+    device step through JAX's asynchronous dispatch.
     ``read_threads`` are grain's read/decode threads per process: 0 (the default) reads in the process's own thread,
     the cheapest per crop; grain's thread hand-off costs ~0.17 CPU-ms per crop, more than reading an uncompressed
     record (bench/input_pipeline.py).
@@ -260,13 +282,19 @@ def pretrain_dataset(
         raise ValueError(f"process_index={process_index} out of range for process_count={process_count}")
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-    paths = expand_files(files)
-    source = grain.sources.ArrayRecordDataSource(paths)
-    if len(source) == 0:
-        raise ValueError(f"config.data.train: {len(paths)} files matching {files!r} hold no records")
+    decoded = not isinstance(files, str | list | tuple)  # a source of int16 PCM clips (TfdsAudioSource)
+    if decoded:
+        source = files
+        if len(source) == 0:
+            raise ValueError(f"{source!r} holds no clips")
+    else:
+        paths = expand_files(files)
+        source = grain.sources.ArrayRecordDataSource(paths)
+        if len(source) == 0:
+            raise ValueError(f"config.data.train: {len(paths)} files matching {files!r} hold no records")
     shuffle_seed, crop_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed).random_map(
-        _DecodeCrop(crop_samples, short_clips == "pad"), seed=crop_seed
+        _DecodeCrop(crop_samples, short_clips == "pad", decoded), seed=crop_seed
     )
     ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)

@@ -55,6 +55,8 @@ import time
 import traceback
 from collections.abc import Iterable
 
+from tqdm import tqdm
+
 from matpac_jax.audio.io import MAX_RATE, MIN_RATE, AudioError, load_audio
 from matpac_jax.data.records import (
     CODECS,
@@ -218,11 +220,7 @@ def _run_parallel(tasks: list[tuple], workers: int, done) -> list[str]:
 
 
 def _progress(total: int):
-    """A tqdm bar over shards on stderr, or None when tqdm is missing."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    """A tqdm bar over shards on stderr."""
     return tqdm(total=total, unit="shard", file=sys.stderr, desc="prepare")
 
 

@@ -6,10 +6,14 @@ test; ``train`` when absent or empty) and ``fold`` (an int; ``-1`` when absent o
 
     builder = make_builder("my_eval_set", folder, csv_path, data_dir)
     builder.download_and_prepare(file_format="array_record")
-    sources = tfds.data_source("my_eval_set", data_dir=data_dir)  # {split: ArrayRecordDataSource}
-    ds = grain.MapDataset.source(sources["test"])
+    sources = tfds.data_source("my_eval_set", data_dir=data_dir)  # {split: ArrayRecordDataSource}, for grain
 
-or in one call ``prepare_labelled_folder(name, folder, csv_path, data_dir)``. Every record is a dict:
+or in one call ``prepare_labelled_folder(name, folder, csv_path, data_dir)``, or from the command line::
+
+    python -m matpac_jax.data.tfds_audio --name=my_eval_set --folder=AUDIO_DIR --csv=labels.csv --data_dir=DATA_DIR
+
+Such a dataset is read, without TensorFlow, for pretraining (``config.data.source='tfds'``) and probing
+(``--dataset=tfds:NAME``) by ``matpac_jax.data.tfds_source``. Every record is a dict:
 
 - ``audio``: the file decoded by ``matpac_jax.audio.io.load_audio`` (mono, resampled to ``sample_rate`` with soxr
   HQ), as int16 PCM (``to_int16``: clipped to [-1, 1]; ``from_int16`` gives float32 back) or float32;
@@ -31,11 +35,13 @@ Only feature types that encode and decode without TensorFlow are used (checked w
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import csv
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -48,8 +54,7 @@ from matpac_jax.audio.io import AudioError, load_audio, to_int16
 
 REQUIRED_COLUMNS = ("path", "label")
 LABEL_SEPARATOR = ";"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # dataset and split names
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def read_csv(csv_path: str | os.PathLike, folder: str | os.PathLike) -> list[Row
             if not labels:
                 raise ValueError(f"{csv_path}:{line}: empty 'label' for {path!r}")
             split = record.get("split") or "train"
-            if not _SPLIT_RE.match(split):
+            if not _NAME_RE.match(split):
                 raise ValueError(f"{csv_path}:{line}: invalid 'split' {split!r} (e.g. train, validation, test)")
             fold_text = record.get("fold") or ""
             try:
@@ -263,3 +268,30 @@ def prepare_labelled_folder(
     builder = make_builder(name, folder, csv_path, data_dir, sample_rate=sample_rate, **builder_kwargs)
     builder.download_and_prepare(file_format="array_record")
     return tfds.data_source(name, data_dir=os.fspath(data_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare a folder + CSV as a tfds dataset (ArrayRecord); exit status 2 with the reason for unusable input."""
+    ap = argparse.ArgumentParser(prog="python -m matpac_jax.data.tfds_audio", description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True, help="dataset name (snake_case): tfds:NAME, config.data.tfds_name")
+    ap.add_argument("--folder", required=True, help="folder the CSV paths are relative to")
+    ap.add_argument("--csv", dest="csv_path", required=True, help="CSV with columns path, label[, split][, fold]")
+    ap.add_argument("--data_dir", required=True, help="tfds data_dir to prepare the dataset in")
+    ap.add_argument("--sample_rate", type=int, default=16000)
+    ap.add_argument("--audio_dtype", default="int16", choices=("int16", "float32"))
+    ap.add_argument("--workers", type=int, default=8, help="threads decoding audio files")
+    ap.add_argument("--overwrite", action="store_true", help="rebuild a dataset already prepared there")
+    args = ap.parse_args(argv)
+    try:
+        sources = prepare_labelled_folder(**vars(args))  # flag names = parameter names
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = next(iter(sources.values())).dataset_info
+    counts = ", ".join(f"{split} {len(source)}" for split, source in sorted(sources.items()))
+    print(f"prepared {info.full_name} in {info.data_dir}: {counts} clips; {len(info.metadata['skipped'])} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 
 from matpac_jax.data.records import read_shard
+from matpac_jax.distill.kmeans import fit_kmeans
 from matpac_jax.fileio import TMP_MARK, atomic_save_npz, atomic_write_json, sha256_bytes
 
 _HEADER = struct.Struct("<I")
@@ -186,8 +187,6 @@ def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: in
             epochs: float = 0.0) -> dict:  # fmt: skip
     """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz``; returns its arrays. Recomputed
     when the embeddings or any k-means setting changed or the file is unreadable."""
-    from matpac_jax.distill.kmeans import fit_kmeans
-
     path = os.path.join(output, "clusters.npz")
     _, x = consolidate(output, log)
     want = {"source": _embeddings_token(output), "k": k, "seed": seed, "steps": steps, "batch": batch,

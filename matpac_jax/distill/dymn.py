@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matpac_jax.distill.published import StateDictMismatch
+from matpac_jax.state_dict_io import StateDictMismatch
 
 # (kernel, expanded, out, activation, stride index or None) per block at width 1.0; the 4 strided positions take
 # their stride from ``DyMN.strides`` (EfficientAT's ``strides=(2, 2, 2, 2)``).

@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from matpac_jax.state_dict_io import StateDictMismatch
+
 BASE_WIDTH, SCALE, EXPANSION = 32, 2, 2  # Res2Net split width (planes × 32/64), splits per block, output expansion
 STAGE_PLANES = (1, 2, 4, 8, 2)  # × channels
 STAGE_FUSES = (False, False, True, True, True)  # AFF between the splits (stages 3-5) or plain addition (1-2)
@@ -233,8 +235,6 @@ def from_torch_state_dict(
     (``student_model.model.``, ``model.``, ``state_dict.student_model.model.``). Raises ``StateDictMismatch`` listing
     the file's keys the model has no place for and the model's keys the file lacks, and (with no key missing) the
     keys whose shapes differ."""
-    from matpac_jax.distill.published import StateDictMismatch  # here: published imports the students
-
     blocks = tuple(int(b) for b in blocks)
     what = f"ERes2Net(channels={channels}, blocks={blocks})"
     expected = _expected(int(channels), blocks)

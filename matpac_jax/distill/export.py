@@ -58,6 +58,7 @@ import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
 from matpac_jax.distill.students import count_params
+from matpac_jax.distill.trained import Student
 
 __all__ = [
     "CLIP_SAMPLES",
@@ -261,14 +262,12 @@ def export_report(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: export a trained student directory (:func:`load_student`) with its own front-end."""
     ap = argparse.ArgumentParser(description="Export a trained S-SONDO student (wave -> embedding) to ONNX.")
-    ap.add_argument("student_dir", help="WORKDIR/student: student.json and variables.msgpack")
+    ap.add_argument("student_dir", help="a student model directory (WORKDIR/student of a distillation run)")
     ap.add_argument("output", help="the .onnx file to write")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length fixed in the graph")
     ap.add_argument("--batch", type=int, default=1, help="batch size fixed in the graph")
     ap.add_argument("--repeats", type=int, default=20, help="onnxruntime runs timed")
     args = ap.parse_args(argv)
-    from matpac_jax.distill.trained import Student
-
     student = Student.load(args.student_dir)
     model, variables, cfg = student.backbone, jax.device_get(student.variables), student.frontend
     samples = int(round(args.seconds * cfg.sample_rate))

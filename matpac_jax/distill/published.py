@@ -32,29 +32,20 @@ import argparse
 import inspect
 import os
 import sys
+from types import SimpleNamespace
 
+import jax
+import ml_collections as mlc
 import numpy as np
 from flax import traverse_util
 
-
-class StateDictMismatch(ValueError):
-    """A state dict whose keys do not match the student: ``unknown`` (keys of the file the student has no place for)
-    and ``missing`` (keys the student needs that the file lacks), both sorted lists of key names, listed in the
-    message after ``what`` (the file / model); ``detail`` adds anything else (wrong shapes, the expected layout)."""
-
-    def __init__(self, what: str, unknown=(), missing=(), detail: str = ""):
-        self.what, self.detail = what, detail
-        self.unknown = sorted(unknown)
-        self.missing = sorted(missing)
-        parts = [f"{what}: the state dict does not match"]
-        if self.missing:
-            parts.append(f"missing keys {self.missing}")
-        if self.unknown:
-            parts.append(f"unknown keys {self.unknown}")
-        if detail:
-            parts.append(detail)
-        super().__init__("; ".join(parts))
-
+from matpac_jax import convert
+from matpac_jax.config_lib import ConfigError, load_config_file
+from matpac_jax.convert import ConversionError, check_output
+from matpac_jax.distill import dymn, eres2net
+from matpac_jax.distill.students import LARGE, MobileNetV3, count_params, make_divisible
+from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.state_dict_io import StateDictMismatch  # noqa: F401  (raised here, defined with the file formats)
 
 # --- EfficientAT's mn backbone (models/mn/model.py MN.features, block_types.py InvertedResidual).
 
@@ -75,8 +66,6 @@ def mobilenet_key_map(width: float = 1.0) -> dict[str, tuple[str, str, object]]:
     stem (``.0`` conv, ``.1`` BatchNorm), ``features.{i+1}.block.{j}`` block i's layers in order (expansion when the
     width changes, depthwise, squeeze-excitation ``conc_se_layers.0.fc1|fc2`` when the block has one, projection),
     ``features.16`` the last 1×1 convolution. ``num_batches_tracked`` keys are not listed (accepted and dropped)."""
-    from matpac_jax.distill.students import LARGE, make_divisible
-
     out: dict[str, tuple[str, str, object]] = {}
 
     def conv_bn(torch_prefix: str, ours: str) -> None:
@@ -104,7 +93,6 @@ def mobilenet_key_map(width: float = 1.0) -> dict[str, tuple[str, str, object]]:
 
 def _template(module, n_mels: int = 64, frames: int = 64) -> dict[str, tuple[str, tuple]]:
     """'collection/path' -> shape of ``module``'s variables (jax.eval_shape: nothing is compiled)."""
-    import jax
     import jax.numpy as jnp
 
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, n_mels, frames))))
@@ -116,8 +104,6 @@ def mobilenet_from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.
     """EfficientAT mn backbone state dict (``features.*``; no classifier) -> ``MobileNetV3(width)`` variables
     ``{'params', 'batch_stats'}`` (float32). Raises ``StateDictMismatch`` listing unknown and missing keys, and the
     keys whose shapes do not fit ``MobileNetV3(width)``."""
-    from matpac_jax.distill.students import MobileNetV3
-
     keys = mobilenet_key_map(width)
     tracked = {k.rsplit(".", 1)[0] + ".num_batches_tracked" for k in keys if k.endswith(".running_mean")}
     unknown = [k for k in sd if k not in keys and k not in tracked]
@@ -203,9 +189,9 @@ def backbone_from_torch(arch: str, sd: dict[str, np.ndarray], student) -> dict:
     if arch == "mobilenet":
         return mobilenet_from_torch_state_dict(sd, float(student.width))
     if arch == "eres2net":
-        from matpac_jax.distill.eres2net import from_torch_state_dict
+        from_torch_state_dict = eres2net.from_torch_state_dict
     elif arch == "dymn":
-        from matpac_jax.distill.dymn import from_torch_state_dict
+        from_torch_state_dict = dymn.from_torch_state_dict
     else:
         raise ValueError(f"config.student.arch={arch!r}: published weights load into mobilenet, eres2net or dymn")
     params = inspect.signature(from_torch_state_dict).parameters
@@ -223,10 +209,8 @@ def load_student_weights(path: str, student_config) -> dict:
 
 
 def _load(path: str, student_config) -> tuple[dict, dict]:
-    from matpac_jax.convert import read_state_dict
-
     try:
-        parts = split_published(read_state_dict(path))
+        parts = split_published(convert.read_state_dict(path))
     except StateDictMismatch as e:
         raise StateDictMismatch(f"{path}: {e.what}", e.unknown, e.missing, e.detail) from None
     arch = student_config.arch
@@ -267,25 +251,19 @@ def frontend_of(training_config: dict) -> dict | None:
 
 
 def _shapes(tree) -> dict[str, tuple]:
-    import jax
-
     return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(v))
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
 
 
 def _place(tree, shardings):
-    import jax
-
     return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), tree, shardings)
 
 
-def initialise_from(init_fn, student_config, abstract, shardings):
-    """``init_fn`` (rng -> DistillState) whose backbone (and projection head, when the file has one of the same
-    shapes) start from ``student_config.init_from``'s weights. The file is read and its shapes checked against the
-    state ``abstract`` now, before anything runs: a ``ConfigError`` names the file and the mismatching keys."""
-    from matpac_jax.config_lib import ConfigError
-    from matpac_jax.convert import ConversionError
-
+def initialise_from(init_fn, student_config, abstract):
+    """``init_fn`` (rng -> DistillState; ``abstract``: its sharded shapes) whose backbone (and projection head, when
+    the file has one of the same shapes) start from ``student_config.init_from``'s weights. The file is read and its
+    shapes checked against the state ``abstract`` now, before anything runs: a ``ConfigError`` names the file and the
+    mismatching keys."""
     path = student_config.init_from
     try:
         loaded = load_student_weights(path, student_config)
@@ -309,7 +287,8 @@ def initialise_from(init_fn, student_config, abstract, shardings):
         state = init_fn(rng)
         new = {"params": dict(state.params), "batch_stats": dict(state.batch_stats)}
         for collection, group in groups:
-            new[collection][group] = _place(loaded[collection][group], getattr(shardings, collection)[group])
+            shardings = jax.tree.map(lambda a: a.sharding, getattr(abstract, collection)[group])
+            new[collection][group] = _place(loaded[collection][group], shardings)
         return state.replace(params=new["params"], batch_stats=new["batch_stats"])
 
     return init
@@ -326,10 +305,6 @@ _RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def student_config_for(arch: str, config_path: str = _RECIPE):
     """``configs/ssondo.py``'s {'student', 'audio'} sections with the student set to ``arch`` (mn10, dymn10,
     eres2net)."""
-    import ml_collections as mlc
-
-    from matpac_jax.config_lib import load_config_file
-
     if arch not in ARCHS:
         raise ValueError(f"--arch={arch!r}: use one of {', '.join(ARCHS)}")
     if not os.path.isfile(config_path):
@@ -342,12 +317,6 @@ def student_config_for(arch: str, config_path: str = _RECIPE):
 def convert_to_student(path: str, arch: str, output: str, config_path: str = _RECIPE) -> dict:
     """Write ``output`` as ``save_student`` does (backbone params and BatchNorm statistics + student.json with the
     recipe's front-end, or the checkpoint's own when it records one) and load it back with ``Student.load``."""
-    from types import SimpleNamespace
-
-    from matpac_jax.convert import check_output
-    from matpac_jax.distill.students import count_params
-    from matpac_jax.distill.trained import Student, save_student
-
     check_output(output, directory=True)
     config = student_config_for(arch, config_path)
     variables, parts = _load(path, config.student)
@@ -364,8 +333,6 @@ def convert_to_student(path: str, arch: str, output: str, config_path: str = _RE
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI; an unreadable file, a key mismatch or an unwritable output prints one ``error:`` line, returns 2."""
-    from matpac_jax.convert import ConversionError
-
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.distill.published", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="EfficientAT .pt or S-SONDO .ckpt (.safetensors also read)")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the student the file holds")

@@ -8,8 +8,8 @@
    log-mel (the published run's 16-bit mixed precision), while parameters, gradients, optimizer moments, BatchNorm
    statistics (flax reduces them in float32) and the loss stay float32
 4. Adam(W) update after global-norm clipping; BatchNorm statistics move
-5. the non-finite guard of pretraining: a NaN/Inf loss, gradient norm or updated state (parameters, BatchNorm
-   statistics, optimizer moments) keeps the previous state
+The trainer adds the non-finite guard (train.program: a NaN/Inf loss, gradient norm or updated state keeps the
+previous state).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import optax
 from flax import struct
 
 from matpac_jax.audio.frontend import log_mel
+from matpac_jax.config_lib import COMPUTE_DTYPES
 from matpac_jax.distill.losses import LOSSES, cosine, distill_loss, mixup_loss
-from matpac_jax.train.step import all_finite
 
 
 @struct.dataclass
@@ -47,7 +47,6 @@ def loss_kwargs(distill) -> dict:
 
 
 TARGETS = ("raw", "center", "standardize")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def compute_dtype(student) -> jnp.dtype:
@@ -109,22 +108,12 @@ def make_distill_step(model, config, tx: optax.GradientTransformation, frontend_
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        state_finite = all_finite((params, batch_stats, opt_state))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
-        params, batch_stats, opt_state = jax.tree.map(
-            lambda u, k: jnp.where(finite, u, k),
-            (params, batch_stats, opt_state),
-            (state.params, state.batch_stats, state.opt_state),
-        )
         new_state = DistillState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         metrics = dict(
             loss=loss,
             cos_to_teacher=1.0 - jnp.mean(cosine(proj, target)),  # the mixed clip against its first target
             lr=lr_fn(state.step),
             grad_norm=grad_norm,
-            nonfinite=1.0 - finite.astype(jnp.float32),
-            nonfinite_state=1.0 - state_finite.astype(jnp.float32),
-            nonfinite_inputs=jnp.zeros((), jnp.int32),  # int16 audio cannot be non-finite
             embedding_std=jnp.mean(jnp.std(emb.astype(jnp.float32), axis=0)),
         )
         return new_state, metrics

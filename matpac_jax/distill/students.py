@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from matpac_jax.distill.dymn import DyMN
 from matpac_jax.distill.eres2net import ERes2Net  # S-SONDO's ERes2Net student
 
 # (kernel, expanded, out, squeeze-excitation, activation, stride) per block, width 1.0 (MobileNetV3-Large)
@@ -158,8 +159,6 @@ def make_student(student, out_dim: int = 3840) -> Distiller:
     elif student.arch == "eres2net":
         backbone = ERes2Net(student.channels, tuple(student.blocks))
     elif student.arch == "dymn":  # EfficientAT's DyMN: width 1.0 = dymn10, 8.64 M (distill.dymn)
-        from matpac_jax.distill.dymn import DyMN
-
         backbone = DyMN(student.width)
     else:
         raise ValueError(f"config.student.arch={student.arch!r}: expected one of {', '.join(ARCHS)}")

@@ -15,29 +15,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matpac_jax import parallel
-from matpac_jax.audio.frontend import num_frames
+from matpac_jax.audio.frontend import LogMelConfig, num_frames
 from matpac_jax.config_lib import ConfigError
+from matpac_jax.data.demo import demo_embeddings, demo_splits
 from matpac_jax.distill.corpus import target_stats
 from matpac_jax.distill.data import distill_dataset
+from matpac_jax.distill.published import initialise_from
 from matpac_jax.distill.step import create_distill_state, make_distill_step
 from matpac_jax.distill.students import count_params, make_student
 from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.evaluate.harness import probe_with_ci
+from matpac_jax.load import load_model
 from matpac_jax.train.optim import lr_schedule, make_optimizer
-from matpac_jax.train.pretrain import frontend_config
+from matpac_jax.train.task import StepProgram, TaskInput
 
 
 class DistillTask:
-    """What the trainer needs from distillation (train.loop.train_and_evaluate)."""
+    """S-SONDO distillation as a trainer task (train.task.Task)."""
+
+    console_metrics = (("cos_to_teacher", "cos to teacher"),)
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        self.frontend = frontend_config(config)
+        self.frontend = LogMelConfig.from_audio_config(config.audio)
         self.samples = int(round(config.audio.seconds * config.audio.sample_rate))
         self.tokens_per_sample = num_frames(self.samples, self.frontend)  # log-mel frames per clip
-        self.target = None  # (dim, dtype) of the teacher embeddings, known once the input is opened
 
-    def make_input(self):
+    def make_input(self) -> TaskInput:
         c = self.config
         if not c.teacher.embeddings or not c.data.train:
             raise ValueError(
@@ -49,50 +53,29 @@ class DistillTask:
             seconds=c.audio.seconds, seed=c.seed, balanced=c.distill.balanced, workers=c.data.workers,
         )  # fmt: skip
         emb = np.load(os.path.join(c.teacher.embeddings, "embeddings.npy"), mmap_mode="r")
-        self.target = (emb.shape[1], emb.dtype)
-        return ds
+        return TaskInput(ds, {"target_dim": emb.shape[1]})
 
     def periodic_probe(self):
         if self.config.probe.every:
             raise ConfigError("config.probe.every: periodic probes are for pretraining; distillation probes at the end")
         return lambda step, state, tb: None
 
-    def build(self, mesh):
+    def build(self, data: TaskInput) -> StepProgram:
         c = self.config
-        self.model = make_student(c.student, self.target[0])
+        self.model = make_student(c.student, data.info["target_dim"])
         mel_shape = (1, c.audio.n_mels, self.tokens_per_sample)
         params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
         tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
-        create = lambda rng: create_distill_state(self.model, tx, rng, mel_shape)
-        abstract = jax.eval_shape(create, jax.random.key(0))
-        state_sharding = parallel.state_shardings(abstract, mesh)
-        init_fn = jax.jit(create, out_shardings=state_sharding)
-        if c.student.get("init_from"):  # published weights (EfficientAT / S-SONDO), read and shape-checked here
-            from matpac_jax.distill.published import initialise_from
-
-            init_fn = initialise_from(init_fn, c.student, abstract, state_sharding)
         stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
-        step_fn = make_distill_step(
-            self.model, c, tx, self.frontend, lr_schedule(c.optim, c.total_steps, c.data.batch_size), stats
+        lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
+        published = None
+        if c.student.init_from:  # published weights (EfficientAT / S-SONDO), read and shape-checked at build
+            published = lambda init_fn, abstract: initialise_from(init_fn, c.student, abstract)  # noqa: E731
+        return StepProgram(
+            init=lambda rng: create_distill_state(self.model, tx, rng, mel_shape),
+            step=make_distill_step(self.model, c, tx, self.frontend, lr, stats),
+            initial_weights=published,
         )
-        batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(state_sharding, {"audio": batch_sh, "target": batch_sh}, repl),
-            out_shardings=(state_sharding, repl),
-            donate_argnums=0,
-        )
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-        )
-        return init_fn, train_step, abstract
-
-    def batch_spec(self) -> dict:
-        b = self.config.data.batch_size
-        return {
-            "audio": jax.ShapeDtypeStruct((b, self.samples), jnp.int16),
-            "target": jax.ShapeDtypeStruct((b, self.target[0]), self.target[1]),
-        }
 
     def closing(self, state) -> dict | None:
         directory = os.path.join(self.workdir, "student")
@@ -106,26 +89,18 @@ class DistillTask:
 
 def probe_side_by_side(config, student: Student) -> dict:
     """Linear probes of the student's, the initial student's and the teacher's clip embeddings on the demo's
-    labelled split (the harness, ``config.probe.seeds`` seeds): {'student', 'init', 'teacher'} and their '_ci95'."""
-    from matpac_jax.data.demo import demo_splits
-    from matpac_jax.evaluate.harness import probe_with_ci
-    from matpac_jax.inference import load_encoder
-
+    labelled split (the harness, ``config.probe.seeds`` seeds): {'student', 'init', 'teacher'} and their '_ci95'.
+    All three are loaded models (``load_model``'s interface), embedded by the same path as the probe CLI's."""
     d, c = config.data.demo, config
-    train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed, sample_rate=d.sample_rate)
-    waves = np.concatenate([train["waves"], test["waves"]])
-    labels = np.concatenate([train["labels"], test["labels"]])
-    teacher = load_encoder(c.teacher.checkpoint)
+    splits = demo_splits(d.num_train, d.num_test, d.seconds, d.seed, sample_rate=d.sample_rate)
+    train = splits[0]
     initial = Student(student.config, Student.initial_variables(student.config, c.seed))
-    models = {"student": student, "init": initial}
-    x = {name: m.embed(waves, d.sample_rate) for name, m in models.items()}
-    x |= {
-        "teacher": np.concatenate(
-            [teacher.embed(waves[i : i + 64], d.sample_rate)["clip"] for i in range(0, len(waves), 64)]
-        ),
-    }
-    params = {name: count_params(m.variables["params"]) for name, m in models.items()}
-    params["teacher"] = count_params(teacher.params)
+    models = {"student": student, "init": initial, "teacher": load_model(c.teacher.checkpoint)}
+    x, labels = {}, None
+    for name, m in models.items():
+        x[name], labels, _ = demo_embeddings(m, splits, d.sample_rate)
+    params = {name: count_params(m.variables["params"] if name != "teacher" else m.params)
+              for name, m in models.items()}  # fmt: skip
     seeds = tuple(range(c.seed, c.seed + c.probe.seeds))
     out = {name: probe_with_ci(v, labels, len(train["labels"]), len(train["class_names"]), seeds, c.probe.steps)
            for name, v in x.items()}  # fmt: skip

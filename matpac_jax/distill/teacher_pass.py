@@ -41,7 +41,9 @@ import time
 import numpy as np
 
 from matpac_jax.audio.io import from_int16, resample
-from matpac_jax.data.records import decode_pcm, read_shard, write_shard
+from matpac_jax.config_lib import ConfigError
+from matpac_jax.data.pipeline import expand_files  # a glob, or a prepare output / manifest: its exact shards
+from matpac_jax.data.records import check_shard, decode_header, decode_pcm, read_shard, write_shard
 from matpac_jax.distill.corpus import (  # noqa: F401  (re-exported: the pass's records and derived files)
     DTYPES,
     _read_json,
@@ -55,6 +57,7 @@ from matpac_jax.distill.corpus import (  # noqa: F401  (re-exported: the pass's 
     target_stats,
 )
 from matpac_jax.fileio import atomic_write_json, sha256_bytes
+from matpac_jax.load import load_model
 
 
 def fit_length(pcm: np.ndarray, samples: int) -> np.ndarray:
@@ -83,7 +86,7 @@ def _embed_shard(
     encoder, path: str, seconds: float, batch: int, dtype: str, frames: bool
 ) -> tuple[list[bytes], list[str]]:
     keys, waves, out = [], [], []
-    rate = encoder.spec.frontend.sample_rate
+    rate = encoder.sample_rate
     for data in read_shard(path):
         header, pcm = decode_pcm(data)
         keys.append(header["key"])
@@ -108,7 +111,7 @@ IDENTITY = {  # sidecar field -> what a mismatch means
 
 def teacher_identity(encoder) -> dict:
     """The teacher's part of a shard's identity: digests of its weights' content and of its spec."""
-    spec = json.dumps(encoder.spec.to_json(), sort_keys=True)
+    spec = json.dumps(encoder.describe(), sort_keys=True)
     return {"teacher": encoder.weights_digest(), "teacher_spec": sha256_bytes(spec.encode())}
 
 
@@ -145,8 +148,6 @@ def stale_reason(target: str, want: dict) -> str | None:
 def check_settings(inputs: list[str], seconds: float, batch: int, dtype: str, clusters: int) -> int:
     """ValueError naming the flag / config key of a setting the pass cannot use (before any clip is embedded); returns
     the corpus's clip count (from the shards' indexes)."""
-    from matpac_jax.data.records import check_shard
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} (--dtype / config.teacher_pass.dtype): expected one of {DTYPES}")
     if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
@@ -180,15 +181,14 @@ def teacher_pass(
     """Run (or resume) the pass (``frames``: store the frame-level features too; ``clusters``: the k-means to come,
     checked against the clip count first); returns {'clips', 'seconds', 'clips_per_s', 'built', 'skipped',
     'rebuilt', 'missing', 'extra', 'duplicates'}."""
-    from matpac_jax.data.pipeline import expand_files  # a glob, or a prepare output / manifest: its exact shards
-    from matpac_jax.inference import load_encoder
-
     try:
         inputs = expand_files(records)
     except ValueError as e:
         raise ValueError(f"--records={records!r}: {e}") from None
     check_settings(inputs, seconds, batch, dtype, clusters)
-    encoder = load_encoder(checkpoint)
+    encoder = load_model(checkpoint)
+    if frames and encoder.frame_rate is None:
+        raise ValueError(f"--frames: {checkpoint} holds a model without frame embeddings (it pools the clip)")
     teacher = teacher_identity(encoder)
     os.makedirs(output, exist_ok=True)
     built = skipped = rebuilt = clips = 0
@@ -219,8 +219,6 @@ def teacher_pass(
 
 def check_complete(inputs: list[str], output: str) -> dict:
     """Every clip key of the input shards has exactly one embedding: {'missing', 'extra', 'duplicates'} (lists)."""
-    from matpac_jax.data.records import decode_header
-
     want = {decode_header(r)["key"] for path in inputs for r in read_shard(path)}
     have: dict[str, int] = {}
     for path in sorted(glob.glob(os.path.join(output, "teacher-*.arrayrecord"))):
@@ -252,8 +250,6 @@ def run_from_config(config, workdir: str) -> int:
     ``config.teacher.checkpoint`` into ``workdir``, then the consolidation and the k-means. Exit status 0 when
     complete, 1 when clips are missing, 2 for a bad config."""
     import jax
-
-    from matpac_jax.config_lib import ConfigError
 
     t = config.teacher_pass
     if not config.teacher.checkpoint or not config.data.train:

@@ -1,1 +1,2 @@
-"""One trainer for pretraining (and, later, distillation): state, optimizer, schedules, the step and the loop."""
+"""The method-agnostic trainer: the Task protocol, the loop, the jitted step's sharding and non-finite guard,
+optimizers, metrics, input prefetch, preemption."""

@@ -5,10 +5,10 @@ early config checks -> workdir lock -> mesh -> input -> resume point (latest ver
 (metrics fetched one step late so the host never stalls the device; checkpoints every N steps, on SIGTERM and at the
 end) -> closing probe
 
-A task (``config.task``) supplies what differs: ``'pretrain'`` (train.pretrain.PretrainTask, MATPAC / MATPAC++) and
-``'distill'`` (distill.task.DistillTask, S-SONDO). It has ``tokens_per_sample``, ``make_input()`` (a step-indexed
-callable or a grain dataset), ``periodic_probe()``, ``build(mesh)`` -> (init_fn, train_step, abstract state),
-``batch_spec()`` (the global batch's shapes) and ``closing(state)`` (a result dict or None).
+A task supplies what differs between methods (train.task.Task; ``config.task`` picks one from matpac_jax.tasks:
+'pretrain', MATPAC / MATPAC++; 'distill', S-SONDO): its input, its pure init and step, its probes. The loop jits the
+step with the mesh's shardings, donation and the non-finite guard (train.program); the batch's shapes, for the memory
+report and the FLOP count, are those of the first batch the input gives.
 """
 
 from __future__ import annotations
@@ -23,24 +23,13 @@ from matpac_jax import distributed, parallel
 from matpac_jax.checkpoint import Checkpointer, WorkdirLock
 from matpac_jax.config_lib import ConfigError, check_config, resume_differences
 from matpac_jax.flops import count_matmul_flops, peak_flops
+from matpac_jax.tasks import make_task
 from matpac_jax.train.metrics_log import MetricsLog, without_timings
+from matpac_jax.train.optim import make_optimizer
 from matpac_jax.train.preemption import PreemptionWatch
 from matpac_jax.train.prefetch import DevicePrefetch
-from matpac_jax.train.step import NONFINITE_ACTIONS
-
-TASKS = ("pretrain", "distill")
-
-
-def make_task(config, workdir: str):
-    if config.task == "pretrain":
-        from matpac_jax.train.pretrain import PretrainTask
-
-        return PretrainTask(config, workdir)
-    if config.task == "distill":
-        from matpac_jax.distill.task import DistillTask
-
-        return DistillTask(config, workdir)
-    raise ConfigError(f"config.task={config.task!r}: the trainer runs one of {', '.join(TASKS)}")
+from matpac_jax.train.program import NONFINITE_ACTIONS, compile_program
+from matpac_jax.train.task import Task
 
 
 def batch_iterator(source, first_step: int):
@@ -54,17 +43,14 @@ def batch_iterator(source, first_step: int):
     return iter(source)
 
 
-def parse_profile_steps(value: str) -> tuple[int, int] | None:
-    """``config.profile_steps``: '' (off) or 'a,b' with 0 <= a < b: trace steps a .. b-1."""
+def parse_profile_steps(value) -> tuple[int, int] | None:
+    """``config.profile_steps``: () (off) or (a, b) with 0 <= a < b: trace steps a .. b-1."""
     if not value:
         return None
-    try:
-        a, b = (int(x) for x in value.split(","))
-    except ValueError:
-        a = b = -1
-    if not 0 <= a < b:
-        raise ConfigError(f"config.profile_steps={value!r}: expected 'a,b' with 0 <= a < b (steps a .. b-1 are traced)")
-    return a, b
+    ok = isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(x, int) for x in value)
+    if not ok or not 0 <= value[0] < value[1]:
+        raise ConfigError(f"config.profile_steps={value!r}: expected (a, b) with 0 <= a < b (traces steps a .. b-1)")
+    return int(value[0]), int(value[1])
 
 
 def check_run(config, workdir: str) -> None:
@@ -97,8 +83,6 @@ def check_run(config, workdir: str) -> None:
             f"{config.total_steps}): lower it or train longer"
         )
     parse_profile_steps(config.profile_steps)
-    from matpac_jax.train.optim import make_optimizer
-
     try:
         make_optimizer(config.optim, config.total_steps, {}, config.data.batch_size)
     except (ValueError, AttributeError, KeyError) as e:
@@ -133,7 +117,7 @@ def memory_report(train_step, abstract, batch_spec) -> str | None:
 
 
 class Profiler:
-    """A jax.profiler trace of steps [a, b) into WORKDIR/profile (``config.profile_steps='a,b'``)."""
+    """A jax.profiler trace of steps [a, b) into WORKDIR/profile (``config.profile_steps=(a, b)``)."""
 
     def __init__(self, value: str, workdir: str):
         self.window = parse_profile_steps(value)
@@ -184,8 +168,9 @@ def resume_point(ckpt: Checkpointer, config) -> int:
     return first
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}.
+def train_and_evaluate(config, workdir: str, task: Task | None = None) -> dict:
+    """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}. ``task``:
+    the method (default: ``config.task``'s, matpac_jax.tasks).
 
     The workdir is locked for the whole run (checkpoint.WorkdirLock: a second run on it fails at once, naming this
     one). Raises ``NonFiniteError`` (config.nonfinite='stop', or more than ``config.nonfinite_max_skips`` consecutive
@@ -193,17 +178,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     check_run(config, workdir)
     with WorkdirLock(workdir):
-        return _train_locked(config, workdir)
+        return _train_locked(config, workdir, task)
 
 
-def _train_locked(config, workdir: str) -> dict:
+def _train_locked(config, workdir: str, task: Task | None) -> dict:
     # --- Mesh.
     try:
         mesh = parallel.make_mesh(config.mesh.to_dict())
     except ValueError as e:
         raise ConfigError(f"{e}: set config.mesh to fit {jax.device_count()} devices (-1 = all remaining)") from None
     dp = parallel.data_parallel_size(mesh)
-    accum = config.optim.get("accum_steps", 1)
+    accum = config.optim.accum_steps
     if accum < 1 or config.data.batch_size % (dp * accum):
         raise ConfigError(
             f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel size {dp} of mesh "
@@ -212,9 +197,9 @@ def _train_locked(config, workdir: str) -> dict:
         )
 
     # --- Input (first: a data error should surface before any compilation and before the workdir is written).
-    task = make_task(config, workdir)
+    task = make_task(config, workdir) if task is None else task
     try:
-        source = task.make_input()
+        data = task.make_input()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     periodic_probe = task.periodic_probe()
@@ -223,10 +208,10 @@ def _train_locked(config, workdir: str) -> dict:
     ckpt = Checkpointer.from_config(workdir, config)
     try:
         first = resume_point(ckpt, config)
-        batches = batch_iterator(source, first)
+        batches = batch_iterator(data.source, first)
 
         # --- Model, optimizer, state.
-        init_fn, train_step, abstract = task.build(mesh)
+        init_fn, train_step, abstract = compile_program(task.build(data), mesh)
         if first:
             data_iter = None if config.checkpoint.reset_data else batches
             state = ckpt.restore(abstract, step=first, data_iter=data_iter)
@@ -234,21 +219,27 @@ def _train_locked(config, workdir: str) -> dict:
                 print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
         else:
             state = init_fn(jax.random.key(config.seed))
-
-        # --- Loop.
-        peak = peak_flops()
-        flops = None
-        if peak:  # counting traces the step once more: only where an MFU can be reported
-            flops = count_matmul_flops(train_step, abstract, task.batch_spec(), jax.random.key(0))
-        report = memory_report(train_step, abstract, task.batch_spec())
-        if report and jax.process_index() == 0:
-            print(report, flush=True)
-        log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak)
     except BaseException:
         ckpt.close()
         raise
-    inputs = DevicePrefetch(batches, mesh, config.data.get("device_prefetch", 2))
+    inputs = DevicePrefetch(batches, mesh, config.data.device_prefetch)
     data_iter = inputs if inputs.stateful else None
+    try:
+        # --- The first batches, read now: their shapes are the compiled step's.
+        inputs.fill()
+        batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs.peek())
+        peak = peak_flops()
+        flops = None
+        if peak:  # counting traces the step once more: only where an MFU can be reported
+            flops = count_matmul_flops(train_step, abstract, batch_spec, jax.random.key(0))
+        report = memory_report(train_step, abstract, batch_spec)
+        if report and jax.process_index() == 0:
+            print(report, flush=True)
+        log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak, task.console_metrics)
+    except BaseException:
+        ckpt.close()
+        inputs.close()
+        raise
     profiler = Profiler(config.profile_steps, workdir)
     distributed.barrier("train_and_evaluate: first step")
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)

@@ -27,10 +27,7 @@ import jax
 
 from matpac_jax import fileio
 
-LINE_DETAIL = (("loss_pred", "pred"), ("loss_cls", "cls"), ("cos_to_teacher", "cos to teacher"))  # console line
 TIMING_KEYS = ("step_time_s", "data_wait_s", "samples_per_s", "tokens_per_s", "mfu")
-GUARDED = ("loss", "loss_pred", "loss_cls", "grad_norm")  # what the report checks for NaN / Inf
-DEFAULT_MAX_SKIPS = 10  # config.nonfinite_max_skips where a config (saved by an older version) lacks it
 
 
 class NonFiniteError(FloatingPointError):
@@ -66,11 +63,16 @@ class MetricsLog:
         tokens_per_sample: int,
         flops_per_step: float | None = None,
         peak_flops: float | None = None,
+        console: tuple[tuple[str, str], ...] = (),
     ):
+        """``console``: the task's (metric, short name) pairs shown on the console line after the loss; with the loss
+        and the gradient norm, the metrics a non-finite report checks and names."""
         self.config, self.first_step = config, first_step
         self.batch = config.data.batch_size
         self.tokens_per_sample = tokens_per_sample
         self.flops, self.peak = flops_per_step, peak_flops
+        self.console = tuple(console)
+        self.guarded = ("loss", *(k for k, _ in self.console), "grad_norm")
         self.workdir = workdir
         self.writer = jax.process_index() == 0
         self.pending: tuple[int, dict, float, float] | None = None
@@ -80,7 +82,7 @@ class MetricsLog:
         self.elapsed = self.waited = 0.0
         self.skipped = 0
         self.consecutive = 0  # non-finite steps in a row (config.nonfinite='skip')
-        self.max_skips = int(config.get("nonfinite_max_skips", DEFAULT_MAX_SKIPS))
+        self.max_skips = int(config.nonfinite_max_skips)
         self.file = self.tb = None
         if self.writer:
             path = os.path.join(workdir, "metrics.jsonl")
@@ -132,7 +134,7 @@ class MetricsLog:
             print(self.line(step, m), flush=True)
 
     def _nonfinite(self, step: int, m: dict) -> None:
-        bad = {k: m[k] for k in GUARDED if k in m and not math.isfinite(m[k])}
+        bad = {k: m[k] for k in self.guarded if k in m and not math.isfinite(m[k])}
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
         if m.get("nonfinite_state", 0.0) > 0:
             bad["state"] = "the updated parameters, optimizer moments, EMA teacher or center held NaN/Inf"
@@ -174,7 +176,7 @@ class MetricsLog:
         wait = self.waited / self.elapsed
         eta = (self.config.total_steps - step) * self.elapsed / self.steps
         mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
-        detail = " ".join(f"{short} {m[k]:.4f}" for k, short in LINE_DETAIL if k in m)
+        detail = " ".join(f"{short} {m[k]:.4f}" for k, short in self.console if k in m)
         return (
             f"step {step:>7d}/{self.config.total_steps}  loss {m['loss']:.4f} ({detail})  lr {m['lr']:.2e}  "
             f"{rate:,.1f} samples/s{mfu}  data wait {wait:.0%}  eta {_duration(eta)}"

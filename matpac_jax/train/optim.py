@@ -27,7 +27,7 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 
 def peak_lr(optim, batch_size: int | None = None) -> float:
     """``optim.lr`` scaled from ``optim.reference_batch`` to ``batch_size`` by ``optim.lr_scaling``."""
-    rule = optim.get("lr_scaling", "none")
+    rule = optim.lr_scaling
     if rule not in LR_SCALINGS:
         raise ValueError(f"config.optim.lr_scaling={rule!r}: expected one of {', '.join(LR_SCALINGS)}")
     if rule == "none" or batch_size is None:
@@ -59,7 +59,7 @@ def lr_schedule(optim, total_steps: int, batch_size: int | None = None) -> optax
     'warmup_ramp_down': ``warmup_ramp_down`` with optim.ramp_down_start, ramp_down_steps, final_lr_factor."""
     if optim.warmup_steps >= total_steps:
         raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be < total_steps ({total_steps})")
-    name = optim.get("schedule", "warmup_cosine")
+    name = optim.schedule
     lr = peak_lr(optim, batch_size)
     if name == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, optim.warmup_steps, total_steps, end_value=0.0)
@@ -124,7 +124,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTra
 def make_optimizer(optim, total_steps: int, params, batch_size: int | None = None) -> optax.GradientTransformation:
     schedule = lr_schedule(optim, total_steps, batch_size)
     mask = decay_mask(params, optim.wd_exclude_bias_norm_tokens)
-    name = optim.get("optimizer", "adamw")
+    name = optim.optimizer
     if name == "adamw_fairseq":
         inner = optax.chain(
             scale_by_fairseq_adam(optim.b1, optim.b2, optim.eps),

@@ -37,6 +37,10 @@ class DevicePrefetch:
             self.fill()
         return self.buffer.popleft()[1]
 
+    def peek(self) -> dict:
+        """The next device batch, left in the buffer (``fill`` first)."""
+        return self.buffer[0][1]
+
     def get_state(self) -> bytes:
         state = self.buffer[0][0] if self.buffer else self.iterator.get_state()
         return json.dumps(state, indent=4).encode()

@@ -10,10 +10,8 @@ teacher forward at :263-265 and :302, ``do_ema_step`` after the losses at :317-3
   Gradient accumulation (``config.optim.accum_steps`` = A > 1): 2–4 run on A interleaved micro-batches in a
   ``lax.scan`` (masks drawn once for the whole batch), gradients, losses and batch statistics averaged: the update is
   the one of the whole batch, with a micro-batch's activation memory.
-  5. non-finite guard: if the loss, the gradient norm or any value of the updated state (student, optimizer moments,
-     EMA teacher, center) is NaN/Inf, the state keeps its previous values (only the step counter advances) and
-     ``metrics['nonfinite']`` is 1 (``nonfinite_state`` 1 when the updated state was the cause); the trainer then
-     stops or skips (``config.nonfinite``, ``config.nonfinite_max_skips``): no NaN ever reaches a checkpoint
+The trainer adds the non-finite guard (train.program: a NaN/Inf loss, gradient norm or updated state keeps the
+previous state).
 """
 
 from __future__ import annotations
@@ -23,23 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from matpac_jax.audio.frontend import log_mel
-from matpac_jax.objectives import matpac as obj
-from matpac_jax.train.state import TrainState
-
-NONFINITE_ACTIONS = ("stop", "skip")
-
-
-def all_finite(tree) -> jax.Array:
-    """True (a bool scalar) when every floating-point leaf of ``tree`` is free of NaN / Inf: the tree's global norm
-    (a sum of squares per leaf, optax's ``tree_norm``) is finite. A NaN or Inf anywhere makes it NaN / Inf; a finite
-    tree whose sum of squares overflows float32 (values near 1e19) also counts as non-finite, which no trainable state
-    reaches. Per-leaf ``all(isfinite(x))`` reductions, the obvious form, made XLA's CPU compiler take 240 s and 6.6 GB
-    on the ~580 leaves of a small MobileNetV3 distillation state (parameters, Adam moments, BatchNorm statistics);
-    this form compiles the same step in 20 s and 1.4 GB."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return jnp.array(True)
-    return jnp.isfinite(optax.tree_utils.tree_norm(leaves))
+from matpac_jax.matpac import objective as obj
+from matpac_jax.matpac.state import TrainState
 
 
 def moments(x: jax.Array) -> jax.Array:
@@ -62,8 +45,6 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
     """Build train_step(state, batch, rng) for a MatpacModel and a config (config.objective, total_steps)."""
     o = config.objective
     total = config.total_steps
-    if config.nonfinite not in NONFINITE_ACTIONS:
-        raise ValueError(f"config.nonfinite must be one of {NONFINITE_ACTIONS}, got {config.nonfinite!r}")
     if o.center_from not in ("probs", "logits"):
         raise ValueError(f"config.objective.center_from must be 'probs' or 'logits', got {o.center_from!r}")
 
@@ -79,7 +60,6 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             "cls_head": obj.ema(teacher["cls_head"], state.student["cls_head"], jnp.where(started, d_head, 1.0),
                                 jnp.where(started, w_head, 0.0)),
         }  # fmt: skip
-        audio_is_float = jnp.issubdtype(batch["audio"].dtype, jnp.floating)
         mel = log_mel(batch["audio"], frontend_cfg)  # [B, F, T]
         mcl_t = obj.mcl_temperature(step, o.mcl_temp_init, o.mcl_temp_decay)
         tau_t = obj.teacher_temperature(step, o.teacher_temp_warmup, o.teacher_temp, o.teacher_temp_warmup_steps)
@@ -112,7 +92,7 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             return loss, stats
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        accum = config.optim.get("accum_steps", 1)
+        accum = config.optim.accum_steps
         if accum == 1:
             (loss, stats), grads = grad_fn(state.student, mel, ids_keep, ids_mask)
         else:  # micro-batches in a scan; means of means over equal micro-batches are the batch's means
@@ -136,12 +116,8 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
         stat = stats["mean_probs"] if o.center_from == "probs" else stats["mean_logits"]
         center = obj.update_center(state.center, stat[None], o.center_momentum)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        updated = (student, moved_teacher, center, opt_state)
-        state_finite = all_finite(updated)  # a finite loss can still give a NaN state (an lr, a momentum, overflow)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
-        kept = (state.student, state.teacher, state.center, state.opt_state)
-        student, teacher, center, opt_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
-        new_state = TrainState(step=step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state)
+        new_state = TrainState(step=step + 1, student=student, teacher=moved_teacher, center=center,
+                               opt_state=opt_state)  # fmt: skip
 
         mean_p = stats["mean_probs"]
         metrics = dict(
@@ -150,9 +126,6 @@ def make_train_step(model, config, tx: optax.GradientTransformation, frontend_cf
             loss_cls=stats["loss_cls"],
             lr=lr_fn(step),
             grad_norm=grad_norm,
-            nonfinite=1.0 - finite.astype(jnp.float32),
-            nonfinite_state=1.0 - state_finite.astype(jnp.float32),
-            nonfinite_inputs=jnp.sum(~jnp.isfinite(batch["audio"])) if audio_is_float else jnp.zeros((), jnp.int32),
             ema_decay=d_enc,
             head_ema_decay=d_head,
             teacher_temp=tau_t,

@@ -13,10 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from matpac_jax.models.cls_head import ClsHead
-from matpac_jax.models.predictor import Predictor
+from matpac_jax.matpac.cls_head import ClsHead
+from matpac_jax.matpac.objective import random_masking
+from matpac_jax.matpac.predictor import Predictor
 from matpac_jax.models.vit import Tokenizer, Transformer
-from matpac_jax.objectives.matpac import random_masking
 
 
 def gather_tokens(tokens: jax.Array, ids: jax.Array) -> jax.Array:
@@ -69,13 +69,7 @@ class MatpacModel:
             )
         grid_f, grid_t = a.n_mels // p, a.crop_frames // p
         e, pr, h = m.encoder, m.predictor, m.cls_head
-        # Options of every transformer trunk (the keys may be missing from configs saved by older versions).
-        trunk = dict(
-            attn_impl=impl,
-            remat=m.get("remat", ""),
-            attn_pad_to=m.get("attn_pad_to", 0),
-            scan_layers=m.get("scan_layers", False),
-        )
+        trunk = dict(attn_impl=impl, remat=m.remat, attn_pad_to=m.attn_pad_to, scan_layers=m.scan_layers)
         encoder = Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, **trunk)
         return cls(
             tokenizer=Tokenizer(e.dim, p, grid_f, grid_t, dtype),

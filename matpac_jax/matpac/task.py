@@ -7,46 +7,41 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
 from matpac_jax.config_lib import ConfigError
-from matpac_jax.models.matpac import MatpacModel
+from matpac_jax.data.demo import demo_embeddings, demo_splits
+from matpac_jax.data.in_memory import CropBatcher
+from matpac_jax.data.pipeline import pretrain_dataset, train_input
+from matpac_jax.evaluate.datasets import load_task
+from matpac_jax.evaluate.harness import evaluate_task, probe_with_ci
+from matpac_jax.inference import Encoder, EncoderSpec
+from matpac_jax.matpac.model import MatpacModel
+from matpac_jax.matpac.state import create_train_state
+from matpac_jax.matpac.step import make_train_step
+from matpac_jax.probe import embed_task
 from matpac_jax.train.optim import lr_schedule, make_optimizer
-from matpac_jax.train.state import create_train_state
-from matpac_jax.train.step import make_train_step
+from matpac_jax.train.program import compile_program
+from matpac_jax.train.task import StepProgram, TaskInput
 
 
 def frontend_config(config) -> LogMelConfig:
     return LogMelConfig.from_audio_config(config.audio)
 
 
-def build(config, mesh):
-    """Model, optimizer, jitted sharded init and step for a config on a mesh."""
-    model = MatpacModel.from_config(config)
+def step_program(config, model: MatpacModel) -> StepProgram:
+    """The pure init and step of MATPAC / MATPAC++ for a config."""
     params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0))[0])
     tx = make_optimizer(config.optim, config.total_steps, params_shape, config.data.batch_size)
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0)))
-    state_sharding = parallel.state_shardings(abstract, mesh)
-    init_fn = jax.jit(lambda rng: create_train_state(model, tx, rng), out_shardings=state_sharding)
-    step_fn = make_train_step(
-        model,
-        config,
-        tx,
-        frontend_config(config),
-        lr_schedule(config.optim, config.total_steps, config.data.batch_size),
-    )
-    batch_sh = parallel.batch_sharding(mesh)
-    repl = parallel.replicated(mesh)
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(state_sharding, {"audio": batch_sh}, repl),
-        out_shardings=(state_sharding, repl),
-        donate_argnums=0,
-    )
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    lr = lr_schedule(config.optim, config.total_steps, config.data.batch_size)
+    return StepProgram(init=lambda rng: create_train_state(model, tx, rng),
+                       step=make_train_step(model, config, tx, frontend_config(config), lr))  # fmt: skip
+
+
+def build(config, mesh):
+    """Model, jitted sharded init and step (train.program) and the sharded abstract state for a config on a mesh."""
+    model = MatpacModel.from_config(config)
+    init_fn, train_step, abstract = compile_program(step_program(config, model), mesh)
     return model, init_fn, train_step, abstract
 
 
@@ -55,20 +50,16 @@ def crop_samples(config) -> int:
 
 
 def make_input(config):
-    """(source, demo splits). The demo source is a step-indexed in-memory batcher; 'records' a grain dataset."""
+    """(source, demo splits). The demo source is a step-indexed in-memory batcher; 'records' and 'tfds' a grain
+    dataset."""
     crop = crop_samples(config)
     if config.data.source == "demo":
-        from matpac_jax.data.demo import demo_splits
-        from matpac_jax.data.in_memory import CropBatcher
-
         d = config.data.demo
         train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed)
         return CropBatcher(train["waves"], crop, config.data.batch_size, config.seed), (train, test)
-    if config.data.source == "records":
-        from matpac_jax.data.pipeline import pretrain_dataset
-
+    if config.data.source in ("records", "tfds"):
         dataset = pretrain_dataset(
-            config.data.train,
+            train_input(config),
             global_batch=config.data.batch_size,
             crop_samples=crop,
             seed=config.seed,
@@ -76,7 +67,7 @@ def make_input(config):
             workers=config.data.workers,
         )
         return dataset, None
-    raise ValueError(f"config.data.source must be 'demo' or 'records', got {config.data.source!r}")
+    raise ValueError(f"config.data.source must be 'demo', 'records' or 'tfds', got {config.data.source!r}")
 
 
 def tokens_per_sample(config) -> int:
@@ -84,24 +75,16 @@ def tokens_per_sample(config) -> int:
     return (config.audio.n_mels // config.model.patch) * (config.audio.crop_frames // config.model.patch)
 
 
-def _demo_embeddings(config, model, params, splits) -> tuple[np.ndarray, np.ndarray, int]:
-    """Clip embeddings of the demo's train + test clips: (x [N, D], labels [N], number of train clips)."""
-    from matpac_jax.embeddings import clip_embeddings
-
-    train, test = splits
-    fe = frontend_config(config)
-    params = jax.tree.map(jnp.asarray, jax.device_get(params))
-    x = np.concatenate(
-        [clip_embeddings(model, params, train["waves"], fe), clip_embeddings(model, params, test["waves"], fe)]
-    )
-    return x, np.concatenate([train["labels"], test["labels"]]), len(train["labels"])
+def encoder_of(config, student: dict) -> Encoder:
+    """The student encoder of a state as a loaded model (``load_model``'s interface)."""
+    params = jax.device_get(student)
+    return Encoder(EncoderSpec.from_config(config), {k: params[k] for k in ("tokenizer", "encoder")})
 
 
 def _probe_demo(config, model, params, splits, seeds) -> dict:
     """The harness (evaluate.harness) on the demo's labelled split: {'mean', 'ci95', 'runs'}."""
-    from matpac_jax.evaluate.harness import probe_with_ci
-
-    x, labels, n_train = _demo_embeddings(config, model, params, splits)
+    del model
+    x, labels, n_train = demo_embeddings(encoder_of(config, params), splits, config.audio.sample_rate)
     return probe_with_ci(x, labels, n_train, len(splits[0]["class_names"]), seeds, config.probe.steps)
 
 
@@ -122,7 +105,7 @@ def closing_probe(config, model, student, splits) -> dict:
 
 class PeriodicProbe:
     """Probe the current student every ``config.probe.every`` steps during training, on the demo's labelled split
-    (demo input) and on ``config.probe.datasets`` ('name=root;name=root', dataset adapters of evaluate.datasets).
+    (demo input) and on ``config.probe.datasets`` ((adapter, root) pairs of evaluate.datasets).
     Results go to WORKDIR/probe.jsonl, TensorBoard (probe/<task>) and the console."""
 
     def __init__(self, config, model, splits, workdir: str):
@@ -130,11 +113,10 @@ class PeriodicProbe:
         self.every = int(config.probe.every)
         self.tasks = []
         if self.every:
-            from matpac_jax.evaluate.datasets import load_task
-
-            for item in filter(None, config.probe.datasets.split(";")):
-                name, _, root = item.partition("=")
-                self.tasks.append(load_task(name.strip(), root.strip()))
+            for item in config.probe.datasets:
+                if not (isinstance(item, tuple | list) and len(item) == 2):
+                    raise ValueError(f"{item!r}: expected (adapter, root) pairs, e.g. (('esc50', '/data/ESC-50'),)")
+                self.tasks.append(load_task(*item))
         self.path = os.path.join(workdir, "probe.jsonl")
 
     def __call__(self, step: int, student, tb=None) -> None:
@@ -144,12 +126,7 @@ class PeriodicProbe:
         if self.splits is not None:
             results["demo"] = _probe_demo(self.config, self.model, student, self.splits, (self.config.seed,))["mean"]
         if self.tasks:
-            from matpac_jax.evaluate.harness import evaluate_task
-            from matpac_jax.inference import Encoder, EncoderSpec
-            from matpac_jax.probe import embed_task
-
-            params = jax.device_get(student)
-            encoder = Encoder(EncoderSpec.from_config(self.config), {k: params[k] for k in ("tokenizer", "encoder")})
+            encoder = encoder_of(self.config, student)
             for task in self.tasks:
                 x = embed_task(encoder, task, progress=False)
                 results[task.name] = evaluate_task(task, x, seeds=(self.config.seed,))["mean"]
@@ -163,16 +140,18 @@ class PeriodicProbe:
 
 
 class PretrainTask:
-    """What the trainer needs from pretraining (train.loop.train_and_evaluate)."""
+    """MATPAC / MATPAC++ pretraining as a trainer task (train.task.Task)."""
+
+    console_metrics = (("loss_pred", "pred"), ("loss_cls", "cls"))
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
         self.splits = None
         self.tokens_per_sample = tokens_per_sample(config)
 
-    def make_input(self):
+    def make_input(self) -> TaskInput:
         source, self.splits = make_input(self.config)
-        return source
+        return TaskInput(source)
 
     def periodic_probe(self):
         model = MatpacModel.from_config(self.config)  # its geometry is checked by config_lib.check_config
@@ -182,15 +161,10 @@ class PretrainTask:
             raise ConfigError(f"config.probe.datasets: {e}") from None
         return lambda step, state, tb: probe(step, state.student, tb)
 
-    def build(self, mesh):
-        self.model, init_fn, train_step, abstract = build(self.config, mesh)
-        return init_fn, train_step, abstract
-
-    def batch_spec(self) -> dict:
-        """The batches make_input yields: float32 from the demo batcher, int16 PCM from records. It must match, or
-        the memory report compiles another program than the one the loop runs."""
-        dtype = jnp.float32 if self.config.data.source == "demo" else jnp.int16
-        return {"audio": jax.ShapeDtypeStruct((self.config.data.batch_size, crop_samples(self.config)), dtype)}
+    def build(self, data: TaskInput) -> StepProgram:
+        del data  # the crops' shape is the config's
+        self.model = MatpacModel.from_config(self.config)
+        return step_program(self.config, self.model)
 
     def closing(self, state) -> dict | None:
         if not self.config.probe.enabled:

@@ -1,0 +1,1 @@
+"""AudioSet (and any labelled records) fine-tuning: head, objective, augmentation, sampler, evaluation."""

@@ -1,0 +1,1 @@
+"""MATPAC / MATPAC++ pretraining (SPEC §3-4): model, objective, state, step and the trainer task."""

@@ -1,0 +1,144 @@
+"""AudioSet evaluation: macro mAP / AUC against scikit-learn (the metric of the published code), d′ by hand, and the
+clip bootstrap (its resampled metrics against scikit-learn on resampled arrays, seeded, containing the value,
+narrowing with more clips).
+
+References, read at these commits:
+  AST   YuanGongND/ast@31088be8 src/utilities/stats.py:6-9 (d_prime = norm.ppf(auc) * sqrt(2)), :32-36 (per-class
+        metrics.average_precision_score and metrics.roc_auc_score); src/traintest.py:178-179 (mAP, mAUC = means over
+        classes), :194 (d_prime(mAUC))
+  EVAR  nttcslab/eval-audio-repr@88ba7728 finetune.py:129-133 (eval_map: the same scikit-learn calls), the evaluation
+        M2D's AS-2M fine-tuning runs (nttcslab/m2d@f0c4128d util/ft-as2m.sh:25)
+"""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from matpac_jax.finetune.metrics import _blocks, _rank_blocks, bootstrap_ci, d_prime, evaluate_scores
+
+
+def _scores_and_targets(n=400, c=12, decimals=None, seed=0):
+    """Scores [n, c] weakly tied to multi-hot targets with class prevalences from 1 % to 40 %; the last two classes
+    have no positive; ``decimals`` rounds the scores (many ties, positives tied with negatives)."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.linspace(0.01, 0.4, c)
+    targets = (rng.random((n, c)) < prevalence).astype(np.float32)
+    targets[:, -2:] = 0
+    scores = rng.normal(size=(n, c)) + 1.2 * targets
+    return (scores if decimals is None else np.round(scores, decimals)), targets
+
+
+def _sklearn_macro(scores, targets, weights=None):
+    """Per-class scikit-learn AP and AUC (AST stats.py:32-36), averaged over the classes where each is defined."""
+    aps, aucs = [], []
+    for k in range(targets.shape[1]):
+        y = targets[:, k]
+        if y.any():
+            aps.append(average_precision_score(y, scores[:, k], sample_weight=weights))
+            if not y.all():
+                aucs.append(roc_auc_score(y, scores[:, k], sample_weight=weights))
+    return np.mean(aps), np.mean(aucs)
+
+
+def test_map_and_auc_match_scikit_learn_on_distinct_scores():
+    """AST stats.py:32-36 and traintest.py:178-179: mean over classes of scikit-learn's per-class AP and AUC; classes
+    without a positive are left out (here two of twelve)."""
+    scores, targets = _scores_and_targets()
+    m_ap, auc = _sklearn_macro(scores, targets)
+    out = evaluate_scores(scores, targets)
+    assert out["mAP"] == pytest.approx(m_ap, rel=1e-9)
+    assert out["AUC"] == pytest.approx(auc, rel=1e-9)
+
+
+def test_auc_matches_scikit_learn_with_ties_and_one_sided_classes():
+    """Ties count one half, as scikit-learn's trapezoid (roc_auc_score, AST stats.py:36); a class that is positive on
+    every clip has no AUC and is left out, like the classes without a positive."""
+    scores, targets = _scores_and_targets(decimals=1)
+    targets[:, 0] = 1
+    assert len(np.unique(scores[:, 3])) < len(scores) / 4  # heavily tied
+    _, auc = _sklearn_macro(scores, targets)
+    assert evaluate_scores(scores, targets)["AUC"] == pytest.approx(auc, rel=1e-9)
+
+
+def test_map_ranks_tied_scores_in_clip_order():
+    """mAP is the linear probe's mean_average_precision (matpac_jax/evaluate/harness.py:30-48), which ranks tied
+    scores in clip order; scikit-learn (AST stats.py:32-33) scores a run of tied clips at one threshold. Here a
+    negative ties with the second positive: in clip order the positive comes first (precisions 1, 1), scikit-learn
+    counts both at once (precisions 1, 2/3)."""
+    scores = np.array([[0.9], [0.5], [0.5], [0.1]])
+    targets = np.array([[1], [1], [0], [0]])
+    assert evaluate_scores(scores, targets)["mAP"] == pytest.approx(1.0)
+    assert average_precision_score(targets[:, 0], scores[:, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    # AUC: the tied pair counts one half, 3.5 of the 4 positive-negative pairs
+    assert evaluate_scores(scores, targets)["AUC"] == pytest.approx(3.5 / 4)
+
+
+def test_d_prime_by_hand():
+    """AST stats.py:6-9: d′ = sqrt(2) · Φ⁻¹(AUC), of the macro AUC (traintest.py:194). Φ(1) = (1 + erf(1/√2)) / 2
+    gives d′ = √2; Φ⁻¹(0.975) = 1.959963984540054 (standard normal table)."""
+    assert d_prime(0.5) == 0.0
+    assert d_prime(0.5 * (1 + math.erf(1 / math.sqrt(2)))) == pytest.approx(math.sqrt(2), rel=1e-9)
+    assert d_prime(0.975) == pytest.approx(1.959963984540054 * math.sqrt(2), rel=1e-9)
+    assert d_prime(0.025) == pytest.approx(-1.959963984540054 * math.sqrt(2), rel=1e-9)
+    assert d_prime(1.0) == math.inf and d_prime(0.0) == -math.inf and math.isnan(d_prime(float("nan")))
+    scores, targets = _scores_and_targets()
+    out = evaluate_scores(scores, targets)
+    assert out["d_prime"] == d_prime(out["AUC"])
+
+
+def test_resampled_metrics_equal_scikit_learn_on_the_resampled_clips():
+    """A bootstrap resample is scored with clip i weighing the number of times it was drawn; that equals scikit-learn
+    (AST stats.py:32-36) on the resampled arrays themselves, ties included (a clip's copies tie)."""
+    scores, targets = _scores_and_targets(decimals=1, seed=3)
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, len(scores), len(scores))
+    ap, auc = _blocks(_rank_blocks(scores, targets.astype(bool)), np.bincount(idx, minlength=len(scores)))
+    m_ap, m_auc = _sklearn_macro(scores[idx], targets[idx])
+    assert np.nanmean(ap) == pytest.approx(m_ap, rel=1e-9)
+    assert np.nanmean(auc) == pytest.approx(m_auc, rel=1e-9)
+    # and unit weights: scikit-learn on the clips as they are
+    ap, auc = _blocks(_rank_blocks(scores, targets.astype(bool)), np.ones(len(scores), np.int64))
+    assert (np.nanmean(ap), np.nanmean(auc)) == pytest.approx(_sklearn_macro(scores, targets), rel=1e-9)
+
+
+def test_bootstrap_interval_holds_the_value_and_is_fixed_by_the_seed():
+    """(value, low, high) per metric: the value is evaluate_scores', the percentile interval around it; one seed, one
+    interval; another seed, another."""
+    scores, targets = _scores_and_targets(n=1000)
+    point = evaluate_scores(scores, targets)
+    ci = bootstrap_ci(scores, targets, n_resamples=200, seed=0)
+    assert set(ci) == {"mAP", "AUC", "d_prime"}
+    for name, (value, low, high) in ci.items():
+        assert value == point[name]
+        assert low < value < high, name
+    assert ci["d_prime"][1:] == pytest.approx((d_prime(ci["AUC"][1]), d_prime(ci["AUC"][2])), rel=1e-3)
+    assert bootstrap_ci(scores, targets, n_resamples=200, seed=0) == ci
+    assert bootstrap_ci(scores, targets, n_resamples=200, seed=1) != ci
+
+
+def test_bootstrap_interval_narrows_with_more_clips():
+    """The interval's width shrinks about as 1 / sqrt(clips): 16 times the clips, about a quarter of the width."""
+    small, large = _scores_and_targets(n=500, seed=2), _scores_and_targets(n=8000, seed=2)
+    ci_small = bootstrap_ci(*small, n_resamples=100)
+    ci_large = bootstrap_ci(*large, n_resamples=100)
+    for name in ("mAP", "AUC"):
+        width_small, width_large = ci_small[name][2] - ci_small[name][1], ci_large[name][2] - ci_large[name][1]
+        assert width_large < width_small / 2.5, name
+
+
+def test_bad_inputs_are_named():
+    scores, targets = _scores_and_targets(n=20)
+    with pytest.raises(ValueError, match="one shape"):
+        evaluate_scores(scores, targets[:, :3])
+    with pytest.raises(ValueError, match="one shape"):
+        evaluate_scores(scores[:0], targets[:0])
+    with pytest.raises(ValueError, match="multi-hot"):
+        evaluate_scores(scores, targets * 0.5)
+    with pytest.raises(ValueError, match="nan or inf"):
+        evaluate_scores(np.where(scores > 2, np.nan, scores), targets)
+    with pytest.raises(ValueError, match="n_resamples >= 2"):
+        bootstrap_ci(scores, targets, n_resamples=1)
+    with pytest.raises(ValueError, match="0 < level < 1"):
+        bootstrap_ci(scores, targets, level=95)
