@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
+from matpac_jax.matpac import task as pretrain  # noqa: E402
 from matpac_jax.program_audit import audit  # noqa: E402
-from matpac_jax.train import pretrain  # noqa: E402
 
 
 def main() -> None:

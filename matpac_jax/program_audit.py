@@ -18,7 +18,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from matpac_jax.flops import _as_jaxpr, _sub_jaxprs, _Walker
+from matpac_jax.flops import MATMUL_PRIMITIVES, as_jaxpr, eqn_matmul_flops, sub_jaxprs
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOW = (jnp.bfloat16, jnp.float16)
@@ -54,8 +54,8 @@ def audit(jaxpr, batch: int, min_elements: int) -> dict:
         for eqn in j.eqns:
             name = eqn.primitive.name
             ins, outs = [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars]
-            if name in ("dot_general", "conv_general_dilated"):
-                f = mult * _Walker().eqn(eqn)
+            if name in MATMUL_PRIMITIVES:
+                f = mult * eqn_matmul_flops(eqn)
                 flops[f"{ins[0].dtype} x {ins[1].dtype}"] += f
                 if ins[0].dtype not in _LOW or ins[1].dtype not in _LOW:
                     slow_flops[where(eqn)] += f
@@ -69,9 +69,9 @@ def audit(jaxpr, batch: int, min_elements: int) -> dict:
                 moves[(name, where(eqn), outs[0].shape)] += mult * size(outs[0])
             inner = mult * int(eqn.params.get("length", 1)) if name == "scan" else mult
             for value in eqn.params.values():
-                for sub in _sub_jaxprs(value):
+                for sub in sub_jaxprs(value):
                     walk(sub, inner)
 
-    walk(_as_jaxpr(jaxpr), 1)
+    walk(as_jaxpr(jaxpr), 1)
     return {"flops": flops, "slow_flops": slow_flops, "upcasts": upcasts, "weight_upcasts": weight_upcasts["all"],
             "moves": moves}  # fmt: skip
