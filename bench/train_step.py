@@ -1,9 +1,11 @@
-r"""Benchmark the pretraining step: steps/s, samples/s, counted model FLOPs per sample, MFU.
+r"""Benchmark a training step (pretraining, or fine-tuning with configs/finetune_as.py): steps/s, samples/s, counted
+model FLOPs per sample, MFU.
 
   python bench/train_step.py --config=configs/pp.py:smoke                  # CPU smoke model
   python bench/train_step.py --config=configs/pp.py --batch=256 --steps=20 # ViT-B recipe on an accelerator
   python bench/train_step.py --config=configs/pp.py:smoke --baseline=model.dtype=bfloat16
   python bench/train_step.py --config=configs/pp.py --batch=256 --ladder  # straightforward -> tuned, one table
+  python bench/train_step.py --config=configs/finetune_as.py:smoke         # the fine-tuning step (AudioSet head)
 
 FLOPs are counted from the step's jaxpr (every dot_general / conv: forward, backward, teacher forward), not
 estimated. With --baseline=key=value[,key=value] a second variant is timed in the same process and the ratio printed.
@@ -21,16 +23,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax import config_lib, parallel  # noqa: E402
-from matpac_jax.audio.frontend import num_samples_for_frames  # noqa: E402
+from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
-from matpac_jax.matpac import task as pretrain  # noqa: E402
+from matpac_jax.tasks import make_task  # noqa: E402
 from matpac_jax.train.loop import compiled_memory  # noqa: E402
+from matpac_jax.train.program import compile_program  # noqa: E402
+from matpac_jax.train.task import TaskInput  # noqa: E402
 
 # (name, overrides, batch multiplier): the straightforward step, each option, and all of them with a larger batch
 LADDER = (
@@ -55,16 +58,22 @@ def apply_overrides(config, overrides: str) -> None:
 
 
 def measure(config, steps: int, warmup: int) -> dict:
+    """The trainer's program for the config's task (train.program: guard, shardings, donation) on random crops."""
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    _, init_fn, train_step, abstract = pretrain.build(config, mesh)
+    init_fn, train_step, abstract = compile_program(make_task(config, "/nonexistent").build(TaskInput(None)), mesh)
     b = config.data.batch_size
-    n = num_samples_for_frames(config.audio.crop_frames, pretrain.frontend_config(config))
-    audio = np.random.default_rng(0).normal(0, 0.1, (b, n)).astype(np.float32)
-    batch = parallel.global_batch({"audio": audio}, mesh)
+    n = num_samples_for_frames(config.audio.crop_frames, LogMelConfig.from_audio_config(config.audio))
+    rng_np = np.random.default_rng(0)
+    host = {"audio": rng_np.normal(0, 0.1, (b, n)).astype(np.float32)}
+    if config.task == "finetune":  # multi-hot targets, ~2 labels per clip as in AudioSet
+        host["targets"] = rng_np.random((b, config.finetune.num_classes)) < 2 / config.finetune.num_classes
+        host["targets"] = host["targets"].astype(np.float32)
+    batch = parallel.global_batch(host, mesh)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
     rng = jax.random.key(0)
-    flops = count_matmul_flops(train_step, abstract, {"audio": jax.ShapeDtypeStruct((b, n), jnp.float32)}, rng)
+    flops = count_matmul_flops(train_step, abstract, spec, rng)
     t0 = time.perf_counter()
-    memory = compiled_memory(train_step, abstract, {"audio": jax.ShapeDtypeStruct((b, n), jnp.float32)})
+    memory = compiled_memory(train_step, abstract, spec)
     compile_s = time.perf_counter() - t0  # lowering + XLA compilation of the whole step (no persistent cache here)
     state = init_fn(jax.random.key(config.seed))
     t0 = time.perf_counter()

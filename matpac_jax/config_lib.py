@@ -96,6 +96,7 @@ OPTIM_CHECKS = {
     "optim.clip_norm": _POSITIVE,
     "optim.reference_batch": _POSITIVE,
     "optim.final_lr_factor": _NON_NEGATIVE,
+    "optim.layer_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
 }
 OBJECTIVE_CHECKS = {
     "objective.mask_ratio": (lambda v: 0 < v < 1, "a number in (0, 1): some tokens visible, some masked"),
@@ -150,6 +151,25 @@ def check_config(config) -> None:
         raise ConfigError(f"config.audio: {e}") from None
     if config.task == "pretrain":
         _check_pretrain(config)
+    elif config.task == "finetune":
+        _check_vit(config)
+        f = config.finetune
+        _int_at_least(config, "finetune.num_classes", 1)
+        for key in ("finetune.freq_mask", "finetune.time_mask", "finetune.time_shift", "finetune.eval_every",
+                    "finetune.bootstrap"):  # fmt: skip
+            _int_at_least(config, key, 0)
+        _check(config, "finetune.mixup", *_NON_NEGATIVE)
+        if config.data.source not in ("records", "demo"):
+            raise ConfigError(
+                f"config.data.source={config.data.source!r}: fine-tuning reads labelled 'records' or 'demo'"
+            )
+        if config.data.source == "records" and not (config.data.train and f.eval):
+            raise ConfigError(
+                "fine-tuning on records needs --config.data.train=SHARDS and --config.finetune.eval=SHARDS (the "
+                "evaluation set, read in full)"
+            )
+        if config.data.batch_size < 2:
+            raise ConfigError("config.data.batch_size must be >= 2: the head's BatchNorm uses the batch's statistics")
     elif config.task == "distill":
         for path, (ok, expected) in DISTILL_CHECKS.items():
             _check(config, path, ok, expected)
@@ -167,6 +187,30 @@ def check_config(config) -> None:
 DATA_SOURCES = ("records", "tfds", "demo")
 
 
+def _check_vit(config) -> None:
+    """The ViT's geometry: patch, mel bins and crop a multiple of it, widths divisible by the heads."""
+    m, a = config.model, config.audio
+    _int_at_least(config, "model.patch", 1)
+    for key in ("n_mels", "crop_frames"):
+        if a[key] < m.patch or a[key] % m.patch:
+            raise ConfigError(
+                f"config.audio.{key}={a[key]}: must be a positive multiple of config.model.patch={m.patch} (the "
+                "log-mel is cut into patch x patch tokens)"
+            )
+    for trunk in ("encoder", "predictor"):
+        if trunk not in m:
+            continue
+        for key in ("dim", "depth", "heads"):
+            _int_at_least(config, f"model.{trunk}.{key}", 1)
+        t = m[trunk]
+        if t.dim % t.heads:
+            raise ConfigError(
+                f"config.model.{trunk}.heads={t.heads} does not divide config.model.{trunk}.dim={t.dim}: choose a "
+                "divisor of the width"
+            )
+        _check(config, f"model.{trunk}.mlp_ratio", *_POSITIVE)
+
+
 def _check_pretrain(config) -> None:
     m, a = config.model, config.audio
     source = config.data.source
@@ -177,23 +221,7 @@ def _check_pretrain(config) -> None:
             "config.data.tfds_name is empty: with config.data.source='tfds' name the prepared dataset, e.g. "
             "--config.data.tfds_name=my_audio:1.0.0 --config.data.tfds_data_dir=/data/tfds"
         )
-    _int_at_least(config, "model.patch", 1)
-    for key in ("n_mels", "crop_frames"):
-        if a[key] < m.patch or a[key] % m.patch:
-            raise ConfigError(
-                f"config.audio.{key}={a[key]}: must be a positive multiple of config.model.patch={m.patch} (the "
-                "log-mel is cut into patch x patch tokens)"
-            )
-    for trunk in ("encoder", "predictor"):
-        for key in ("dim", "depth", "heads"):
-            _int_at_least(config, f"model.{trunk}.{key}", 1)
-        t = m[trunk]
-        if t.dim % t.heads:
-            raise ConfigError(
-                f"config.model.{trunk}.heads={t.heads} does not divide config.model.{trunk}.dim={t.dim}: choose a "
-                "divisor of the width"
-            )
-        _check(config, f"model.{trunk}.mlp_ratio", *_POSITIVE)
+    _check_vit(config)
     for key in ("mcl_heads", "cls_head.hidden", "cls_head.bottleneck", "cls_head.prototypes"):
         _int_at_least(config, f"model.{key}", 1)
     for path, (ok, expected) in OBJECTIVE_CHECKS.items():

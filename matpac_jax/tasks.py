@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.distill.task import DistillTask
+from matpac_jax.finetune.task import FinetuneTask
 from matpac_jax.matpac.task import PretrainTask
 
-TASKS = {"pretrain": PretrainTask, "distill": DistillTask}
+TASKS = {"pretrain": PretrainTask, "distill": DistillTask, "finetune": FinetuneTask}
 
 
 def make_task(config, workdir: str):

@@ -6,13 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from matpac_jax.train.optim import make_optimizer, peak_lr
+from matpac_jax.train.optim import lr_schedule, make_optimizer, peak_lr
 
 
 def _optim(**kw):
     base = dict(optimizer="adamw", lr=1e-2, lr_scaling="none", reference_batch=256, b1=0.9, b2=0.95, eps=1e-6,
                 weight_decay=0.1, wd_exclude_bias_norm_tokens=True, schedule="warmup_cosine", warmup_steps=0,
-                clip_norm=1e9)  # fmt: skip
+                clip_norm=1e9, layer_decay=1.0)  # fmt: skip
     return mlc.ConfigDict(base | kw)
 
 
@@ -23,8 +23,8 @@ def test_lr_scaling_rules():
     assert peak_lr(_optim(lr_scaling="sqrt"), 64) == pytest.approx(1e-2 * 0.5)
     with pytest.raises(ValueError, match="config.optim.lr_scaling='cubic'"):
         peak_lr(_optim(lr_scaling="cubic"), 64)
-    with pytest.raises(ValueError, match="config.optim.optimizer='sgd'"):
-        make_optimizer(_optim(optimizer="sgd"), 10, {})
+    with pytest.raises(ValueError, match="config.optim.optimizer='adagrad'"):
+        make_optimizer(_optim(optimizer="adagrad"), 10, {})
 
 
 def _tree(rng):
@@ -88,8 +88,8 @@ def test_unknown_optimizer_in_a_run_config_is_a_config_error_before_compute(tmp_
     from matpac_jax.train.loop import check_run
 
     config = load_config("pp.py", "smoke")
-    config.optim.optimizer = "sgd"
-    with pytest.raises(ConfigError, match="config.optim: config.optim.optimizer='sgd'"):
+    config.optim.optimizer = "adagrad"
+    with pytest.raises(ConfigError, match="config.optim: config.optim.optimizer='adagrad'"):
         check_run(config, str(tmp_path))
     config.optim.optimizer, config.optim.lr_scaling = "lamb", "linear"
     check_run(config, str(tmp_path))  # accepted
@@ -160,3 +160,24 @@ def test_clipping_scales_by_clip_over_norm_plus_eps():
     # at ‖g‖ = 3 exactly fairseq still scales by 3 / (3 + 1e-6) < 1, where optax's clip_by_global_norm does not
     g = {"a": np.full((4,), 1.5, np.float32)}
     assert float(clip.update(g, clip.init(g))[0]["a"][0]) < 1.5
+
+
+def test_sgd_is_torch_sgd_with_momentum_and_coupled_weight_decay():
+    """'sgd' (m2d's fine-tuning: timm Lars with weight decay 0 is torch SGD, nttcslab/eval-audio-repr finetune.py:221):
+    torch.optim.SGD's update, buf = momentum·buf + (g + wd·p); p ← p − lr·buf (buf = g + wd·p at the first step),
+    against float64 NumPy over three steps."""
+    o = _optim(optimizer="sgd", lr=0.5, b1=0.9, weight_decay=0.01, wd_exclude_bias_norm_tokens=False)
+    rng = np.random.default_rng(3)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    tx = make_optimizer(o, 100, params)
+    state, p_jax = tx.init(params), params
+    p, buf = params["w"].astype(np.float64), None
+    lr = lr_schedule(o, 100)  # warm-up 0, then the half-cosine
+    for t in range(3):
+        g = rng.normal(size=(4, 3)).astype(np.float32)
+        updates, state = tx.update({"w": g}, state, p_jax)
+        p_jax = optax.apply_updates(p_jax, updates)
+        d = g + 0.01 * p
+        buf = d if buf is None else 0.9 * buf + d
+        p = p - float(lr(t)) * buf
+    np.testing.assert_allclose(p_jax["w"], p, rtol=1e-5, atol=1e-6)

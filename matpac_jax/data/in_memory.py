@@ -19,7 +19,9 @@ class CropBatcher:
         seed: int,
         process_index: int | None = None,
         process_count: int | None = None,
+        targets: np.ndarray | None = None,
     ):
+        """``targets`` [clips, C] (optional): each batch also holds the rows of its clips as 'targets' (float32)."""
         if waves.ndim != 2:
             raise ValueError(f"waves must be [clips, samples], got shape {waves.shape}")
         if waves.shape[1] < crop_samples:
@@ -32,9 +34,11 @@ class CropBatcher:
         if global_batch % self.process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {self.process_count} processes")
         self.waves, self.crop, self.batch, self.seed = waves, crop_samples, global_batch, seed
+        self.targets = None if targets is None else np.asarray(targets, np.float32)
 
     def __call__(self, step: int) -> dict:
-        """This process's rows of global batch `step`: {'audio': float32 [B / processes, crop_samples]}."""
+        """This process's rows of global batch `step`: {'audio': float32 [B / processes, crop_samples]} (and
+        'targets' [B / processes, C] with ``targets``)."""
         n = len(self.waves)
         first = step * self.batch
         positions = np.arange(first, first + self.batch)
@@ -49,4 +53,7 @@ class CropBatcher:
         local = self.batch // self.process_count
         rows = slice(self.process_index * local, (self.process_index + 1) * local)
         audio = np.stack([self.waves[i, s : s + self.crop] for i, s in zip(idx[rows], starts[rows], strict=True)])
-        return {"audio": audio.astype(np.float32)}
+        out = {"audio": audio.astype(np.float32)}
+        if self.targets is not None:
+            out["targets"] = self.targets[idx[rows]]
+        return out

@@ -193,22 +193,47 @@ def worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
-class _DecodeCrop:
-    """``random_map`` transform: record bytes (or, ``decoded``, int16 PCM) -> ``{'audio': int16 [crop]}``, or None
-    for a short clip to skip."""
+def multi_hot(labels, num_classes: int) -> np.ndarray:
+    """Class indices -> float32 [num_classes] with ones at the clip's labels; ValueError for an index out of range."""
+    out = np.zeros(num_classes, np.float32)
+    labels = np.asarray(labels, np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"record labels {labels.tolist()} outside 0..{num_classes - 1}: check the label index")
+    out[labels] = 1.0
+    return out
 
-    def __init__(self, crop: int, pad: bool, decoded: bool = False):
-        self.crop, self.pad, self.decoded = crop, pad, decoded
+
+class _DecodeCrop:
+    """``random_map`` transform: record bytes (or, ``decoded``, int16 PCM) -> ``{'audio': int16 [crop]}`` (and, with
+    ``num_classes``, ``'targets'``: the record's labels multi-hot, float32 [num_classes]), or None for a short clip to
+    skip."""
+
+    def __init__(self, crop: int, pad: bool, decoded: bool = False, num_classes: int = 0):
+        self.crop, self.pad, self.decoded, self.num_classes = crop, pad, decoded, num_classes
 
     def __call__(self, data: bytes | np.ndarray, rng: np.random.Generator) -> dict | None:
-        pcm = data if self.decoded else decode_pcm(data)[1]
+        header, pcm = (None, data) if self.decoded else decode_pcm(data)
         n = pcm.shape[0]
         if n < self.crop:
             if not self.pad:
                 return None
-            return {"audio": np.pad(pcm, (0, self.crop - n))}
-        start = int(rng.integers(0, n - self.crop + 1))
-        return {"audio": pcm[start : start + self.crop].copy()}  # a copy: do not keep the whole record alive
+            out = {"audio": np.pad(pcm, (0, self.crop - n))}
+        else:
+            start = int(rng.integers(0, n - self.crop + 1))
+            out = {"audio": pcm[start : start + self.crop].copy()}  # a copy: do not keep the whole record alive
+        if self.num_classes:
+            out["targets"] = multi_hot(header["labels"], self.num_classes)
+        return out
+
+
+class _Lookup:
+    """``map`` transform: a record index -> the record (a weighted order's draws)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, index: int):
+        return self.source[int(index)]
 
 
 class _SkipShort:
@@ -257,6 +282,8 @@ def pretrain_dataset(
     workers: int = 0,
     prefetch_buffer: int = 2,
     read_threads: int = 0,
+    num_classes: int = 0,
+    order=None,
 ) -> grain.IterDataset:
     """Infinite dataset of this process's batches ``{'audio': int16 [global_batch / process_count, crop_samples]}``.
 
@@ -268,6 +295,9 @@ def pretrain_dataset(
     ``read_threads`` are grain's read/decode threads per process: 0 (the default) reads in the process's own thread,
     the cheapest per crop; grain's thread hand-off costs ~0.17 CPU-ms per crop, more than reading an uncompressed
     record (bench/input_pipeline.py).
+    ``num_classes`` > 0 (records only): batches also hold ``'targets'`` float32 [B_local, num_classes], the records'
+    labels multi-hot. ``order``: a ``MapDataset`` of record indices replacing the epoch shuffle (e.g. a weighted
+    sampler drawing with replacement, ``finetune.sampler``), indexed by stream position like the shuffle.
     """
     if short_clips not in SHORT_CLIPS:
         raise ValueError(f"short_clips={short_clips!r}: expected one of {', '.join(SHORT_CLIPS)}")
@@ -293,9 +323,11 @@ def pretrain_dataset(
         if len(source) == 0:
             raise ValueError(f"config.data.train: {len(paths)} files matching {files!r} hold no records")
     shuffle_seed, crop_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed).random_map(
-        _DecodeCrop(crop_samples, short_clips == "pad", decoded), seed=crop_seed
-    )
+    if num_classes and decoded:
+        raise ValueError("labels (num_classes > 0) are read from record shards, not from a tfds source")
+    records = grain.MapDataset.source(source)
+    ordered = EpochShuffle(records, shuffle_seed) if order is None else order.map(_Lookup(source))
+    ds = ordered.random_map(_DecodeCrop(crop_samples, short_clips == "pad", decoded, num_classes), seed=crop_seed)
     ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)
     it = ds.to_iter_dataset(read_options=read_options, allow_nones=True).filter(_SkipShort(len(source), crop_samples))

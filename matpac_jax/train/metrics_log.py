@@ -177,8 +177,9 @@ class MetricsLog:
         eta = (self.config.total_steps - step) * self.elapsed / self.steps
         mfu = f"  mfu {m['mfu']:.1%}" if "mfu" in m else ""
         detail = " ".join(f"{short} {m[k]:.4f}" for k, short in self.console if k in m)
+        detail = f" ({detail})" if detail else ""
         return (
-            f"step {step:>7d}/{self.config.total_steps}  loss {m['loss']:.4f} ({detail})  lr {m['lr']:.2e}  "
+            f"step {step:>7d}/{self.config.total_steps}  loss {m['loss']:.4f}{detail}  lr {m['lr']:.2e}  "
             f"{rate:,.1f} samples/s{mfu}  data wait {wait:.0%}  eta {_duration(eta)}"
         )
 

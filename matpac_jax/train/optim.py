@@ -3,7 +3,9 @@
 - ``config.optim.optimizer``: 'adamw_fairseq' (SPEC §4, the MATPAC recipes: fairseq's Adam, eps added to √v before
   the bias correction, decoupled weight decay), 'adamw' (optax / torch form, eps after the bias correction: S-SONDO's
   torch Adam; weight_decay 0 is Adam), 'lamb' (AdamW direction with a per-tensor trust ratio ‖p‖ / ‖u‖, for large
-  batches) or 'lars' (SGD with momentum ``b1`` and a per-tensor trust ratio);
+  batches), 'lars' (SGD with momentum ``b1`` and a per-tensor trust ratio) or 'sgd' (torch's SGD with momentum
+  ``b1``: m2d's AudioSet fine-tuning);
+- ``config.optim.layer_decay`` < 1: MAE's layer-wise decay of the lr over a ViT's depth (train.layer_decay);
 - gradients are first clipped to a global norm ``clip_norm`` as fairseq and torch do: scaled by
   min(1, clip_norm / (‖g‖ + 1e-6));
 - ``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining) or 'warmup_ramp_down' (EfficientAT's, S-SONDO);
@@ -20,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from matpac_jax.train.layer_decay import encoder_depth, layer_scales, scale_by_layer
+
 SCHEDULES = ("warmup_cosine", "warmup_ramp_down")
-OPTIMIZERS = ("adamw_fairseq", "adamw", "lamb", "lars")
+OPTIMIZERS = ("adamw_fairseq", "adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -139,9 +143,14 @@ def make_optimizer(optim, total_steps: int, params, batch_size: int | None = Non
         inner = optax.lamb(
             schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=mask
         )
+    elif name == "sgd":  # torch SGD: momentum b1 on (gradient + weight decay · p); m2d's fine-tuning (timm Lars, wd 0)
+        inner = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), optax.sgd(schedule, momentum=optim.b1))
     elif name == "lars":
         inner = optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=mask, trust_ratio_mask=mask,
                            momentum=optim.b1)  # fmt: skip
     else:
         raise ValueError(f"config.optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    return optax.chain(clip_by_global_norm(optim.clip_norm), inner)
+    tx = optax.chain(clip_by_global_norm(optim.clip_norm), inner)
+    if optim.layer_decay != 1.0 and params:  # MAE's layer-wise lr decay (train.layer_decay); 1.0 = off
+        tx = optax.chain(tx, scale_by_layer(layer_scales(params, encoder_depth(params), optim.layer_decay)))
+    return tx

@@ -1,0 +1,102 @@
+"""Labelled input of the fine-tuning task: training batches with multi-hot targets, and the evaluation set.
+
+Training (``train_input``): the demo's labelled clips (``CropBatcher`` with one-hot targets), or record shards of
+clips with labels (``data.prepare`` stores AudioSet's, or any CSV's, class indices) through the grain pipeline of
+pretraining with ``num_classes`` (random crops of ``config.audio.crop_frames`` frames, ``'targets'`` multi-hot); with
+``config.finetune.balanced`` the records are drawn with replacement, P(clip) ∝ its label-frequency weight
+(``finetune.sampler``, the AudioSet-2M recipe), else in a new random order every epoch. The records' labels, which
+the weighted sampler needs, are read once and cached in ``WORKDIR/train_labels.npz`` (keyed by the shards' names,
+sizes and modification times): one pass over the corpus, like the teacher pass of S-SONDO.
+
+Evaluation (``eval_clips``): every clip of the evaluation set, in a fixed order (shards in name order, records in
+shard order), each cut to the first ``crop_frames`` frames (zero-padded when shorter, as the published fine-tuning
+pads its input), process ``p`` of ``P`` taking clips ``p, p + P, ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import numpy as np
+
+from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
+from matpac_jax.data.demo import demo_splits
+from matpac_jax.data.in_memory import CropBatcher
+from matpac_jax.data.pipeline import expand_files, multi_hot, pretrain_dataset
+from matpac_jax.data.records import decode_header, decode_pcm, read_shard
+from matpac_jax.fileio import atomic_save_npz, sha256_bytes
+from matpac_jax.finetune.sampler import LabelWeightedIndices
+
+
+def crop_samples(config) -> int:
+    return num_samples_for_frames(config.audio.crop_frames, LogMelConfig.from_audio_config(config.audio))
+
+
+def demo_data(config) -> tuple[dict, dict]:
+    """The demo's train and test splits with one-hot 'targets' [N, classes]."""
+    d = config.data.demo
+    train, test = demo_splits(d.num_train, d.num_test, d.seconds, d.seed)
+    for split in (train, test):
+        split["targets"] = np.eye(config.finetune.num_classes, dtype=np.float32)[split["labels"]]
+    return train, test
+
+
+def record_labels(paths: list[str], num_classes: int, cache: str) -> np.ndarray:
+    """Multi-hot labels [N, C] (bool) of every record of ``paths`` in the pipeline's order, cached in ``cache``."""
+    stats = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+    key = sha256_bytes(json.dumps([stats, num_classes]).encode())
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return data["labels"]
+    except (OSError, ValueError, KeyError, EOFError):
+        pass  # absent, unreadable or another corpus: read it again
+    labels = np.stack([multi_hot(decode_header(r)["labels"], num_classes) > 0 for p in paths for r in read_shard(p)])
+    atomic_save_npz(cache, labels=labels, key=np.array(key))
+    return labels
+
+
+def train_input(config, workdir: str):
+    """(source for the trainer, demo splits or None)."""
+    c, f = config, config.finetune
+    if c.data.source == "demo":
+        train, test = demo_data(c)
+        return CropBatcher(train["waves"], crop_samples(c), c.data.batch_size, c.seed, targets=train["targets"]), (
+            train,
+            test,
+        )
+    paths = expand_files(c.data.train)
+    order = None
+    if f.balanced:
+        labels = record_labels(paths, f.num_classes, os.path.join(workdir, "train_labels.npz"))
+        order = LabelWeightedIndices(labels, seed=c.seed)
+    dataset = pretrain_dataset(paths, global_batch=c.data.batch_size, crop_samples=crop_samples(c), seed=c.seed,
+                               short_clips="pad", workers=c.data.workers, num_classes=f.num_classes,
+                               order=order)  # fmt: skip
+    return dataset, None
+
+
+def fit(pcm: np.ndarray, samples: int) -> np.ndarray:
+    """The first ``samples`` of a clip, zero-padded when shorter."""
+    return np.pad(pcm[:samples], (0, max(samples - pcm.shape[0], 0)))
+
+
+def eval_clips(config, splits, process_index: int = 0, process_count: int = 1):
+    """(audio [n, samples] float32 or int16, targets [n, C] float32) of this process's share of the evaluation set."""
+    samples = crop_samples(config)
+    if splits is not None:  # the demo: its held-out split
+        test = splits[1]
+        audio = np.stack([fit(w, samples) for w in test["waves"]])
+        return audio[process_index::process_count], test["targets"][process_index::process_count]
+    paths = expand_files(config.finetune.eval)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    audio, targets = [], []
+    for i in range(process_index, len(source), process_count):
+        header, pcm = decode_pcm(source[i])
+        audio.append(fit(pcm, samples))
+        targets.append(multi_hot(header["labels"], config.finetune.num_classes))
+    if not audio:
+        raise ValueError(f"config.finetune.eval={config.finetune.eval!r}: no clips for process {process_index}")
+    return np.stack(audio), np.stack(targets)

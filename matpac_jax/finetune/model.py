@@ -1,0 +1,63 @@
+"""The fine-tuned model: the ViT encoder every method shares (models/vit) and the published AudioSet head.
+
+    log-mel [B, F, T] -> Tokenizer (patches + sin-cos positions, T / patch time patches) -> [CLS; tokens]
+      -> Transformer -> tokens (CLS dropped) -> AudioSetHead (token mean, BatchNorm without affine, linear) -> logits
+
+Parameters ``{'tokenizer', 'encoder', 'head'}``, BatchNorm statistics ``{'head': {'mean', 'var'}}``: the encoder's
+names are those of ``inference.Encoder`` (and of a pretraining state's student), so pretrained weights load by name.
+The positions are the fixed sin-cos table of the input's length: fine-tuning on longer inputs than pretraining (992
+frames, the published fine-tuned MATPAC++, against 608) extends it, nothing is interpolated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from matpac_jax.audio.frontend import LogMelConfig
+from matpac_jax.finetune.head import AudioSetHead, head_params_for_encoder
+from matpac_jax.inference import Encoder, EncoderSpec
+from matpac_jax.models.vit import Tokenizer, Transformer
+
+
+class FinetuneModel(nn.Module):
+    tokenizer: Tokenizer
+    encoder: Transformer
+    head: AudioSetHead
+
+    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
+        """mel [B, F, T] -> logits [B, num_classes] (float32)."""
+        tokens, cls = self.tokenizer(mel)
+        b, _, d = tokens.shape
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(tokens.dtype), tokens], axis=1)
+        return self.head(self.encoder(x)[:, 1:], train)
+
+    @classmethod
+    def from_config(cls, config) -> FinetuneModel:
+        m, a = config.model, config.audio
+        dtype = jnp.dtype(m.dtype)
+        e, p = m.encoder, m.patch
+        trunk = dict(attn_impl=m.attn_impl or None, remat=m.remat, attn_pad_to=m.attn_pad_to, scan_layers=m.scan_layers)
+        return cls(
+            tokenizer=Tokenizer(e.dim, p, a.n_mels // p, a.crop_frames // p, dtype),
+            encoder=Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, **trunk),
+            head=AudioSetHead(config.finetune.num_classes),
+        )
+
+
+def encoder_spec(config) -> EncoderSpec:
+    """The fine-tuned model's spec as a loaded ViT (its chunk length is the fine-tuning input length)."""
+    e, a = config.model.encoder, config.audio
+    return EncoderSpec(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames,
+                       LogMelConfig.from_audio_config(a))  # fmt: skip
+
+
+def as_encoder(config, params: dict, batch_stats: dict) -> Encoder:
+    """A fine-tuning state's weights as a loaded ViT with its AudioSet head (``save`` writes a model directory that
+    ``load_model`` reads and ``convert --to-torch`` turns into the published fine-tuned layout)."""
+    host = jax.device_get({"params": params, "batch_stats": batch_stats})
+    head = head_params_for_encoder({"params": host["params"]["head"], "batch_stats": host["batch_stats"]["head"]})
+    weights = {k: jax.tree.map(np.asarray, host["params"][k]) for k in ("tokenizer", "encoder")} | {"head": head}
+    return Encoder(encoder_spec(config), weights)

@@ -1,0 +1,188 @@
+"""AudioSet (or any labelled records) fine-tuning as a trainer task (train.task.Task): a ViT encoder that
+``load_model`` reads (``config.finetune.init_from``: our encoder dir, a pretraining workdir, converted published
+weights; '' = from scratch) with the published AudioSet head, trained end to end with sigmoid binary cross-entropy.
+
+Evaluation: every ``config.finetune.eval_every`` steps and at the end, the model in evaluation mode (running
+BatchNorm statistics, no augmentation) scores every clip of the evaluation set (finetune.data.eval_clips); mAP (macro
+over classes with a positive), AUC and d' (finetune.metrics) go to ``WORKDIR/eval.jsonl`` and TensorBoard
+(``eval/<metric>``). The model of the best mAP so far is kept apart in ``WORKDIR/best/`` (a model directory that
+``load_model`` reads, ``tag`` works, ``convert --to-torch`` writes the published fine-tuned layout), its figures in
+``WORKDIR/best.json``. At the end: the final model in ``WORKDIR/model/``, its evaluation with bootstrap 95 % CIs
+(``config.finetune.bootstrap`` resamples of the clips) in ``WORKDIR/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from matpac_jax.audio.frontend import LogMelConfig, log_mel
+from matpac_jax.config_lib import ConfigError
+from matpac_jax.fileio import atomic_write_json
+from matpac_jax.finetune.data import eval_clips, train_input
+from matpac_jax.finetune.head import head_variables_from_encoder
+from matpac_jax.finetune.metrics import bootstrap_ci, evaluate_scores
+from matpac_jax.finetune.model import FinetuneModel, as_encoder
+from matpac_jax.finetune.step import create_finetune_state, make_finetune_step
+from matpac_jax.inference import Encoder
+from matpac_jax.load import load_model
+from matpac_jax.train.optim import lr_schedule, make_optimizer
+from matpac_jax.train.task import StepProgram, TaskInput
+
+EVAL_BATCH = 32
+
+
+def frozen_encoder(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """``tx`` whose updates of everything but the head are zero (weight decay included): the frozen-encoder
+    baseline."""
+    return optax.chain(tx, optax.masked(optax.set_to_zero(), {k: k != "head" for k in params}))
+
+
+def pretrained(config) -> Encoder | None:
+    """The encoder ``config.finetune.init_from`` names, checked to fit the model: ConfigError naming what differs."""
+    path = config.finetune.init_from
+    if not path:
+        return None
+    try:
+        enc = load_model(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.finetune.init_from={path}: {e}") from None
+    if not isinstance(enc, Encoder):
+        raise ConfigError(f"config.finetune.init_from={path}: a {enc.describe()['kind']} model, not a ViT encoder")
+    e, s = config.model.encoder, enc.spec
+    want = {"dim": e.dim, "depth": e.depth, "heads": e.heads, "mlp_ratio": e.mlp_ratio, "patch": config.model.patch,
+            "n_mels": config.audio.n_mels, "frontend": LogMelConfig.from_audio_config(config.audio)}  # fmt: skip
+    differ = [f"{k}: file {getattr(s, k)!r}, config {v!r}" for k, v in want.items() if getattr(s, k) != v]
+    if differ:
+        raise ConfigError(f"config.finetune.init_from={path} does not fit config.model / config.audio: {differ}")
+    return enc
+
+
+class FinetuneTask:
+    console_metrics = ()
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        a = config.audio
+        self.tokens_per_sample = (a.n_mels // config.model.patch) * (a.crop_frames // config.model.patch)
+        self.model = FinetuneModel.from_config(config)
+        self.frontend = LogMelConfig.from_audio_config(a)
+        self.splits = None
+        self.best = self._read_best()
+        self._scores = jax.jit(
+            lambda params, stats, audio: self.model.apply(
+                {"params": params, "batch_stats": stats}, log_mel(audio, self.frontend), train=False
+            )
+        )
+
+    def make_input(self) -> TaskInput:
+        source, self.splits = train_input(self.config, self.workdir)
+        self.eval_set = eval_clips(self.config, self.splits, jax.process_index(), jax.process_count())
+        return TaskInput(source)
+
+    def build(self, data: TaskInput) -> StepProgram:
+        del data
+        c = self.config
+        mel_shape = (2, c.audio.n_mels, c.audio.crop_frames)
+        params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
+        tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
+        if c.finetune.freeze_encoder:
+            tx = frozen_encoder(tx, params_shape)
+        lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
+        enc = pretrained(c)
+        return StepProgram(
+            init=lambda rng: create_finetune_state(self.model, tx, rng, mel_shape),
+            step=make_finetune_step(self.model, c, tx, self.frontend, lr),
+            initial_weights=None if enc is None else lambda init_fn, abstract: self._from(enc, init_fn, abstract),
+        )
+
+    def _from(self, enc: Encoder, init_fn, abstract):
+        """``init_fn`` with the encoder's weights (and its AudioSet head, when it has one of this shape)."""
+        weights = {k: enc.params[k] for k in ("tokenizer", "encoder")}
+        head = enc.params.get("head")
+        if head is not None and np.shape(head["bias"]) == abstract.params["head"]["linear"]["bias"].shape:
+            head = head_variables_from_encoder(head)
+        else:
+            head = None
+
+        def place(tree, like):
+            return jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, s.dtype), s.sharding), tree, like)
+
+        def init(rng):
+            state = init_fn(rng)
+            params = dict(state.params) | {k: place(weights[k], abstract.params[k]) for k in weights}
+            stats = state.batch_stats
+            if head is not None:
+                params["head"] = place(head["params"], abstract.params["head"])
+                stats = {"head": place(head["batch_stats"], abstract.batch_stats["head"])}
+            return state.replace(params=params, batch_stats=stats)
+
+        return init
+
+    # --- Evaluation.
+
+    def scores(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [N, C] and targets [N, C] of the whole evaluation set (every process's share, gathered)."""
+        audio, targets = self.eval_set
+        out = []
+        for i in range(0, len(audio), EVAL_BATCH):
+            chunk = audio[i : i + EVAL_BATCH]
+            padded = np.zeros((EVAL_BATCH, *chunk.shape[1:]), chunk.dtype)
+            padded[: len(chunk)] = chunk  # one compiled shape
+            out.append(np.asarray(self._scores(params, batch_stats, padded))[: len(chunk)])
+        logits = np.concatenate(out)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            logits, targets = (np.concatenate(list(multihost_utils.process_allgather(x))) for x in (logits, targets))
+        return logits, targets
+
+    def evaluate(self, state, ci: bool = False) -> dict:
+        logits, targets = self.scores(state.params, state.batch_stats)
+        if ci:
+            return bootstrap_ci(logits, targets, n_resamples=self.config.finetune.bootstrap, seed=self.config.seed)
+        return evaluate_scores(logits, targets)
+
+    def _read_best(self) -> dict:
+        try:
+            with open(os.path.join(self.workdir, "best.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"mAP": -1.0}
+
+    def periodic_probe(self):
+        every = int(self.config.finetune.eval_every)
+
+        def run(step: int, state, tb) -> None:
+            if not every or step % every:
+                return
+            result = self.evaluate(state)
+            if jax.process_index() == 0:
+                with open(os.path.join(self.workdir, "eval.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, **result}) + "\n")
+                for k, v in result.items():
+                    if tb is not None:
+                        tb.add_scalar(f"eval/{k}", v, step)
+                print(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+            if result["mAP"] > self.best["mAP"]:
+                self.best = {"step": step, **result}
+                if jax.process_index() == 0:
+                    as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "best"))
+                    atomic_write_json(os.path.join(self.workdir, "best.json"), self.best)
+
+        return run
+
+    def closing(self, state) -> dict:
+        result = self.evaluate(state, ci=True)
+        if jax.process_index() == 0:
+            as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "model"))
+            atomic_write_json(os.path.join(self.workdir, "eval.json"), result)
+            print("| metric | value (95 % CI over bootstrap resamples of the clips) |\n|---|---|")
+            for k, (v, lo, hi) in result.items():
+                print(f"| {k} | {v:.4f} [{lo:.4f}, {hi:.4f}] |")
+        return {k: v[0] for k, v in result.items()} | {f"{k}_ci95": (v[2] - v[1]) / 2 for k, v in result.items()}

@@ -1,0 +1,136 @@
+"""The fine-tuning task in the one trainer: labels through the grain pipeline (with the label-frequency weighted
+sampler), exact resume, the evaluation's files, and the fine-tuned model as a loaded model whose ``tag`` is the
+published head's output and which converts to the published fine-tuned layout and back."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import load_config
+
+from matpac_jax import convert, parallel
+from matpac_jax.audio.frontend import LogMelConfig, log_mel
+from matpac_jax.config_lib import ConfigError
+from matpac_jax.data.demo import write_records
+from matpac_jax.finetune.data import crop_samples, eval_clips, record_labels
+from matpac_jax.finetune.model import FinetuneModel, as_encoder
+from matpac_jax.load import load_encoder
+from matpac_jax.tasks import make_task
+from matpac_jax.train.loop import train_and_evaluate
+from matpac_jax.train.program import compile_program
+
+
+def _records_config(data, steps=6):
+    """The smoke fine-tuning on record shards of the demo corpus (labels 0..7), label-weighted sampling, two evals."""
+    c = load_config("finetune_as.py", "smoke")
+    c.data.source, c.data.train, c.data.workers = "records", f"{data}/*.arrayrecord", 0
+    c.finetune.eval, c.finetune.balanced, c.finetune.eval_every = f"{data}/*.arrayrecord", True, 3
+    c.total_steps, c.mesh = steps, {"data": 1}
+    return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ft_data")
+    write_records(str(data), 24, 8, 2.0, 0, 16_000, num_shards=2)
+    return data
+
+
+def test_records_carry_their_labels_and_the_weighted_sampler_reads_them(shards, tmp_path):
+    c = _records_config(shards)
+    task = make_task(c, str(tmp_path))
+    batch = next(iter(task.make_input().source))
+    assert batch["audio"].shape == (8, crop_samples(c)) and batch["audio"].dtype == np.int16
+    assert batch["targets"].shape == (8, 8) and np.all(batch["targets"].sum(axis=1) == 1)  # one class per demo clip
+    labels = record_labels(sorted(map(str, shards.glob("*.arrayrecord"))), 8, str(tmp_path / "labels.npz"))
+    audio, targets = eval_clips(c, None)
+    assert len(labels) == len(audio) == 24 and np.array_equal(labels, targets > 0)  # every clip, in order
+    assert len(eval_clips(c, None, 1, 2)[0]) == 12  # process 1 of 2: its half
+
+
+def test_finetuning_resumes_exactly_and_writes_a_model_tag_reads(shards, tmp_path):
+    straight = train_and_evaluate(_records_config(shards), str(tmp_path / "a"))
+    train_and_evaluate(_records_config(shards, steps=3), str(tmp_path / "b"))
+    resumed = train_and_evaluate(_records_config(shards), str(tmp_path / "b"))
+    assert resumed["final_metrics"] == pytest.approx(straight["final_metrics"], rel=1e-5)  # data order included
+    assert resumed["probe"] == pytest.approx(straight["probe"], rel=1e-5)
+    for name in ("eval.json", "best.json"):  # the final evaluation with its bootstrap CI, the best one
+        a, b = (json.loads((tmp_path / r / name).read_text()) for r in "ab")
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose(np.array(list(a.values()), float), np.array(list(b.values()), float), rtol=1e-5)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6]
+    value, low, high = json.loads((tmp_path / "a" / "eval.json").read_text())["mAP"]
+    assert low <= value <= high
+
+    # the final model: a model directory whose tag() is softmax of the published head on the fine-tuned encoder
+    c = _records_config(shards)
+    enc = load_encoder(str(tmp_path / "a" / "model"))
+    assert enc.spec.crop_frames == c.audio.crop_frames and set(enc.params) == {"tokenizer", "encoder", "head"}
+    wave = np.asarray(eval_clips(c, None)[0][:3], np.float32) / 32767.0
+    model = FinetuneModel.from_config(c)
+    head = enc.params["head"]
+    variables = {"params": {k: enc.params[k] for k in ("tokenizer", "encoder")}
+                 | {"head": {"linear": {"kernel": head["kernel"], "bias": head["bias"]}}},
+                 "batch_stats": {"head": {"mean": head["norm_mean"], "var": head["norm_var"]}}}  # fmt: skip
+    logits = model.apply(variables, log_mel(jnp.asarray(wave), LogMelConfig.from_audio_config(c.audio)))
+    want = np.asarray(jax.nn.softmax(logits, axis=-1))
+    np.testing.assert_allclose(enc.tag(wave), want, rtol=1e-4, atol=1e-6)
+
+    # the published fine-tuned layout (head_norm.*, head.*, pos_embed of the fine-tuning length) and back
+    sd = convert.to_torch(enc.spec, jax.device_get(enc.params))
+    assert {"head_norm.running_mean", "head_norm.running_var", "head.weight", "head.bias"} <= set(sd)
+    fp, tp = c.audio.n_mels // 16, c.audio.crop_frames // 16
+    assert sd["pos_embed"].shape == (1, 1 + fp * tp, 64)
+    spec, params, _ = convert.from_torch(sd, heads=4)
+    from matpac_jax.inference import Encoder
+
+    np.testing.assert_allclose(Encoder(spec, params).tag(wave), enc.tag(wave), rtol=1e-5, atol=1e-7)
+
+
+def test_init_from_loads_the_encoder_and_refuses_another_shape_before_compute(tmp_path):
+    c = load_config("finetune_as.py", "smoke")
+    model = FinetuneModel.from_config(c)
+    v = model.init(jax.random.key(5), jnp.zeros((2, c.audio.n_mels, c.audio.crop_frames)))
+    saved = as_encoder(c, v["params"], v["batch_stats"]).save(str(tmp_path / "enc"))
+    c.finetune.init_from = saved
+    task = make_task(c, str(tmp_path / "w"))
+    init_fn, _, abstract = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}))
+    state = jax.device_get(init_fn(jax.random.key(0)))  # another seed: only the loaded weights can match
+    for k in ("tokenizer", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, state.params[k], jax.device_get(v["params"][k]))
+    np.testing.assert_array_equal(state.params["head"]["linear"]["kernel"], v["params"]["head"]["linear"]["kernel"])
+    c.model.encoder.depth = 3
+    with pytest.raises(ConfigError, match="does not fit config.model / config.audio: .*depth: file 2, config 3"):
+        train_and_evaluate(c, str(tmp_path / "run0"))
+
+    c = load_config("finetune_as.py", "smoke")
+    c.finetune.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="config.finetune.init_from=.*neither a model directory"):
+        train_and_evaluate(c, str(tmp_path / "run"))
+    c = load_config("finetune_as.py", "smoke")
+    c.data.source, c.data.train = "records", ""
+    with pytest.raises(ConfigError, match="needs --config.data.train=SHARDS and --config.finetune.eval"):
+        train_and_evaluate(c, str(tmp_path / "run2"))
+
+
+def test_frozen_encoder_trains_the_head_only(tmp_path):
+    """The frozen-encoder baseline of the demo: after two steps (AdamW with weight decay), the tokenizer and encoder
+    are unchanged, the head moved."""
+    c = load_config("finetune_as.py", "smoke")
+    c.finetune.freeze_encoder, c.mesh = True, {"data": 1}
+    task = make_task(c, str(tmp_path))
+    data = task.make_input()
+    mesh = parallel.make_mesh({"data": 1})
+    init_fn, step_fn, _ = compile_program(task.build(data), mesh)
+    state = init_fn(jax.random.key(0))
+    before = jax.device_get(state.params)
+    for step in range(2):  # the lr warms up from 0 at step 0
+        state, m = step_fn(state, parallel.global_batch(data.source(step), mesh), jax.random.key(step))
+    after = jax.device_get(state.params)
+    assert float(m["nonfinite"]) == 0.0
+    for k in ("tokenizer", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, after[k], before[k])
+    assert not np.array_equal(after["head"]["linear"]["kernel"], before["head"]["linear"]["kernel"])
