@@ -1,10 +1,11 @@
 """Entry point: python -m matpac_jax.main --config=configs/pp.py[:variant,key=value] --workdir=DIR
 
 Flags only. ``--coordinator``, ``--num_processes``, ``--process_id`` start a multi-process job (distributed.py; TPU
-pods and SLURM are detected). ``config.task`` picks the work: 'pretrain' (MATPAC / MATPAC++) and 'distill' (S-SONDO
-students) run the one trainer, train.loop.train_and_evaluate; 'teacher_pass' runs the S-SONDO teacher-embedding pass
-and its k-means into WORKDIR (distill.teacher_pass.run_from_config). Exit status: 0 when the run finished or was
-preempted (SIGTERM: it saved and says where it resumes), 3 when it stopped on a non-finite update (WORKDIR/
+pods and SLURM are detected). ``config.task`` picks the work: 'pretrain' (MATPAC / MATPAC++), 'distill' (S-SONDO
+students) and 'finetune' (AudioSet fine-tuning) run the one trainer (matpac_jax.tasks, train.loop.train_and_evaluate);
+'teacher_pass' runs the S-SONDO teacher-embedding pass and its k-means into WORKDIR
+(distill.teacher_pass.run_from_config). Exit status: 0 when the run finished or was preempted (SIGTERM: it saved and
+says where it resumes), 3 when it stopped on a non-finite update (WORKDIR/
 nonfinite_report.json; with config.nonfinite='skip', after config.nonfinite_max_skips in a row), 2 for an error found
 before any compute, printed as one line that names the key (or the flag, the checkpoint, the run holding the workdir)
 and the fix: an unknown config key or flag, a bad value, a checkpoint that fails verification or was saved with
