@@ -45,9 +45,12 @@ def test_records_carry_their_labels_and_the_weighted_sampler_reads_them(shards, 
     assert batch["audio"].shape == (8, crop_samples(c)) and batch["audio"].dtype == np.int16
     assert batch["targets"].shape == (8, 8) and np.all(batch["targets"].sum(axis=1) == 1)  # one class per demo clip
     labels = record_labels(sorted(map(str, shards.glob("*.arrayrecord"))), 8, str(tmp_path / "labels.npz"))
-    audio, targets = eval_clips(c, None)
-    assert len(labels) == len(audio) == 24 and np.array_equal(labels, targets > 0)  # every clip, in order
-    assert len(eval_clips(c, None, 1, 2)[0]) == 12  # process 1 of 2: its half
+    evals = eval_clips(c, None)
+    audio = np.concatenate(list(evals.batches(5)))  # read 5 clips at a time, the last batch shorter
+    assert len(labels) == len(audio) == len(evals) == 24 and np.array_equal(labels, evals.targets > 0)  # all, in order
+    assert audio.shape[1] == crop_samples(c) and audio.dtype == np.int16
+    half = eval_clips(c, None, 1, 2)  # process 1 of 2: clips 1, 3, ...
+    np.testing.assert_array_equal(np.concatenate(list(half.batches(32))), audio[1::2])
 
 
 def test_finetuning_resumes_exactly_and_writes_a_model_tag_reads(shards, tmp_path):
@@ -69,7 +72,7 @@ def test_finetuning_resumes_exactly_and_writes_a_model_tag_reads(shards, tmp_pat
     c = _records_config(shards)
     enc = load_encoder(str(tmp_path / "a" / "model"))
     assert enc.spec.crop_frames == c.audio.crop_frames and set(enc.params) == {"tokenizer", "encoder", "head"}
-    wave = np.asarray(eval_clips(c, None)[0][:3], np.float32) / 32767.0
+    wave = np.asarray(next(eval_clips(c, None).batches(3)), np.float32) / 32767.0
     model = FinetuneModel.from_config(c)
     head = enc.params["head"]
     variables = {"params": {k: enc.params[k] for k in ("tokenizer", "encoder")}

@@ -8,9 +8,10 @@ pretraining with ``num_classes`` (random crops of ``config.audio.crop_frames`` f
 the weighted sampler needs, are read once and cached in ``WORKDIR/train_labels.npz`` (keyed by the shards' names,
 sizes and modification times): one pass over the corpus, like the teacher pass of S-SONDO.
 
-Evaluation (``eval_clips``): every clip of the evaluation set, in a fixed order (shards in name order, records in
-shard order), each cut to the first ``crop_frames`` frames (zero-padded when shorter, as the published fine-tuning
-pads its input), process ``p`` of ``P`` taking clips ``p, p + P, ...``.
+Evaluation (``eval_clips`` -> ``EvalSet``): every clip of the evaluation set, in a fixed order (shards in name order,
+records in shard order), each cut to the first ``crop_frames`` frames (zero-padded when shorter, as the published
+fine-tuning pads its input), process ``p`` of ``P`` taking clips ``p, p + P, ...``; the labels are held, the audio is
+read a batch at a time at each evaluation.
 """
 
 from __future__ import annotations
@@ -83,20 +84,38 @@ def fit(pcm: np.ndarray, samples: int) -> np.ndarray:
     return np.pad(pcm[:samples], (0, max(samples - pcm.shape[0], 0)))
 
 
-def eval_clips(config, splits, process_index: int = 0, process_count: int = 1):
-    """(audio [n, samples] float32 or int16, targets [n, C] float32) of this process's share of the evaluation set."""
+class EvalSet:
+    """This process's share of the evaluation set: ``targets`` [n, C] float32, held; the audio read ``batch`` clips at
+    a time (``batches``), from memory (the demo) or from the record shards (each evaluation reads them again, so a
+    host holds one batch of audio, not the set: AudioSet's ≈ 20 k eval clips at 992 frames are ≈ 6.3 GB of int16)."""
+
+    def __init__(self, samples: int, targets: np.ndarray, audio: np.ndarray | None = None, source=None, indices=()):
+        self.samples, self.targets, self.audio, self.source = samples, targets, audio, source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batches(self, batch: int):
+        for start in range(0, len(self), batch):
+            if self.audio is not None:
+                yield self.audio[start : start + batch]
+            else:
+                idx = self.indices[start : start + batch]
+                yield np.stack([fit(decode_pcm(self.source[i])[1], self.samples) for i in idx])
+
+
+def eval_clips(config, splits, process_index: int = 0, process_count: int = 1) -> EvalSet:
+    """This process's share of the evaluation set: clips ``process_index``, ``process_index + process_count``, ..."""
     samples = crop_samples(config)
     if splits is not None:  # the demo: its held-out split
         test = splits[1]
-        audio = np.stack([fit(w, samples) for w in test["waves"]])
-        return audio[process_index::process_count], test["targets"][process_index::process_count]
+        audio = np.stack([fit(w, samples) for w in test["waves"]])[process_index::process_count]
+        return EvalSet(samples, test["targets"][process_index::process_count], audio=audio)
     paths = expand_files(config.finetune.eval)
     source = grain.sources.ArrayRecordDataSource(paths)
-    audio, targets = [], []
-    for i in range(process_index, len(source), process_count):
-        header, pcm = decode_pcm(source[i])
-        audio.append(fit(pcm, samples))
-        targets.append(multi_hot(header["labels"], config.finetune.num_classes))
-    if not audio:
+    indices = range(process_index, len(source), process_count)
+    if not indices:
         raise ValueError(f"config.finetune.eval={config.finetune.eval!r}: no clips for process {process_index}")
-    return np.stack(audio), np.stack(targets)
+    targets = np.stack([multi_hot(decode_header(source[i])["labels"], config.finetune.num_classes) for i in indices])
+    return EvalSet(samples, targets, source=source, indices=indices)

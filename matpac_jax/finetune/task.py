@@ -128,10 +128,9 @@ class FinetuneTask:
 
     def scores(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, C] and targets [N, C] of the whole evaluation set (every process's share, gathered)."""
-        audio, targets = self.eval_set
+        targets = self.eval_set.targets
         out = []
-        for i in range(0, len(audio), EVAL_BATCH):
-            chunk = audio[i : i + EVAL_BATCH]
+        for chunk in self.eval_set.batches(EVAL_BATCH):
             padded = np.zeros((EVAL_BATCH, *chunk.shape[1:]), chunk.dtype)
             padded[: len(chunk)] = chunk  # one compiled shape
             out.append(np.asarray(self._scores(params, batch_stats, padded))[: len(chunk)])
