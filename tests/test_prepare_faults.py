@@ -14,7 +14,7 @@ import soundfile as sf
 
 from matpac_jax.audio import io as audio_io
 from matpac_jax.audio.io import AudioError, load_audio, resample
-from matpac_jax.data import prepare as prep
+from matpac_jax.data import shard_writer as prep  # where the shards are decoded and written
 from matpac_jax.data.pipeline import expand_files, pretrain_dataset
 from matpac_jax.data.prepare import KILL_SHARD_ENV, PrepareError, main, prepare
 from matpac_jax.data.records import (

@@ -43,29 +43,23 @@ counts built, temporaries and foreign shards removed).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import signal
 import sys
 import time
-import traceback
-from collections.abc import Iterable
 
 from tqdm import tqdm
 
-from matpac_jax.audio.io import MAX_RATE, MIN_RATE, AudioError, load_audio
-from matpac_jax.data.records import (
-    CODECS,
-    COMPRESSIONS,
-    ClipRecord,
-    check_shard,
-    encode_record,
-    shard_name,
-    write_shard,
+from matpac_jax.audio.io import MAX_RATE, MIN_RATE
+from matpac_jax.data.records import CODECS, COMPRESSIONS, shard_name
+from matpac_jax.data.shard_writer import (  # noqa: F401  (KILL_SHARD_ENV re-exported: the fault-injection switch)
+    KILL_SHARD_ENV,
+    build_shard,
+    clip_fingerprint,
+    json_safe,
+    load_sidecar,
+    run_parallel,
 )
 from matpac_jax.data.sources import AUDIO_EXTENSIONS, Clip, PrepareError, _collect, _shown  # noqa: F401  (re-exported)
 from matpac_jax.fileio import TMP_MARK, atomic_write_json, unwritable_reason
@@ -74,149 +68,6 @@ MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_SHARDS = 99999  # shard names hold 5 digits
 DEFAULT_MAX_SECONDS = 3600.0
-KILL_SHARD_ENV = "MATPAC_JAX_PREPARE_KILL_SHARD"  # fault injection for tests: the worker of this shard SIGKILLs itself
-_IN_WORKER = False  # True in a worker process of ``_run_parallel`` (where KILL_SHARD_ENV applies)
-
-
-def _json_safe(obj):
-    """``obj`` with every string made valid UTF-8 (``_shown``), for the sidecars and the manifest."""
-    if isinstance(obj, str):
-        return _shown(obj)
-    if isinstance(obj, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _fingerprint(clips: list[Clip], settings: dict) -> str:
-    blob = json.dumps([settings, clips], sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _load_sidecar(path: str, fingerprint: str) -> dict | None:
-    """The sidecar of a finished shard, or None if the shard must be (re)built: missing, unreadable (truncated, not
-    an ArrayRecord file), or not holding the sidecar's record count, or a sidecar of other clips or settings."""
-    if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
-        return None
-    try:
-        with open(path + ".json", encoding="utf-8") as f:
-            side = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(side, dict) or side.get("fingerprint") != fingerprint:
-        return None
-    try:
-        return side if check_shard(path) == side.get("clips") else None
-    except (OSError, ValueError):
-        return None
-
-
-def _build_shard(task: tuple[int, str, list[Clip], dict, str]) -> dict:
-    """Decode, encode and write one shard and its sidecar; returns the sidecar.
-
-    A clip that cannot be used, for whatever reason (``AudioError``, a bad record, ``MemoryError``...), is skipped
-    and reported; PrepareError naming the shard when the shard itself cannot be written.
-    """
-    index, path, clips, settings, fingerprint = task
-    sr, skipped, num_samples = settings["sample_rate"], [], 0
-    min_samples = math.ceil(settings["min_seconds"] * sr - 1e-9)
-
-    def records() -> Iterable[bytes]:
-        nonlocal num_samples
-        if _IN_WORKER and os.environ.get(KILL_SHARD_ENV) == str(index):  # the shard's temporary file now exists
-            os.kill(os.getpid(), signal.SIGKILL)
-        for clip in clips:
-            shown = _shown(clip["path"])
-            try:
-                wave = load_audio(clip["path"], sr, min_samples=min_samples, max_seconds=settings["max_seconds"])
-                record = encode_record(ClipRecord(clip["key"], wave, sr, clip["labels"], shown), settings["codec"])
-            except (AudioError, ValueError) as e:
-                skipped.append({"key": clip["key"], "path": shown, "reason": getattr(e, "reason", str(e))})
-                continue
-            except Exception as e:  # MemoryError, a library's own error type...: skip the file, not the run
-                skipped.append({"key": clip["key"], "path": shown, "reason": f"{type(e).__name__}: {e}"})
-                continue
-            num_samples += wave.shape[0]
-            del wave
-            yield record
-
-    try:
-        count = write_shard(path, records(), settings["compression"])
-        side = {"index": index, "shard": os.path.basename(path), "clips": count, "seconds": num_samples / sr}
-        side.update(skipped=skipped, fingerprint=fingerprint)
-        side = _json_safe(side)
-        atomic_write_json(path + ".json", side)
-    except OSError as e:
-        raise PrepareError(f"cannot write shard {_shown(path)}: {e}") from None
-    return side
-
-
-def _shard_process(task: tuple, conn: multiprocessing.connection.Connection) -> None:
-    """Body of a worker process: build one shard and send ("ok", sidecar), ("error", message) or ("bug", traceback)."""
-    global _IN_WORKER
-    _IN_WORKER = True
-    try:
-        message = ("ok", _build_shard(task))
-    except PrepareError as e:
-        message = ("error", str(e))
-    except Exception:
-        message = ("bug", traceback.format_exc())
-    conn.send(message)
-    conn.close()
-
-
-def _death(exitcode: int | None) -> str:
-    """How a worker process ended, in words."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = "; the out-of-memory killer? lower --workers or --max-seconds" if -exitcode == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with status {exitcode} without a result"
-
-
-def _run_parallel(tasks: list[tuple], workers: int, done) -> list[str]:
-    """Build ``tasks`` in ``spawn`` processes, at most ``workers`` at a time, calling ``done(sidecar)`` for each
-    finished shard; returns one message per shard that failed (its worker died or could not write it). A dying
-    worker never blocks the others: every shard is attempted. Workers still running on any exception are stopped.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    pending, running, failures = list(reversed(tasks)), {}, []
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                task = pending.pop()
-                receiver, sender = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_shard_process, args=(task, sender), daemon=True)
-                process.start()
-                sender.close()  # the worker holds the only writer: its death is an EOF here
-                running[receiver] = (process, task)
-            for receiver in multiprocessing.connection.wait(list(running)):
-                process, task = running.pop(receiver)
-                try:
-                    status, payload = receiver.recv()
-                except (EOFError, OSError):
-                    status, payload = "died", None
-                receiver.close()
-                process.join()
-                shard = _shown(os.path.basename(task[1]))
-                if status == "ok":
-                    done(payload)
-                elif status == "error":
-                    failures.append(payload)
-                elif status == "bug":
-                    raise RuntimeError(f"building shard {shard} failed in its worker process:\n{payload}")
-                else:
-                    failures.append(f"{shard}: the worker process building it {_death(process.exitcode)}")
-    finally:
-        for process, _ in running.values():
-            process.terminate()
-        for process, _ in running.values():
-            process.join()
-    return failures
 
 
 def _progress(total: int):
@@ -342,8 +193,8 @@ def prepare(
     tasks = []
     for i, path in enumerate(planned):
         shard_clips = unique[i::num_shards]
-        fingerprint = _fingerprint(shard_clips, settings)
-        side = _load_sidecar(path, fingerprint)
+        fingerprint = clip_fingerprint(shard_clips, settings)
+        side = load_sidecar(path, fingerprint)
         if side is None:
             tasks.append((i, path, shard_clips, settings, fingerprint))
         else:
@@ -357,11 +208,11 @@ def prepare(
 
     try:
         if workers > 1 and len(tasks) > 1:
-            failures = _run_parallel(tasks, workers, done)
+            failures = run_parallel(tasks, workers, done)
         else:
             failures = []
             for task in tasks:
-                done(_build_shard(task))
+                done(build_shard(task))
     finally:
         if bar:
             bar.close()
@@ -373,7 +224,7 @@ def prepare(
         )
     shards = [{k: sidecars[i][k] for k in ("shard", "clips", "seconds")} for i in range(num_shards)]
     skipped += [s for i in range(num_shards) for s in sidecars[i]["skipped"]]
-    skipped = _json_safe(skipped)
+    skipped = json_safe(skipped)
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "parameters": {"input": input, "format": fmt, "num_shards": num_shards, **settings, **sources},
@@ -385,7 +236,7 @@ def prepare(
         "run": {"started": started, "elapsed_seconds": time.time() - started, "built": len(tasks)},
     }
     manifest["run"].update(already_done=already_done, removed_temporaries=removed, replaced=foreign)
-    manifest = _json_safe(manifest)
+    manifest = json_safe(manifest)
     atomic_write_json(os.path.join(output, MANIFEST), manifest)
     for name in foreign:  # only now: until the new manifest is in place, the old shards are still a whole corpus
         for path in (os.path.join(output, name), os.path.join(output, name + ".json")):
