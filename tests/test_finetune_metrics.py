@@ -62,14 +62,14 @@ def test_auc_matches_scikit_learn_with_ties_and_one_sided_classes():
     assert evaluate_scores(scores, targets)["AUC"] == pytest.approx(auc, rel=1e-9)
 
 
-def test_map_ranks_tied_scores_in_clip_order():
-    """mAP is the linear probe's mean_average_precision (matpac_jax/evaluate/harness.py:30-48), which ranks tied
-    scores in clip order; scikit-learn (AST stats.py:32-33) scores a run of tied clips at one threshold. Here a
-    negative ties with the second positive: in clip order the positive comes first (precisions 1, 1), scikit-learn
-    counts both at once (precisions 1, 2/3)."""
+def test_map_scores_tied_clips_at_one_threshold():
+    """mAP is the linear probe's mean_average_precision (matpac_jax/evaluate/harness.py), which scores a run of tied
+    clips at one threshold as scikit-learn does (AST stats.py:32-33). Here a negative ties with the second positive:
+    both count at once (precisions 1, 2/3), whichever comes first in clip order."""
     scores = np.array([[0.9], [0.5], [0.5], [0.1]])
     targets = np.array([[1], [1], [0], [0]])
-    assert evaluate_scores(scores, targets)["mAP"] == pytest.approx(1.0)
+    assert evaluate_scores(scores, targets)["mAP"] == pytest.approx((1 + 2 / 3) / 2)
+    assert evaluate_scores(scores[[0, 2, 1, 3]], targets[[0, 2, 1, 3]])["mAP"] == pytest.approx((1 + 2 / 3) / 2)
     assert average_precision_score(targets[:, 0], scores[:, 0]) == pytest.approx((1 + 2 / 3) / 2)
     # AUC: the tied pair counts one half, 3.5 of the 4 positive-negative pairs
     assert evaluate_scores(scores, targets)["AUC"] == pytest.approx(3.5 / 4)

@@ -186,3 +186,18 @@ def test_bad_inputs_name_the_problem(change, match):
                 test_idx=np.arange(30, 40), multilabel=False, num_classes=3) | change  # fmt: skip
     with pytest.raises(ValueError, match=match):
         probe_split(args.pop("x"), args.pop("labels"), args.pop("train_idx"), args.pop("test_idx"), **args)
+
+
+def test_average_precision_is_scikit_learns_with_ties():
+    """The published evaluations compute AP with scikit-learn (AST src/utilities/stats.py:32-33): scores rounded to a
+    few levels (many ties) give scikit-learn's value, in any clip order."""
+    from sklearn import metrics as sklearn_metrics
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        scores = np.round(rng.random(60), 1)
+        targets = (rng.random(60) < 0.3).astype(np.float32)
+        targets[0] = 1.0
+        want = sklearn_metrics.average_precision_score(targets, scores)
+        assert average_precision(scores, targets) == pytest.approx(want, rel=1e-12)
+        perm = rng.permutation(60)
+        assert average_precision(scores[perm], targets[perm]) == pytest.approx(want, rel=1e-12)

@@ -28,13 +28,16 @@ _STD_EPS = 1e-6
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP of one class: mean precision at the rank of each positive (ties in rank order); nan without positives."""
+    """AP of one class as scikit-learn's ``average_precision_score`` computes it (the published evaluations' AP):
+    each positive earns the precision at its score's threshold, a run of tied scores counted at once; nan without
+    positives."""
     order = np.argsort(-scores, kind="stable")
-    t = targets[order] > 0.5
+    s, t = scores[order], targets[order] > 0.5
     if not t.any():
         return float("nan")
-    hits = np.cumsum(t)
-    return float(np.mean(hits[t] / (np.flatnonzero(t) + 1)))
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # the last rank of each run of tied scores
+    hits = np.cumsum(t)[ends]
+    return float(np.sum(np.diff(hits, prepend=0) * hits / (ends + 1)) / hits[-1])
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> float:

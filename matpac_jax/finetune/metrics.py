@@ -7,9 +7,8 @@ d′ = √2 · Φ⁻¹(macro AUC), the d′ of the averaged AUC (not an average 
 clip has no AP and no AUC, one without a negative clip no AUC: they are left out of the averages (the references
 assume every class has both, as AudioSet's evaluation set does).
 
-mAP is the linear probe's ``mean_average_precision``. It ranks tied scores in clip order where scikit-learn scores a
-run of tied clips at one threshold, so the two differ when a positive ties with a negative (low-precision scores:
-sigmoid outputs rounded to bfloat16 move mAP by about 1e-3); on distinct scores they agree to rounding. AUC is the
+mAP is the linear probe's ``mean_average_precision``, scikit-learn's AP (a run of tied scores counted at one
+threshold), so the point value and the bootstrap's resamples compute AP the same way. AUC is the
 Mann-Whitney statistic with ties counting one half, scikit-learn's trapezoid area exactly. Classes are ranked in
 blocks, vectorised: 20k clips × 527 classes take 2-3 s (half of it the per-class mAP loop).
 
