@@ -192,6 +192,7 @@ def test_average_precision_is_scikit_learns_with_ties():
     """The published evaluations compute AP with scikit-learn (AST src/utilities/stats.py:32-33): scores rounded to a
     few levels (many ties) give scikit-learn's value, in any clip order."""
     from sklearn import metrics as sklearn_metrics
+
     rng = np.random.default_rng(4)
     for _ in range(20):
         scores = np.round(rng.random(60), 1)
