@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+import jax
 import ml_collections as mlc
 import numpy as np
 
@@ -63,8 +64,8 @@ def _from_training_run(path: str) -> Model:
     pretraining run, with its EMA teacher and center kept so that ``convert --to-torch`` writes the full published
     layout; the student backbone of a distillation run."""
     config, state = read_trained_state(path)
-    host = lambda tree: {k: host(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)  # noqa: E731
-    task = config.get("task", "pretrain")
+    host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+    task = config["task"]
     if task == "pretrain":
         params = {**host(state["student"]), "teacher": host(state["teacher"]), "center": host(state["center"])}
         return Encoder(EncoderSpec.from_config(mlc.ConfigDict(config)), params)

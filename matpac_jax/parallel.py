@@ -123,6 +123,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
+def place(tree, shardings):
+    """Host arrays (the same on every process) -> global arrays with ``shardings`` (a matching tree): each process
+    puts on its devices only the shards they hold."""
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), tree, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

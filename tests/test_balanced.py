@@ -3,6 +3,7 @@ the 1/|cluster| sampler: uniform cluster frequencies over a long draw, determini
 
 import numpy as np
 import pytest
+from helpers import assert_resumes_from_iterator_state
 
 from matpac_jax.distill.kmeans import fit_kmeans, kmeans_pp
 from matpac_jax.distill.sampler import BalancedIndices
@@ -80,11 +81,4 @@ def test_sampler_is_deterministic_sliceable_and_resumes_exactly():
     assert first != [BalancedIndices(assignments, seed=12)[j] for j in range(40)]
     halves = [list(ds[p::2][:20]) for p in (0, 1)]  # per-process slices interleave to the whole sequence
     assert [x for pair in zip(*halves, strict=True) for x in pair] == first
-    it = iter(ds.to_iter_dataset())
-    for _ in range(25):
-        next(it)
-    state = it.get_state()
-    rest = [next(it) for _ in range(15)]
-    fresh = iter(ds.to_iter_dataset())
-    fresh.set_state(state)
-    assert [next(fresh) for _ in range(15)] == rest == first[25:40]
+    assert_resumes_from_iterator_state(ds, first)

@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import assert_close_to_scale
+from helpers import assert_close_to_scale, write_tone_folder
 from test_frontend import reference_log_mel
 from test_inference import HEADS, numpy_layers, published_state_dict
 
@@ -46,14 +46,7 @@ def models():
 def dataset(tmp_path_factory):
     """A folder dataset of 8 clips of 8 lengths (two tones, 2 folds)."""
     root = tmp_path_factory.mktemp("set")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        t = np.arange(4_000 + 1_500 * i) / RATE
-        wave = 0.3 * np.sin(2 * np.pi * (300 if i % 2 else 2000) * t) + 0.01 * rng.standard_normal(t.size)
-        sf.write(root / f"{i}.wav", wave.astype(np.float32), RATE, subtype="FLOAT")
-        rows.append(f"{i}.wav,{'low' if i % 2 else 'high'},{i % 2 + 1}")
-    (root / "labels.csv").write_text("path,labels,fold\n" + "\n".join(rows) + "\n")
+    write_tone_folder(root, 8, RATE, 4_000, 1_500, 2000, "fold", lambda i: i % 2 + 1)
     return root
 
 

@@ -3,6 +3,7 @@ error of the weights, a sequence fixed by the seed and each element's position (
 
 import numpy as np
 import pytest
+from helpers import assert_resumes_from_iterator_state
 
 from matpac_jax.finetune.sampler import EVAR_POWER, LabelWeightedIndices, label_weights
 
@@ -103,14 +104,7 @@ def test_sequence_is_fixed_by_seed_and_position():
     shards = [list(ds[p::3][:20]) for p in range(3)]
     assert [x for triple in zip(*shards, strict=True) for x in triple] == first
     assert list(ds[25:40]) == first[25:40]
-    it = iter(ds.to_iter_dataset())
-    for _ in range(25):
-        next(it)
-    state = it.get_state()
-    rest = [next(it) for _ in range(15)]
-    fresh = iter(ds.to_iter_dataset())
-    fresh.set_state(state)
-    assert [next(fresh) for _ in range(15)] == rest == first[25:40]
+    assert_resumes_from_iterator_state(ds, first)
 
 
 def test_unlabelled_clip_gets_weight_zero():

@@ -39,7 +39,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import traverse_util
 
-from matpac_jax import convert
+from matpac_jax import convert, parallel
 from matpac_jax.config_lib import ConfigError, load_config_file
 from matpac_jax.convert import ConversionError, check_output
 from matpac_jax.distill import dymn, eres2net
@@ -255,10 +255,6 @@ def _shapes(tree) -> dict[str, tuple]:
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
 
 
-def _place(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), tree, shardings)
-
-
 def initialise_from(init_fn, student_config, abstract):
     """``init_fn`` (rng -> DistillState; ``abstract``: its sharded shapes) whose backbone (and projection head, when
     the file has one of the same shapes) start from ``student_config.init_from``'s weights. The file is read and its
@@ -288,7 +284,7 @@ def initialise_from(init_fn, student_config, abstract):
         new = {"params": dict(state.params), "batch_stats": dict(state.batch_stats)}
         for collection, group in groups:
             shardings = jax.tree.map(lambda a: a.sharding, getattr(abstract, collection)[group])
-            new[collection][group] = _place(loaded[collection][group], shardings)
+            new[collection][group] = parallel.place(loaded[collection][group], shardings)
         return state.replace(params=new["params"], batch_stats=new["batch_stats"])
 
     return init

@@ -28,7 +28,8 @@ _STD_EPS = 1e-6
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP of one class as scikit-learn's ``average_precision_score`` computes it (the published evaluations' AP):
+    """AP of one class as scikit-learn's ``average_precision_score`` computes it (the published evaluations' AP:
+    YuanGongND/ast src/utilities/stats.py:32-33, which nttcslab/m2d's and EVAR's AudioSet evaluations follow):
     each positive earns the precision at its score's threshold, a run of tied scores counted at once; nan without
     positives."""
     order = np.argsort(-scores, kind="stable")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.fileio import atomic_write_json
@@ -110,16 +111,17 @@ class FinetuneTask:
         else:
             head = None
 
-        def place(tree, like):
-            return jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, s.dtype), s.sharding), tree, like)
+        def put(tree, like):  # host arrays -> the state's dtypes and shardings
+            return parallel.place(jax.tree.map(lambda a, s: np.asarray(a, s.dtype), tree, like),
+                                  jax.tree.map(lambda s: s.sharding, like))  # fmt: skip
 
         def init(rng):
             state = init_fn(rng)
-            params = dict(state.params) | {k: place(weights[k], abstract.params[k]) for k in weights}
+            params = dict(state.params) | {k: put(weights[k], abstract.params[k]) for k in weights}
             stats = state.batch_stats
             if head is not None:
-                params["head"] = place(head["params"], abstract.params["head"])
-                stats = {"head": place(head["batch_stats"], abstract.batch_stats["head"])}
+                params["head"] = put(head["params"], abstract.params["head"])
+                stats = {"head": put(head["batch_stats"], abstract.batch_stats["head"])}
             return state.replace(params=params, batch_stats=stats)
 
         return init

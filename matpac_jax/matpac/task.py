@@ -81,9 +81,8 @@ def encoder_of(config, student: dict) -> Encoder:
     return Encoder(EncoderSpec.from_config(config), {k: params[k] for k in ("tokenizer", "encoder")})
 
 
-def _probe_demo(config, model, params, splits, seeds) -> dict:
+def _probe_demo(config, params, splits, seeds) -> dict:
     """The harness (evaluate.harness) on the demo's labelled split: {'mean', 'ci95', 'runs'}."""
-    del model
     x, labels, n_train = demo_embeddings(encoder_of(config, params), splits, config.audio.sample_rate)
     return probe_with_ci(x, labels, n_train, len(splits[0]["class_names"]), seeds, config.probe.steps)
 
@@ -94,7 +93,7 @@ def closing_probe(config, model, student, splits) -> dict:
     deterministic), so a resumed run compares against the same starting point."""
     seeds = tuple(range(config.seed, config.seed + config.probe.seeds))
     initial_student = jax.jit(model.init)(jax.random.key(config.seed))[0]  # jitted: eager init compiles op by op
-    out = {name: _probe_demo(config, model, params, splits, seeds)
+    out = {name: _probe_demo(config, params, splits, seeds)
            for name, params in (("learned", student), ("init", initial_student))}  # fmt: skip
     if jax.process_index() == 0:
         print("| encoder | demo probe accuracy (mean ± 95 % CI over seeds) |\n|---|---|")
@@ -108,8 +107,8 @@ class PeriodicProbe:
     (demo input) and on ``config.probe.datasets`` ((adapter, root) pairs of evaluate.datasets).
     Results go to WORKDIR/probe.jsonl, TensorBoard (probe/<task>) and the console."""
 
-    def __init__(self, config, model, splits, workdir: str):
-        self.config, self.model, self.splits = config, model, splits
+    def __init__(self, config, splits, workdir: str):
+        self.config, self.splits = config, splits
         self.every = int(config.probe.every)
         self.tasks = []
         if self.every:
@@ -124,7 +123,7 @@ class PeriodicProbe:
             return
         results = {}
         if self.splits is not None:
-            results["demo"] = _probe_demo(self.config, self.model, student, self.splits, (self.config.seed,))["mean"]
+            results["demo"] = _probe_demo(self.config, student, self.splits, (self.config.seed,))["mean"]
         if self.tasks:
             encoder = encoder_of(self.config, student)
             for task in self.tasks:
@@ -154,9 +153,8 @@ class PretrainTask:
         return TaskInput(source)
 
     def periodic_probe(self):
-        model = MatpacModel.from_config(self.config)  # its geometry is checked by config_lib.check_config
         try:
-            probe = PeriodicProbe(self.config, model, self.splits, self.workdir)
+            probe = PeriodicProbe(self.config, self.splits, self.workdir)
         except (OSError, ValueError) as e:
             raise ConfigError(f"config.probe.datasets: {e}") from None
         return lambda step, state, tb: probe(step, state.student, tb)
