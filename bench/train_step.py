@@ -4,23 +4,25 @@ model FLOPs per sample, MFU.
   python bench/train_step.py --config=configs/pp.py:smoke                  # CPU smoke model
   python bench/train_step.py --config=configs/pp.py --batch=256 --steps=20 # ViT-B recipe on an accelerator
   python bench/train_step.py --config=configs/pp.py:smoke --baseline=model.dtype=bfloat16
-  python bench/train_step.py --config=configs/pp.py --batch=256 --ladder  # straightforward -> tuned, one table
+  python bench/train_step.py --config=configs/pp.py --batch=256 --ladder  # XLA attention -> default -> options
   python bench/train_step.py --config=configs/finetune_as.py:smoke         # the fine-tuning step (AudioSet head)
 
 FLOPs are counted from the step's jaxpr (every dot_general / conv: forward, backward, teacher forward), not
 estimated. With --baseline=key=value[,key=value] a second variant is timed in the same process and the ratio printed.
-``--ladder`` times ``LADDER`` in one process, from the straightforward step (the config as it is) through each
-option to the tuned one, with samples/s, MFU, the compiled step's memory per device and the ratio to the first
-(cuDNN attention is skipped where there is no NVIDIA GPU).
+``--ladder`` times ``LADDER`` in one process: XLA's attention, the default (``model.attn_impl='auto'``: cuDNN's
+fused attention on an NVIDIA GPU, XLA's elsewhere) and each option on top of it, with samples/s, MFU (the attention
+inside cuDNN's kernel counted as XLA's, flops.py), the compiled step's memory per device and the ratio to the first.
 Inputs are random waveforms of exactly one crop; the input pipeline is not part of this measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,19 +33,19 @@ from matpac_jax import config_lib, parallel  # noqa: E402
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
 from matpac_jax.tasks import make_task  # noqa: E402
-from matpac_jax.train.loop import compiled_memory  # noqa: E402
+from matpac_jax.train.loop import memory_of  # noqa: E402
 from matpac_jax.train.program import compile_program  # noqa: E402
 from matpac_jax.train.task import TaskInput  # noqa: E402
 
-# (name, overrides, batch multiplier): the straightforward step, each option, and all of them with a larger batch
+# (name, overrides, batch multiplier): XLA's attention (the default before 'auto'), the default, and each option on
+# top of it. Earlier rows on one H200 (BENCHMARKS.md): remat and the layer scan cost speed, cuDNN paid 1.28x.
 LADDER = (
-    ("straightforward", "", 1),
-    ("remat dots", "model.remat=dots", 1),
-    ("remat full", "model.remat=full", 1),
-    ("layer scan", "model.scan_layers=True", 1),
-    ("layer scan + remat dots", "model.scan_layers=True,model.remat=dots", 1),
-    ("cuDNN flash attention", "model.attn_impl=cudnn", 1),
-    ("cuDNN + scan + remat dots, batch x4", "model.attn_impl=cudnn,model.scan_layers=True,model.remat=dots", 4),
+    ("XLA attention", "model.attn_impl=xla", 1),
+    ("default (attn_impl=auto)", "", 1),
+    ("auto + remat dots", "model.remat=dots", 1),
+    ("auto + layer scan", "model.scan_layers=True", 1),
+    ("auto, batch x2", "", 2),
+    ("auto + remat dots, batch x4", "model.remat=dots", 4),
 )
 
 
@@ -57,48 +59,92 @@ def apply_overrides(config, overrides: str) -> None:
         node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
 
 
-def measure(config, steps: int, warmup: int) -> dict:
-    """The trainer's program for the config's task (train.program: guard, shardings, donation) on random crops."""
-    mesh = parallel.make_mesh(config.mesh.to_dict())
-    init_fn, train_step, abstract = compile_program(make_task(config, "/nonexistent").build(TaskInput(None)), mesh)
+TARGET_DIM = 3840  # the distillation target: the MATPAC++ teacher's clip embedding
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    """A task's step as the trainer compiles it (train.program: guard, shardings, donation), ahead of time, with an
+    initial state and a random host batch of the config's shapes."""
+
+    compiled: Any  # the AOT-compiled step: (state, batch, rng) -> (state, metrics), state donated
+    state: Any
+    host_batch: dict  # numpy arrays, as the input pipeline gives them
+    mesh: Any
+    flops: int  # counted matmul FLOPs of one step (flops.count_matmul_flops)
+    memory: dict | None  # compiled per-device bytes (loop.compiled_memory's keys)
+    compile_s: float  # lowering + XLA compilation (no persistent cache)
+
+    def batch(self):
+        """The host batch placed on the mesh as the trainer places it (a fresh transfer at each call)."""
+        return parallel.global_batch(self.host_batch, self.mesh)
+
+
+def random_batch(config) -> dict:
+    """Random host inputs of one step for the config's task: waveform crops (int16 PCM, as the input pipeline ships
+    them), plus multi-hot targets (fine-tuning, ~2 labels per clip as in AudioSet) or teacher embeddings
+    (distillation)."""
+    rng = np.random.default_rng(0)
     b = config.data.batch_size
-    n = num_samples_for_frames(config.audio.crop_frames, LogMelConfig.from_audio_config(config.audio))
-    rng_np = np.random.default_rng(0)
-    host = {"audio": rng_np.normal(0, 0.1, (b, n)).astype(np.float32)}
-    if config.task == "finetune":  # multi-hot targets, ~2 labels per clip as in AudioSet
-        host["targets"] = rng_np.random((b, config.finetune.num_classes)) < 2 / config.finetune.num_classes
-        host["targets"] = host["targets"].astype(np.float32)
-    batch = parallel.global_batch(host, mesh)
+    if config.task == "distill":
+        n = int(round(config.audio.seconds * config.audio.sample_rate))
+    else:
+        n = num_samples_for_frames(config.audio.crop_frames, LogMelConfig.from_audio_config(config.audio))
+    host = {"audio": rng.integers(-3000, 3000, (b, n)).astype(np.int16)}
+    if config.task == "finetune":
+        k = config.finetune.num_classes
+        host["targets"] = (rng.random((b, k)) < 2 / k).astype(np.float32)
+    if config.task == "distill":
+        host["target"] = rng.standard_normal((b, TARGET_DIM)).astype(np.float32)
+    return host
+
+
+def prepare_step(config) -> PreparedStep:
+    """Compile the config's step once (the timed and profiled calls run this compiled program)."""
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    info = {"target_dim": TARGET_DIM} if config.task == "distill" else {}
+    program = make_task(config, "/nonexistent").build(TaskInput(None, info))
+    init_fn, train_step, abstract = compile_program(program, mesh)
+    host = random_batch(config)
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
     rng = jax.random.key(0)
     flops = count_matmul_flops(train_step, abstract, spec, rng)
     t0 = time.perf_counter()
-    memory = compiled_memory(train_step, abstract, spec)
-    compile_s = time.perf_counter() - t0  # lowering + XLA compilation of the whole step (no persistent cache here)
-    state = init_fn(jax.random.key(config.seed))
+    compiled = train_step.lower(abstract, spec, rng).compile()
+    compile_s = time.perf_counter() - t0
+    memory = memory_of(compiled)
+    return PreparedStep(compiled, init_fn(jax.random.key(config.seed)), host, mesh, flops, memory, compile_s)
+
+
+def measure(config, steps: int, warmup: int) -> dict:
+    """samples/s, counted GFLOP/sample, MFU and memory of the config's step on random crops (one batch transfer
+    before the timed steps: the input pipeline is not part of it)."""
+    p = prepare_step(config)
+    b = config.data.batch_size
+    batch, rng, state = p.batch(), jax.random.key(0), p.state
     t0 = time.perf_counter()
     for _ in range(warmup):
-        state, m = train_step(state, batch, rng)
+        state, m = p.compiled(state, batch, rng)
     jax.block_until_ready(m)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, m = train_step(state, batch, rng)
+        state, m = p.compiled(state, batch, rng)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     out = {
         "steps_per_s": 1 / dt,
         "samples_per_s": b / dt,
-        "gflop_per_sample": flops / b / 1e9,
-        "compile_s": compile_s,
+        "gflop_per_sample": p.flops / b / 1e9,
+        "compile_s": p.compile_s,
         "warmup_s": warmup_s,
         "loss": float(m["loss"]),
     }
     peak = peak_flops()
     if peak:
-        out["mfu"] = flops / dt / peak
-    if memory:
-        out["memory_gib"] = memory["total"] / (1 << 30)
+        out["mfu"] = p.flops / dt / peak
+    if p.memory:
+        out["memory_gib"] = p.memory["total"] / (1 << 30)
     return out
 
 
@@ -140,16 +186,19 @@ def main() -> None:
 
 
 def ladder(config_for, args) -> None:
-    gpu = jax.devices()[0].platform == "gpu"
+    from matpac_jax.models.vit import cudnn_attention_available
+
+    cudnn = cudnn_attention_available()
+    print(f"attn_impl='auto' is {'cuDNN' if cudnn else 'XLA'} attention on this machine")
     print(
-        "| variant | batch | samples/s | MFU | step memory / device | compile s | vs straightforward |\n"
+        "| variant | batch | samples/s | MFU | step memory / device | compile s | vs XLA attention |\n"
         "|---|---|---|---|---|---|---|"
     )
     first = None
     for name, overrides, mult in LADDER:
         c = config_for(overrides)
         c.data.batch_size *= mult
-        if "cudnn" in overrides and not gpu:
+        if "cudnn" in overrides and not cudnn:
             print(f"| {name} | {c.data.batch_size} | skipped: cuDNN attention needs an NVIDIA GPU | | | | |")
             continue
         try:

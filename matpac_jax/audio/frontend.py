@@ -181,7 +181,11 @@ def log_mel(wave: jax.Array, cfg: LogMelConfig = LogMelConfig()) -> jax.Array:
     input pipeline ships int16 to the device, half the bytes of float32. Jit-compatible; ``cfg`` must be static
     (e.g. ``jax.jit(log_mel, static_argnames="cfg")``).
     """
-    wave = jnp.asarray(wave)
+    with jax.named_scope("log_mel_frontend"):  # a scope name bench/profile_step.py reads
+        return _log_mel(jnp.asarray(wave), cfg)
+
+
+def _log_mel(wave: jax.Array, cfg: LogMelConfig) -> jax.Array:
     if wave.ndim not in (1, 2):
         raise ValueError(f"expected a waveform of shape [B, N] or [N], got shape {wave.shape}")
     unbatched = wave.ndim == 1

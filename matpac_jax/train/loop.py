@@ -93,7 +93,15 @@ def compiled_memory(train_step, abstract, batch_spec) -> dict | None:
     """Per-device bytes of the compiled step (XLA's ``memory_analysis`` of an ahead-of-time compilation):
     {'arguments', 'outputs', 'temporaries', 'donated', 'total'}; None where the backend has no analysis."""
     try:
-        m = train_step.lower(abstract, batch_spec, jax.random.key(0)).compile().memory_analysis()
+        return memory_of(train_step.lower(abstract, batch_spec, jax.random.key(0)).compile())
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+
+
+def memory_of(compiled) -> dict | None:
+    """``compiled_memory``'s figures of an already compiled program."""
+    try:
+        m = compiled.memory_analysis()
     except (NotImplementedError, jax.errors.JaxRuntimeError):
         return None
     if m is None:

@@ -38,11 +38,12 @@ def guarded(step_fn):
 
     def step(state, batch, rng):
         new, metrics = step_fn(state, batch, rng)
-        state_finite = all_finite(new)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & state_finite
-        kept = jax.tree.map(lambda u, k: jnp.where(finite, u, k), new, state).replace(step=new.step)
-        floats = [x for x in jax.tree.leaves(batch) if jnp.issubdtype(x.dtype, jnp.inexact)]
-        bad_inputs = sum((jnp.sum(~jnp.isfinite(x)) for x in floats), jnp.zeros((), jnp.int32))
+        with jax.named_scope("nonfinite_guard"):  # a scope name bench/profile_step.py reads
+            state_finite = all_finite(new)
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & state_finite
+            kept = jax.tree.map(lambda u, k: jnp.where(finite, u, k), new, state).replace(step=new.step)
+            floats = [x for x in jax.tree.leaves(batch) if jnp.issubdtype(x.dtype, jnp.inexact)]
+            bad_inputs = sum((jnp.sum(~jnp.isfinite(x)) for x in floats), jnp.zeros((), jnp.int32))
         metrics = metrics | {
             "nonfinite": 1.0 - finite.astype(jnp.float32),
             "nonfinite_state": 1.0 - state_finite.astype(jnp.float32),
