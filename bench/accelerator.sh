@@ -1,16 +1,69 @@
 #!/usr/bin/env bash
-# The accelerator checks in one run (an offline machine: carry the wheels of ../shared/tools/accelerator_wheels.sh in
-# .whl/): install, the pretraining step ladder of ViT-B at batch 256 (bench/train_step.py --ladder), and the S-SONDO
-# distillation step at the recipe's batch 120 (bench/distill_step.py). Prints everything; copies it to $OUT if set.
+# The accelerator checks, prepared for an offline GPU machine lent for a few minutes (carry the wheels of
+# ../shared/tools/accelerator_wheels.sh in .whl/). Two parts, each one device call of at most 600 s; every section
+# has its own time limit, so a slow one costs its row, not the run. Everything printed is also written to $OUT.
+#
+#   bash bench/accelerator.sh 1   # ~8 min: where the recipe step's time goes (profile), the ladder, the
+#                                 #   fine-tuning and distillation steps' profiles, mn10 float32 vs bfloat16
+#   bash bench/accelerator.sh 2   # ~8 min: XLA GPU flags, the real data path (prepare -> grain -> step), the
+#                                 #   teacher pass against the encoder's forward-only rate
+#   CPU=1 bash bench/accelerator.sh 1   # the rehearsal on a CPU: the same commands on the smoke / demo configs
 set -uo pipefail
+part=${1:-1}
 out=${OUT:-/tmp/accelerator}
 mkdir -p "$out"
 PY=${PYTHON:-python}
-$PY -m pip install -q --no-index --find-links=.whl --no-build-isolation -e . 2>&1 | tail -2
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --find-links=.whl --no-build-isolation -e . 2>&1 | tail -2
+fi
 export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache
+quiet() { grep -v "^WARNING\|^I0000\|^W0000\|^E0000"; }
+section() { echo; echo "## $1" | tee -a "$out/summary.md"; }
+run() {  # run LIMIT_S NAME COMMAND...: prints and keeps the output as $out/NAME.txt
+  local limit=$1 name=$2; shift 2
+  echo "\$ $*" | tee "$out/$name.txt"
+  timeout "$limit" "$@" 2>&1 | quiet | tee -a "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "(exit $rc: timeout or failure after ${limit}s limit)" | tee -a "$out/$name.txt"
+}
 $PY -c "import jax; print(jax.__version__, jax.devices())" | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$out/devices.txt"
-timeout "${LADDER_S:-330}" $PY bench/train_step.py --config=configs/pp.py --batch=256 --steps=10 --ladder 2>&1 \
-  | grep -v "^WARNING\|^I0000\|^W0000" | tee "$out/ladder.txt"
-timeout "${DISTILL_S:-150}" $PY bench/distill_step.py --students=mn10 --batch=120 --steps=10 --warmup=2 2>&1 \
-  | grep -v "^WARNING\|^I0000\|^W0000" | tee "$out/distill.txt"
+nproc | sed 's/^/host cores: /' | tee -a "$out/devices.txt"
+
+if [ -n "${CPU:-}" ]; then  # rehearsal sizes
+  PP=configs/pp.py:smoke; B=8; FT=configs/finetune_as.py:smoke; FB=8; SS=configs/ssondo.py:smoke; SB=4; STEPS=3
+else
+  PP=configs/pp.py; B=256; FT=configs/finetune_as.py; FB=64; SS=configs/ssondo.py; SB=120; STEPS=10
+fi
+
+if [ "$part" = 1 ]; then
+  section "profile: the recipe step, default (attn_impl=auto)"
+  run 120 profile_pp $PY bench/profile_step.py --config=$PP --batch=$B --steps=5 --out="$out/profile_pp"
+  section "profile: the recipe step with XLA's attention"
+  run 100 profile_pp_xla $PY bench/profile_step.py --config=$PP --batch=$B --steps=5 --set=model.attn_impl=xla
+  section "ladder: the recipe step"
+  run 230 ladder $PY bench/train_step.py --config=$PP --batch=$B --steps=$STEPS --ladder
+  section "profile: the fine-tuning step (AS2M batch)"
+  run 80 profile_ft $PY bench/profile_step.py --config=$FT --batch=$FB --steps=5 --out="$out/profile_ft"
+  section "profile: the distillation step (mn10, the recipe's batch)"
+  run 60 profile_distill $PY bench/profile_step.py --config=$SS --batch=$SB --steps=5 --out="$out/profile_distill"
+  section "distillation step: mn10 float32 vs bfloat16"
+  run 90 distill $PY bench/distill_step.py --students=mn10 --batch=$SB --steps=$STEPS --warmup=2
+elif [ "$part" = 2 ]; then
+  section "XLA GPU flags (one process each; the default row is this part's baseline)"
+  for flags in "" "--xla_gpu_enable_latency_hiding_scheduler=true" "--xla_gpu_enable_command_buffer=" \
+               "--xla_gpu_enable_triton_gemm=false"; do
+    XLA_FLAGS="$flags" run 75 "flags_${flags//[^a-z]/_}" $PY bench/train_step.py --config=$PP --batch=$B \
+      --steps=$STEPS --warmup=2
+  done
+  section "end to end: prepare -> grain -> the step (data wait, host cores)"
+  if [ -n "${CPU:-}" ]; then
+    run 420 end_to_end $PY bench/end_to_end.py --cpu-rehearsal --out="$out/end_to_end.json"
+  else
+    run 300 end_to_end $PY bench/end_to_end.py --accelerator --out="$out/end_to_end.json"
+  fi
+else
+  echo "usage: bash bench/accelerator.sh 1|2" >&2
+  exit 2
+fi
+echo "figures in $out"

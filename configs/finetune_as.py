@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         crop_frames=992,  # 9.92 s: the published fine-tuned input (62 time patches)
     )  # fmt: skip
     c.model = dict(patch=16, encoder=dict(dim=768, depth=12, heads=12, mlp_ratio=4.0), dtype="bfloat16",
-                   attn_impl="", remat="", attn_pad_to=0, scan_layers=False)  # fmt: skip
+                   attn_impl="auto", remat="", attn_pad_to=0, scan_layers=False)  # fmt: skip
     c.finetune = dict(
         init_from="",  # a ViT encoder load_model reads (model dir, training workdir, checkpoint); '' = from scratch
         num_classes=527,

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         mcl_heads=5,  # K hypotheses; 1 = MATPAC
         cls_head=dict(hidden=2048, bottleneck=256, prototypes=2048, teacher_init="copy_initial"),
         dtype="bfloat16",  # compute dtype; params, optimizer and EMA stay float32
-        attn_impl="",  # '' = XLA's choice; 'cudnn' for flash attention on GPUs
+        attn_impl="auto",  # cuDNN flash attention on NVIDIA GPUs in bf16, XLA's elsewhere; or 'xla' / 'cudnn'
         remat="",  # '' | 'full' | 'dots': recompute transformer blocks in the backward pass (less memory)
         attn_pad_to=0,  # pad attention sequences to a multiple (with key lengths); 'cudnn' pads to 64 by itself
         scan_layers=False,  # run the blocks as one lax.scan (one compiled block; same parameter layout)

@@ -188,8 +188,12 @@ DATA_SOURCES = ("records", "tfds", "demo")
 
 
 def _check_vit(config) -> None:
-    """The ViT's geometry: patch, mel bins and crop a multiple of it, widths divisible by the heads."""
+    """The ViT's geometry: patch, mel bins and crop a multiple of it, widths divisible by the heads; the attention."""
     m, a = config.model, config.audio
+    from matpac_jax.models.vit import ATTN_IMPLS
+
+    if m.attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"config.model.attn_impl={m.attn_impl!r}: choose one of {', '.join(map(repr, ATTN_IMPLS))}")
     _int_at_least(config, "model.patch", 1)
     for key in ("n_mels", "crop_frames"):
         if a[key] < m.patch or a[key] % m.patch:

@@ -14,8 +14,10 @@ with its remat / layer-scan / gradient-accumulation / cuDNN-attention options, t
   ``custom_jvp_call``/``custom_vjp_call`` (their only jaxpr is the primal; the jvp/fwd/bwd rules are thunks that
   ``jax.grad`` inlines into the outer jaxpr, where they are counted) -- contributes the sum of those jaxprs.
   Recomputation by ``remat`` under ``jax.grad`` is in the jaxpr, so it is counted;
-* an opaque primitive that may hide matmuls (cuDNN attention, ``model.attn_impl='cudnn'``) is not counted, with a
-  warning.
+* cuDNN's fused attention (``jax.nn.dot_product_attention(implementation='cudnn')``, ``model.attn_impl='cudnn'`` or
+  ``'auto'`` on a GPU) is counted as the matmuls XLA's attention writes for the same shapes
+  (:func:`fused_attention_flops`), so that steps with either attention count the same FLOPs and their MFUs compare;
+* any other opaque primitive that may hide matmuls is not counted, with a warning.
 
 Conventions:
 
@@ -42,6 +44,8 @@ __all__ = [
     "jaxpr_matmul_flops",
     "eqn_matmul_flops",
     "MATMUL_PRIMITIVES",
+    "FUSED_ATTENTION_MATMULS",
+    "fused_attention_flops",
     "dot_general_flops",
     "conv_general_dilated_flops",
     "as_jaxpr",
@@ -50,6 +54,14 @@ __all__ = [
 ]
 
 MATMUL_PRIMITIVES = ("dot_general", "conv_general_dilated")
+# jax's cuDNN fused attention primitives (jax._src.cudnn.fused_attention_stablehlo): name -> matmuls it stands for
+# (2 forward: Q·Kᵀ and P·V; 4 backward: dQ, dK, dP, dV -- what the XLA path's jaxpr holds under jax.grad)
+FUSED_ATTENTION_MATMULS = {
+    "dot_product_attention_fwd_wrapper": 2,
+    "dot_product_attention_fwd": 2,
+    "dot_product_attention_bwd_wrapper": 4,
+    "dot_product_attention_bwd": 4,
+}
 # Names hinting at matmul work hidden inside an opaque primitive (not counted -> warn once per walk).
 _SUSPICIOUS = ("attention", "matmul", "pallas_call", "mosaic", "triton", "cublas", "cudnn", "gemm")
 
@@ -119,11 +131,27 @@ def conv_general_dilated_flops(
     return 2 * macs
 
 
+def fused_attention_flops(name: str, q_shape, k_shape, v_shape, bnth: bool) -> int:
+    """FLOPs of one fused-attention equation counted as XLA's attention on the same operands: Q·Kᵀ and P·V cost
+    ``2·B·N·T·S·H`` each (T query, S key positions; H the head size of q / v), the backward's dQ and dK as Q·Kᵀ,
+    dP and dV as P·V. The flash kernel's recomputation of Q·Kᵀ in its backward is not model work and not counted;
+    a padded sequence (cuDNN wants multiples of 64, ``models.vit.attention``) counts at its padded length, as run."""
+    if bnth:  # [B, N, T, H]
+        (b, n, t, h_qk), s, h_v = q_shape, k_shape[2], v_shape[3]
+    else:  # [B, T, N, H], jax.nn.dot_product_attention's layout
+        (b, t, n, h_qk), s, h_v = q_shape, k_shape[1], v_shape[3]
+    per_pair = 2 * b * n * t * s * (h_qk + h_v)  # one Q·Kᵀ and one P·V
+    return per_pair * FUSED_ATTENTION_MATMULS[name] // 2
+
+
 def eqn_matmul_flops(eqn: Any) -> int:
     """2 * MACs of one ``dot_general`` or ``conv_general_dilated`` equation (0 for any other primitive; the
     sub-jaxprs of an equation are not entered: :func:`jaxpr_matmul_flops` does that)."""
     shapes = [tuple(v.aval.shape) for v in (*eqn.invars[:2], eqn.outvars[0])]
     p = eqn.params
+    if eqn.primitive.name in FUSED_ATTENTION_MATMULS:
+        q, k, v = (tuple(x.aval.shape) for x in eqn.invars[:3])
+        return fused_attention_flops(eqn.primitive.name, q, k, v, bnth=int(p.get("layout", 0)) == 1)
     if eqn.primitive.name == "dot_general":
         return dot_general_flops(shapes[0], shapes[1], p["dimension_numbers"])
     if eqn.primitive.name == "conv_general_dilated":
@@ -170,7 +198,7 @@ class _Walker:
 
     def eqn(self, eqn: Any) -> int:
         name, params = eqn.primitive.name, eqn.params
-        if name in MATMUL_PRIMITIVES:
+        if name in MATMUL_PRIMITIVES or name in FUSED_ATTENTION_MATMULS:
             return eqn_matmul_flops(eqn)
         if name == "scan":
             return int(params["length"]) * self.jaxpr(as_jaxpr(params["jaxpr"]))

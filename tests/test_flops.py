@@ -292,6 +292,30 @@ def test_opaque_attention_primitive_is_not_counted_and_warns():
         assert count_matmul_flops(f, sds(4, 8), sds(6, 8)) == 2 * 4 * 8 * 6
 
 
+def test_cudnn_fused_attention_counts_as_xla_attention_does():
+    """The primitives jax's cuDNN attention binds (jax/_src/cudnn/fused_attention_stablehlo.py: operands query, key,
+    value first; ``layout`` 0 = BTNH) cannot be traced on a CPU, so stand-ins of the same names and operands are
+    counted here: forward + backward equal the count of XLA's attention under jax.grad (two matmuls forward, four
+    backward), so the MFU of a cuDNN row and of an XLA row compare."""
+    from jax.extend.core import Primitive
+
+    B, T, N, H = 2, 12, 3, 8
+    fwd, bwd = Primitive("dot_product_attention_fwd_wrapper"), Primitive("dot_product_attention_bwd_wrapper")
+    fwd.multiple_results = bwd.multiple_results = True
+    fwd.def_abstract_eval(lambda q, k, v, **_: [q])
+    bwd.def_abstract_eval(lambda q, k, v, o, do, **_: [q, k, v])
+    q = sds(B, T, N, H)
+
+    def fused(q, k, v):
+        (o,) = fwd.bind(q, k, v, layout=0)
+        return bwd.bind(q, k, v, o, o, layout=0)
+
+    def xla_grad(q, k, v):
+        return jax.grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    assert count_matmul_flops(fused, q, q, q) == count_matmul_flops(xla_grad, q, q, q) == 12 * B * N * T * T * H
+
+
 def test_one_equation_and_the_jaxprs_it_holds():
     """What program_audit walks with: the FLOPs of one matmul equation, the jaxprs held by one equation parameter."""
     closed = jax.make_jaxpr(lambda p, x, w: lax.cond(p, lambda x: jnp.tanh(x @ w), jnp.tanh, x))(

@@ -381,3 +381,50 @@ def test_no_gradient_through_targets(smoke):
     grads = run(jax.grad(target_sum), student)
     for name, g in flat(grads).items():
         assert not np.asarray(g).any(), name
+
+
+# --- attention implementation -------------------------------------------------------------------------------------
+
+
+def test_auto_attention_is_cudnn_only_where_cudnn_runs_the_shapes(monkeypatch):
+    """'auto' (the configs' default) picks cuDNN's fused attention on an NVIDIA GPU for 16-bit compute and head sizes
+    cuDNN takes (multiples of 8 up to 128: the recipe's 64 and 32), XLA's otherwise; 'xla' / 'cudnn' force one."""
+    from matpac_jax.models import vit
+
+    assert vit.resolve_attn_impl("auto", jnp.bfloat16, 64) == ("cudnn" if vit.cudnn_attention_available() else "xla")
+    monkeypatch.setattr(vit, "cudnn_attention_available", lambda: True)
+    assert vit.resolve_attn_impl("auto", jnp.bfloat16, 64) == "cudnn"
+    assert vit.resolve_attn_impl("auto", jnp.float16, 32) == "cudnn"
+    for dtype, head in ((jnp.float32, 64), (jnp.bfloat16, 12), (jnp.bfloat16, 256)):
+        assert vit.resolve_attn_impl("auto", dtype, head) == "xla", (dtype, head)
+    monkeypatch.setattr(vit, "cudnn_attention_available", lambda: False)
+    assert vit.resolve_attn_impl("auto", jnp.bfloat16, 64) == "xla"
+    assert vit.resolve_attn_impl("cudnn", jnp.float32, 64) == "cudnn"
+    assert vit.resolve_attn_impl("xla", jnp.bfloat16, 64) == "xla"
+    assert vit.resolve_attn_impl("", jnp.bfloat16, 64) is None
+    with pytest.raises(ValueError, match="attn_impl='flash'"):
+        vit.resolve_attn_impl("flash", jnp.bfloat16, 64)
+
+
+def test_every_attention_choice_that_runs_here_computes_the_same_blocks():
+    """On a CPU 'auto' is XLA's attention: the same outputs as 'xla' and jax's default ('') bit for bit, and equal to
+    the float64 reference (cuDNN itself needs a GPU: the accelerator script times it, BENCHMARKS.md)."""
+    x = np.random.default_rng(0).standard_normal((2, 7, 32)).astype(np.float32)
+    outs = {}
+    for impl in ("auto", "xla", ""):
+        model = Transformer(dim=32, depth=2, heads=4, attn_impl=impl)
+        params = perturb(run(model.init, jax.random.key(0), x)["params"], seed=1)
+        outs[impl] = np.asarray(jax.jit(lambda p, x, m=model: m.apply({"params": p}, x))(params, x))
+    np.testing.assert_array_equal(outs["auto"], outs["xla"])
+    np.testing.assert_array_equal(outs["auto"], outs[""])
+    exp = ref.transformer(x.astype(np.float64), ref.to_numpy(params), heads=4)
+    assert rel_err(outs["auto"], exp) < 1e-5
+
+
+def test_an_unknown_attention_implementation_fails_before_compute():
+    from matpac_jax.config_lib import ConfigError, check_config
+
+    config = load_config()
+    config.model.attn_impl = "flash"
+    with pytest.raises(ConfigError, match=r"config\.model\.attn_impl='flash'.*'auto'"):
+        check_config(config)

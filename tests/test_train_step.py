@@ -243,9 +243,9 @@ def test_gradient_accumulation_is_the_large_batch_update():
 
 
 def test_remat_scan_and_padded_attention_change_memory_not_numbers():
-    """Rematerialised blocks (remat 'full'), the layer scan with remat 'dots', and attention sequences padded to a
-    multiple of 64 with true key lengths (what cuDNN flash attention needs; here through XLA on CPU): the same
-    parameter tree, loss and update as the straightforward step."""
+    """Rematerialised blocks (remat 'full'), the layer scan with remat 'dots', attention sequences padded to a
+    multiple of 64 with true key lengths (what cuDNN flash attention needs; here through XLA on CPU), and 'xla'
+    attention against the default 'auto': the same parameter tree, loss and update as the straightforward step."""
     from matpac_jax.models.vit import attention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 58, 4, 16)) for i in range(3))
@@ -257,6 +257,7 @@ def test_remat_scan_and_padded_attention_change_memory_not_numbers():
         "remat": {"remat": "full"},
         "scan": {"scan_layers": True, "remat": "dots"},
         "padded": {"attn_pad_to": 64},
+        "xla": {"attn_impl": "xla"},  # the default 'auto' is XLA's on a CPU: the same step
     }
     for name, overrides in variants.items():
         config = load_config()
@@ -266,7 +267,7 @@ def test_remat_scan_and_padded_attention_change_memory_not_numbers():
         state, m = step_fn(init_fn(jax.random.key(config.seed)), batch, jax.random.key(0))
         out[name] = (jax.device_get(state.student), float(m["loss"]))
     ref_params, ref_loss = out["plain"]
-    for name in ("remat", "scan", "padded"):
+    for name in ("remat", "scan", "padded", "xla"):
         params, loss = out[name]
         assert jax.tree.structure(params) == jax.tree.structure(ref_params)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
