@@ -149,13 +149,25 @@ class Summary:
     steps: int
     window_s: float  # wall time of the profiled steps, as the trace saw it
     seconds: dict[str, float]  # category -> seconds over the window (sums to window_s)
-    kernels: dict[str, tuple[str, float, int]]  # hlo_op (or event name) -> (category, seconds, calls)
+    kernels: dict[str, tuple[str, float, int, str]]  # hlo_op (or event name) -> (category, seconds, calls, where)
     unknown_ops: set[str]
     device_events: int
 
     @property
     def step_s(self) -> float:
         return self.window_s / self.steps
+
+
+def where(name: str, ops: dict[str, HloOp], computations: dict[str, list[str]]) -> str:
+    """The source of an instruction, from its op_name (or its fused root's), short: 'jvp(Predictor)/trunk/blocks_0/
+    attn/dot_general' rather than the whole name stack."""
+    op = ops.get(name)
+    if op is None:
+        return ""
+    names = [op.op_name] + [ops[i].op_name for c in op.calls for i in reversed(computations.get(c, []))]
+    text = next((n for n in names if n), "")
+    text = re.sub(r"^jit\([^)]*\)/", "", text)
+    return text if len(text) <= 70 else "…" + text[-69:]
 
 
 def _device_pids(events: list[dict]) -> tuple[set, dict]:
@@ -218,7 +230,7 @@ def summarize(events: list[dict], hlo_text: str, steps: int) -> Summary:
             per_key[iv[2]] += share
     calls = Counter(iv[2] for iv in intervals)
     category_of = {iv[2]: iv[3] for iv in intervals}
-    kernels = {k: (category_of[k], v, calls[k]) for k, v in per_key.items()}
+    kernels = {k: (category_of[k], v, calls[k], where(k, ops, computations)) for k, v in per_key.items()}
     return Summary(steps, (t1 - t0) * 1e-6, seconds, kernels, unknown, len(intervals))
 
 
@@ -234,14 +246,12 @@ def format_summary(s: Summary, top: int = 20) -> str:
     for c in CATEGORIES:
         if s.seconds[c] > 0:
             lines.append(f"| {c} | {s.seconds[c] / s.steps * 1e3:.3f} | {s.seconds[c] / s.window_s:.1%} |")
-    lines += [
-        "",
-        f"| top {top} kernels (HLO op) | category | ms / step | share | calls / step |",
-        "|---|---|---|---|---|",
-    ]
+    lines += ["", f"| top {top} kernels (HLO op) | category | ms / step | share | calls / step | source |"]
+    lines.append("|---|---|---|---|---|---|")
     ranked = sorted(s.kernels.items(), key=lambda kv: -kv[1][1])[:top]
-    for name, (category, sec, n) in ranked:
-        lines.append(f"| {name} | {category} | {sec / s.steps * 1e3:.3f} | {sec / s.window_s:.1%} | {n / s.steps:g} |")
+    for name, (category, sec, n, src) in ranked:
+        ms, share = sec / s.steps * 1e3, sec / s.window_s
+        lines.append(f"| {name} | {category} | {ms:.3f} | {share:.1%} | {n / s.steps:g} | {src} |")
     if s.unknown_ops:
         lines.append(f"\nkernels not found in the step's HLO (counted as {OTHER!r}): {sorted(s.unknown_ops)[:10]}")
     return "\n".join(lines)

@@ -86,7 +86,7 @@ def test_the_window_splits_into_categories_that_add_up_to_it():
     assert us == {ps.MATMUL: 25, ps.OPTIMIZER: 15, ps.TRANSFER: 5, ps.ELEMENTWISE: 10, ps.OTHER: 4, ps.IDLE: 41}
     assert sum(s.seconds.values()) == pytest.approx(s.window_s, rel=1e-12)
     assert s.step_s == pytest.approx(50e-6)
-    assert s.kernels["matmul_fusion"] == (ps.MATMUL, pytest.approx(25e-6), 1)
+    assert s.kernels["matmul_fusion"] == (ps.MATMUL, pytest.approx(25e-6), 1, "dot_general")
     assert s.unknown_ops == set()
     table = ps.format_summary(s)
     assert "| 25.0% |" in table.split(ps.MATMUL)[1].splitlines()[0]
