@@ -223,6 +223,31 @@ def test_a_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_and_e
     jax.tree.map(np.testing.assert_array_equal, _restore(workdir, 4), _restore(finished, 4))
 
 
+def test_readers_of_a_workdir_verify_it_as_a_resume_does(finished, tmp_path, capsys):
+    """load_model / embed / finetune.init_from / convert read a training state through one verified read
+    (checkpoint.read_trained_state): a flipped bit in the latest checkpoint is named and the previous verified one
+    read (nothing moved: reading never changes a workdir); that checkpoint named directly is refused naming the file;
+    check=False still reads it (checkpoints of older versions)."""
+    from matpac_jax.load import load_model
+
+    workdir = _copy(finished, tmp_path)
+    path = _largest_state_file(workdir / "checkpoints" / "4")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    wave = np.random.default_rng(0).normal(0, 0.1, (1, 16_000)).astype(np.float32)
+    got = load_model(workdir).embed(wave, 16_000)["clip"]
+    err = capsys.readouterr().err
+    assert re.search(r"checkpoints/4 is corrupt or unverifiable: state/\S+ differs from what was written", err)
+    assert re.search(r"reading the previous verified one, \S+/checkpoints/2$", err.strip())
+    np.testing.assert_array_equal(got, load_model(workdir / "checkpoints" / "2").embed(wave, 16_000)["clip"])
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    with pytest.raises(CheckpointError, match=r"checkpoints/4: state/\S+ differs from what was written.*backup"):
+        load_model(workdir / "checkpoints" / "4")
+    config, state = ckpt_lib.read_trained_state(str(workdir / "checkpoints" / "4"), check=False)
+    assert int(state["step"]) == 4
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [
