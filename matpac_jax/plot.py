@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from matpac_jax import fileio
+
 LOSS_KEYS = ("loss", "loss_pred", "loss_cls")
 
 Rows = dict[int, dict]
@@ -151,7 +153,7 @@ def _render(rows: Rows, title: str, output: str, smooth: int) -> None:
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("step")
     fig.suptitle(title)
-    fig.savefig(output, format="png")
+    fileio.atomic_write(output, lambda f: fig.savefig(f, format="png"))  # a killed plot leaves the old one
 
 
 def plot_metrics(workdir: str, output: str | None = None, smooth: int = 1) -> str:

@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from matpac_jax import fileio
+
 COLUMNS = [("openmic", "OpenMIC"), ("nsynth", "NSynth"), ("gtzan", "GTZAN"), ("mtt", "MTT"), ("fsd50k", "FSD50K"),
            ("esc50", "ESC-50"), ("us8k", "US8K")]  # fmt: skip
 PUBLISHED = {"openmic": 85.6, "nsynth": 76.8, "gtzan": 87.6, "mtt": 40.8, "fsd50k": 56.1, "esc50": 93.1, "us8k": 89.7}
@@ -73,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        fileio.atomic_write_text(args.output, text + "\n")
     return 0
 
 

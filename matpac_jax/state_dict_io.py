@@ -185,10 +185,32 @@ def _checkpoint_globals(path: str) -> list[str]:
         return []
 
 
+# Globals no weights file needs and a malicious pickle uses to run code: a file naming one is not offered the re-save
+# advice (loading it with weights_only=False would run its payload).
+_CODE_RUNNERS = (
+    *("os.", "posix.", "nt.", "subprocess.", "builtins.", "__builtin__.", "sys.", "shutil.", "socket."),
+    *("importlib.", "runpy.", "pty.", "code.", "pickle.", "marshal.", "types.", "ctypes.", "webbrowser."),
+)
 _RESAVE = (
     "if you trust the file, re-save its weights alone (python -c \"import torch; sd = torch.load('{path}', "
     "weights_only=False); torch.save(sd.get('model', sd), 'weights.pt')\") and convert that"
 )
+
+
+def _refusal(path: str, refused: list[str], detail: str) -> str:
+    """Why a pickle was not read and what to do: re-save the weights alone where the refused globals are ordinary
+    classes, never that where one of them runs code (loading the file any other way would run its payload)."""
+    what = f"it needs {', '.join(refused[:5])}" if refused else f"it is not a plain state dict ({detail})"
+    runners = [g for g in refused if g.startswith(_CODE_RUNNERS)]
+    if runners:
+        advice = f"{runners[0]} runs commands or code when unpickled: this is no weights file, do not load it by "
+        advice += "any other means; get the weights from a source you trust"
+    else:
+        advice = _RESAVE.format(path=path)
+    return (
+        f"{path}: refused to unpickle: {what}; only tensors and plain data are read, since unpickling other "
+        f"objects can run code; {advice}"
+    )
 
 
 def _torch_load(path: str) -> dict:
@@ -208,11 +230,7 @@ def _torch_load(path: str) -> dict:
         found = [g for g in _checkpoint_globals(path) if g not in allowed and not g.startswith(ours)]
         named = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's message names the first refused global
         refused = list(dict.fromkeys(([named.group(1)] if named else []) + found))
-        what = f"it needs {', '.join(refused[:5])}" if refused else f"it is not a plain state dict ({_last_line(e)})"
-        raise ConversionError(
-            f"{path}: refused to unpickle: {what}; only tensors and plain data are read, since unpickling other "
-            f"objects can run code; {_RESAVE.format(path=path)}"
-        ) from None
+        raise ConversionError(_refusal(path, refused, _last_line(e))) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise ConversionError(f"{path}: not a readable PyTorch file: {_last_line(e)}") from None
 

@@ -22,6 +22,8 @@ import shlex
 import subprocess
 import sys
 
+from matpac_jax import fileio
+
 COLUMNS = ("step", "loss", "loss_pred", "loss_cls", "cos_to_teacher", "grad_norm", "samples_per_s")
 
 
@@ -100,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(runs, status)
     print(text)
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "sweep.md"), "w") as f:
-        f.write(f"# {args.sweep}: {args.config}\n\n{text}\n")
+    fileio.atomic_write_text(os.path.join(args.workdir, "sweep.md"), f"# {args.sweep}: {args.config}\n\n{text}\n")
     return 1 if status else 0
 
 

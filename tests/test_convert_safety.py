@@ -54,8 +54,9 @@ def test_hostile_pickle_is_refused_and_never_run(tmp_path, capsys):
             read_state_dict(path)
         msg = str(e.value)
         assert path in msg
-        if HAS_TORCH:
-            assert "refused to unpickle" in msg and "system" in msg and "weights.pt" in msg
+        if HAS_TORCH:  # no advice to load it with weights_only=False: that call would run the payload
+            assert "refused to unpickle" in msg and "system runs commands or code when unpickled" in msg
+            assert "weights_only=False" not in msg and "weights.pt" not in msg
         else:
             assert "needs PyTorch" in msg
         out = tmp_path / "enc"
@@ -64,6 +65,15 @@ def test_hostile_pickle_is_refused_and_never_run(tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("error: ") and path in err
         assert not out.exists()
     assert not marker.exists()
+
+
+def test_a_refused_pickle_is_never_advised_to_be_loaded_some_other_way_when_it_runs_code():
+    """The payload's own global (posix.system for os.system) gets no re-save advice: the re-save command loads the
+    file with weights_only=False, which would run it. An ordinary class (argparse.Namespace of an old trainer) does."""
+    hostile = state_dict_io._refusal("x.pt", ["posix.system"], "")
+    assert "posix.system runs commands or code when unpickled" in hostile and "weights_only=False" not in hostile
+    plain = state_dict_io._refusal("x.pt", ["argparse.Namespace"], "")
+    assert "it needs argparse.Namespace" in plain and "weights_only=False" in plain and "if you trust" in plain
 
 
 def test_without_torch_a_pt_file_is_refused_not_unpickled(tmp_path, monkeypatch):
