@@ -9,6 +9,9 @@ Where each number comes from:
   input        992 frames (62 time patches), the published fine-tuned MATPAC++ (SPEC §5: pos_embed [1, 311, 768]);
                m2d: --dur_frames 1001, 62 time patches (util/ft-as2m.sh:25); the sin-cos positions are extended
   head         token mean -> BatchNorm1d(768, affine=False) -> Linear(768, 527) (SPEC §5; EVAR finetune.py:315-323)
+  class order  unit i = the i-th class of class_labels_indices.csv sorted by mid, not its index column
+               (aurianworld/matpac inference_matpac/matpac/model.py:92-94; EVAR evar/data.py:73-75): the label ids
+               data.prepare stores (manifest label_order 'mid'); shards of an older prepare are refused, re-run it
   loss         mean sigmoid BCE (EVAR finetune.py:125-126)
   optimizer    --optim lars: timm Lars(lr, momentum=0.9, weight_decay=0), which with weight decay 0 skips its trust
                ratio: SGD with momentum 0.9 (EVAR finetune.py:221); AS20K: SGD, momentum 0.9 (finetune.py:220, 348)

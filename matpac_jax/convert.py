@@ -13,7 +13,8 @@ Keys read (every key of the file must be one of these, or the conversion fails l
   ``...attn.qkv.weight`` [3D,D] (rows q;k;v) + ``.bias``, ``...attn.proj.weight|bias``, ``...mlp.fc1.weight|bias``,
   ``...mlp.fc2.weight|bias``, ``student_encoder.norm.weight|bias``;
 - AudioSet fine-tuned head: ``head_norm.running_mean|running_var|num_batches_tracked`` (BatchNorm1d without affine),
-  ``head.weight`` [527,D], ``head.bias`` (with 992-frame positions: pos_embed [1,311,D]);
+  ``head.weight`` [527,D], ``head.bias`` (with 992-frame positions: pos_embed [1,311,D]); units pass through in
+  their order, AudioSet's classes sorted by mid on both sides (``data.audioset_classes``);
 - a linear probe (``--probe`` file or in the same file): ``probe.weight`` [C,F·D], ``probe.bias``.
 
 - a full training checkpoint (a fairseq file: the weights under ``model``): the predictor ``decoder.decoder_embed``,

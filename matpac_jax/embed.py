@@ -11,7 +11,8 @@ paths are resolved against the CSV's folder). Files are decoded like the trainin
 
 AudioSet tagging (fine-tuned checkpoints with their 527-class head): ``--tag --labels=class_labels_indices.csv
 [--top-k=5]`` prints each file's top-k labels and stores the probabilities (``tags`` [N, 527] in the ``.npz``). The
-head's class ``i`` is the ``i``-th row of the label file sorted by ``mid``, as in the published model.
+head's class ``i`` is the ``i``-th row of the label file sorted by ``mid``, as in the published model and as ``prepare``
+stores AudioSet labels for fine-tuning (``data.audioset_classes``).
 
 ``--output`` ending in ``.npz``: arrays ``paths`` [N] (as given / relative to the folder) and ``clip`` [N, 3840], and
 with ``--frames`` one ``frames/<i>`` [T_i, 3840] per file (row i of ``paths``). Otherwise a folder receiving
@@ -35,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matpac_jax.audio.io import AudioError, load_audio
+from matpac_jax.data.audioset_classes import read_audioset_classes
 from matpac_jax.data.sources import AUDIO_EXTENSIONS
 from matpac_jax.fileio import atomic_save_npz, atomic_write, atomic_write_json, unwritable_reason
 from matpac_jax.load import load_model
@@ -107,15 +109,6 @@ def output_keys(names: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if key != name:
             renamed.append((name, key))
     return keys, renamed
-
-
-def audioset_labels(path: str) -> list[str]:
-    """Display names in the published head's class order: ``class_labels_indices.csv`` rows sorted by ``mid``."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"mid", "display_name"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected AudioSet's class_labels_indices.csv (columns index, mid, display_name)")
-    return [r["display_name"] for r in sorted(rows, key=lambda r: r["mid"])]
 
 
 def embed_files(encoder, files: list[tuple[str, str]], frames: bool, skipped: list, progress: bool = True, tag=False):
@@ -194,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = load_model(args.checkpoint, chunk_batch=args.chunk_batch)
         if args.frames and encoder.frame_rate is None:
             raise ValueError(f"--frames: {args.checkpoint} holds a model without frame embeddings (it pools the clip)")
-        labels = audioset_labels(args.labels) if args.labels else None
+        labels = read_audioset_classes(args.labels).names if args.labels else None
         if args.tag and "head" not in getattr(encoder, "params", {}):
             raise ValueError(
                 f"--tag: {args.checkpoint} has no AudioSet head (convert a fine-tuned checkpoint with head.*)"

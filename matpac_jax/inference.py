@@ -306,7 +306,8 @@ class Encoder:
 
     def tag(self, wave, sample_rate: int = 16_000) -> np.ndarray:
         """AudioSet class probabilities [B, 527] of a fine-tuned checkpoint with its head (SPEC §5): last-layer tokens
-        averaged over frequency, time-mean, BatchNorm (running statistics, no affine, eps 1e-5), linear, softmax."""
+        averaged over frequency, time-mean, BatchNorm (running statistics, no affine, eps 1e-5), linear, softmax.
+        Column ``i`` is the ``i``-th AudioSet class sorted by mid (``data.audioset_classes``)."""
         if "head" not in self.params:
             raise ValueError("this encoder has no AudioSet head: tag() needs a fine-tuned checkpoint with head.*")
         frames = self.embed(wave, sample_rate)["frames"].astype(np.float64)  # [B, T, Fp*D]

@@ -50,6 +50,25 @@ def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_FILE)) or os.path.isfile(os.path.join(path, _LEGACY[0]))
 
 
+def refuse_other_kind(directory: str, kind: str, flag: str = "--output") -> None:
+    """ValueError when ``directory`` already holds a model of another kind than ``kind``: a converter writing a
+    student over an encoder (or the reverse) would silently replace it. Rewriting a model of the same kind is fine."""
+    if not is_model_dir(directory):
+        return
+    try:
+        with open(os.path.join(directory, MODEL_FILE)) as f:
+            held = json.load(f).get("kind", "?")
+    except FileNotFoundError:
+        held = "vit"  # version 1 (encoder.json): ViT encoders only
+    except (OSError, ValueError, AttributeError):
+        held = "unreadable"
+    if held != kind:
+        raise ValueError(
+            f"{flag}={directory} already holds a {held!r} model directory: writing a {kind!r} model there would "
+            "replace it; choose another directory, or move that one aside"
+        )
+
+
 def write_model_dir(directory: str, kind: str, spec: dict, weights: dict) -> str:
     """``weights`` (a nested dict of arrays on the host), then ``model.json``."""
     os.makedirs(directory, exist_ok=True)

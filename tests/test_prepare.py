@@ -130,7 +130,8 @@ def test_audioset_csv(tmp_path):
     manifest = prepare(csv_path, str(tmp_path / "out"), 1, labels_csv=labels, audio_root=str(audio))
     records = {r.key: r for r in _records(tmp_path / "out", 1)}
     assert sorted(records) == ["--PJHxphWEs_30000", "ab_c-D_1500"]
-    assert records["--PJHxphWEs_30000"].labels == (0, 1) and records["ab_c-D_1500"].labels == (2,)
+    # head units: positions in mid order (/m/04rlf, /m/09x0r, /t/dd00088), not the index column
+    assert records["--PJHxphWEs_30000"].labels == (1, 2) and records["ab_c-D_1500"].labels == (0,)
     assert manifest["skipped"] == [{"key": "missing0000_0", "path": "", "reason": "file not found"}]
     assert manifest["parameters"]["format"] == "audioset_csv"
     with pytest.raises(PrepareError, match="labels"):

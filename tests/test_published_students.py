@@ -205,6 +205,29 @@ def test_converter_cli_writes_a_student_directory(tmp_path, monkeypatch, capsys)
         published.main(["--input=x.pt", "--arch=mn20", "--output=y"])
 
 
+@pytest.mark.parametrize("sr", [float("inf"), "32k", 0, True])
+def test_a_training_config_that_cannot_describe_a_front_end_exits_2_naming_the_key(sr, tmp_path, monkeypatch, capsys):
+    ckpt = _ssondo_checkpoint(_backbone(ref.efficientat_state_dict(1.0, seed=5)), hidden=1280, out=3840)
+    ckpt["training_config.student_model.sr"] = np.asarray(sr)
+    monkeypatch.setattr(convert, "read_state_dict", lambda p: dict(ckpt))
+    assert published.main(["--input=release.ckpt", "--arch=mn10", f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training_config student_model.sr=" in err and "finite number > 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_converter_never_replaces_a_model_of_another_kind(tmp_path, capsys):
+    """--output naming an existing ViT encoder directory is refused before anything is read or written."""
+    from matpac_jax.saved_model import MODEL_FILE, write_model_dir
+
+    vit = tmp_path / "encoder"
+    write_model_dir(str(vit), "vit", {"dim": 8}, {"w": np.zeros(2, np.float32)})
+    before = {p.name: p.read_bytes() for p in vit.iterdir()}
+    assert published.main(["--input=missing.pt", "--arch=mn10", f"--output={vit}"]) == 2
+    assert "already holds a 'vit' model directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in vit.iterdir()} == before and (vit / MODEL_FILE).is_file()
+
+
 def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypatch, capsys):
     from matpac_jax import parallel
     from matpac_jax.config_lib import load_config_file

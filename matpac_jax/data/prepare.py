@@ -6,7 +6,8 @@
 
 Inputs: a folder (walked recursively for audio files; key = path relative to the folder without extension, '/'
 separated, no labels); an AudioSet segment CSV (``#`` comments, rows ``YTID, start, end, "mid,mid"``; ``--labels``
-maps mids to indices; the file of a YTID is found under ``--audio-root`` (default: the CSV's folder) by its stem:
+maps each mid to its head unit, its position in ``class_labels_indices.csv`` sorted by mid, the published head's order:
+``audioset_classes``); the file of a YTID is found under ``--audio-root`` (default: the CSV's folder) by its stem:
 ``{YTID}_{start_ms}``, else ``{YTID}``, else the first ``{YTID}_*``; key = ``audioset_key``); or a generic CSV whose
 header has ``path`` and optionally ``labels`` (ints, space or comma separated) and ``key`` (default: the path as
 written, without extension; relative paths are resolved against ``--audio-root`` or the CSV's folder). CSVs are
@@ -34,10 +35,14 @@ writes no manifest; the same command resumes. Temporary files left by a killed w
 that no longer runs) are removed when ``prepare`` starts. Unusable inputs and settings raise ``PrepareError`` (the CLI
 prints one line and exits 2).
 
-The manifest ``<output>/manifest.json`` holds ``schema_version``, ``parameters``, ``shards`` (file, clips, seconds),
-``total_clips``, ``total_hours``, ``skipped`` ({key, path, reason}: undecodable, too short, missing, duplicate key,
-unknown label, bad CSV row) and ``duplicates`` ({key, path, first}); ``run`` holds what varies between runs (time,
-counts built, temporaries and foreign shards removed).
+The manifest ``<output>/manifest.json`` holds ``schema_version``, ``parameters``, ``label_order`` (what the records'
+label ids mean: ``LABEL_ORDERS``), ``shards`` (file, clips, seconds), ``total_clips``, ``total_hours``, ``skipped``
+({key, path, reason}: undecodable, too short, missing, duplicate key, unknown label, bad CSV row) and ``duplicates``
+({key, path, first}); ``run`` holds what varies between runs (time, counts built, temporaries and foreign shards
+removed). A manifest without ``label_order`` was written before it was
+recorded: its AudioSet labels are the ``index`` column of ``class_labels_indices.csv`` (ontology order), which
+fine-tuning refuses (``label_order``); running ``prepare`` again with the same flags rebuilds those shards (a shard's
+fingerprint covers its clips' labels).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import time
 from tqdm import tqdm
 
 from matpac_jax.audio.io import MAX_RATE, MIN_RATE
+from matpac_jax.data.audioset_classes import LABEL_ORDER
 from matpac_jax.data.records import CODECS, COMPRESSIONS, shard_name
 from matpac_jax.data.shard_writer import (  # noqa: F401  (KILL_SHARD_ENV re-exported: the fault-injection switch)
     KILL_SHARD_ENV,
@@ -68,6 +74,8 @@ MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_SHARDS = 99999  # shard names hold 5 digits
 DEFAULT_MAX_SECONDS = 3600.0
+# input format -> what its records' label ids mean: AudioSet head units (mid-sorted), a CSV's ids as written, none
+LABEL_ORDERS = {"audioset_csv": LABEL_ORDER, "csv": "as_written", "folder": "none"}
 
 
 def _progress(total: int):
@@ -228,6 +236,7 @@ def prepare(
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "parameters": {"input": input, "format": fmt, "num_shards": num_shards, **settings, **sources},
+        "label_order": LABEL_ORDERS[fmt],
         "shards": shards,
         "total_clips": sum(s["clips"] for s in shards),
         "total_hours": sum(s["seconds"] for s in shards) / 3600.0,
@@ -245,10 +254,10 @@ def prepare(
     return manifest
 
 
-def manifest_shards(path: str) -> list[tuple[str, int]]:
-    """(shard path, record count) of each shard a manifest lists, in shard order. ``path``: a ``manifest.json``
-    written by ``prepare`` or the folder holding it. ValueError naming the problem (no manifest in the folder, not a
-    manifest of this version, a malformed entry); the shards themselves are not opened here."""
+def read_manifest(path: str) -> tuple[str, dict]:
+    """(path of the ``manifest.json``, its content) after checking it is a shard manifest of this version. ``path``:
+    the manifest or the folder holding it. ValueError naming the problem (no manifest in the folder, not a manifest
+    of this version)."""
     manifest_path = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
     if not os.path.isfile(manifest_path):
         raise ValueError(
@@ -266,6 +275,14 @@ def manifest_shards(path: str) -> list[tuple[str, int]]:
             f"{manifest_path}: not a shard manifest of version {MANIFEST_VERSION} (schema_version={version!r}): "
             "give the manifest.json written by python -m matpac_jax.data.prepare"
         )
+    return manifest_path, manifest
+
+
+def manifest_shards(path: str) -> list[tuple[str, int]]:
+    """(shard path, record count) of each shard a manifest lists, in shard order. ``path``: a ``manifest.json``
+    written by ``prepare`` or the folder holding it. ValueError naming the problem (``read_manifest``'s, or a
+    malformed entry); the shards themselves are not opened here."""
+    manifest_path, manifest = read_manifest(path)
     shards, folder = manifest.get("shards"), os.path.dirname(os.path.abspath(manifest_path))
     if not isinstance(shards, list) or not shards:
         raise ValueError(f"{manifest_path}: 'shards' should be a non-empty list")
@@ -279,6 +296,17 @@ def manifest_shards(path: str) -> list[tuple[str, int]]:
             raise ValueError(f"{manifest_path}: shard {i} ({name}) has no valid 'clips' count: {entry!r}")
         out.append((os.path.join(folder, name), clips))
     return out
+
+
+def label_order(path: str) -> str:
+    """What the label ids of a manifest's records mean (``LABEL_ORDERS``): its ``label_order``, or, for a manifest
+    written before that was recorded, ``'index'`` when its input was an AudioSet CSV (the ontology-ordered ``index``
+    column of class_labels_indices.csv, not the head's order) and its format's order otherwise (unchanged since)."""
+    _, manifest = read_manifest(path)
+    if "label_order" in manifest:
+        return str(manifest["label_order"])
+    fmt = manifest.get("parameters", {}).get("format")
+    return "index" if fmt == "audioset_csv" else LABEL_ORDERS.get(fmt, "unknown")
 
 
 def summary(manifest: dict, output: str) -> str:

@@ -31,8 +31,10 @@ Header fields (all required):
 - ``sample_rate`` (int > 0): samples per second of the payload, 16000 for the training data.
 - ``num_samples`` (int >= 0): length of the clip in samples (mono).
 - ``codec`` (str): ``"pcm16"`` or ``"flac"``.
-- ``labels`` (list[int], may be empty): class indices of the clip. For AudioSet: the ``index`` column of
-  ``class_labels_indices.csv`` (0..526) of each of the clip's ``positive_labels``.
+- ``labels`` (list[int], may be empty): class indices of the clip. For AudioSet: the head unit (0..526) of each of
+  the clip's ``positive_labels``, its mid's position in ``class_labels_indices.csv`` sorted by mid
+  (``audioset_classes``; shards ``prepare`` wrote before its manifest recorded ``label_order`` hold the file's
+  ``index`` column instead). The order is the manifest's, not the record's: schema version 1 either way.
 
 Payload by codec:
 

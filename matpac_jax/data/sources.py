@@ -1,5 +1,7 @@
 """What ``prepare`` reads: the clips of a folder of audio files, a generic CSV (``path[,labels]``) or an AudioSet
-segment CSV with its labels index, each clip {"key", "path", "labels"}; unreadable CSVs and bad rows are named."""
+segment CSV with its labels index, each clip {"key", "path", "labels"}; unreadable CSVs and bad rows are named.
+AudioSet labels are head units: the mid's position in ``class_labels_indices.csv`` sorted by mid (``audioset_classes``),
+not the file's ``index`` column."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import csv
 import os
 from collections.abc import Iterable
 
+from matpac_jax.data.audioset_classes import read_audioset_classes
 from matpac_jax.data.records import audioset_key
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -79,31 +82,15 @@ def _read_rows(csv_path: str, what: str = "--input") -> list[tuple[int, list[str
     return rows
 
 
-def _label_index(labels_csv: str) -> dict[str, int]:
-    """mid -> index of AudioSet's ``class_labels_indices.csv``; PrepareError naming the line of a bad row."""
-    rows = _read_rows(labels_csv, "--labels")
-    header = [c.lower() for c in rows[0][1]] if rows else []
-    if "mid" not in header or "index" not in header:
-        raise PrepareError(
-            f"--labels={_shown(labels_csv)}: the header must name 'index' and 'mid' columns "
-            f"(class_labels_indices.csv), got {header}"
-        )
-    mid_col, index_col = header.index("mid"), header.index("index")
-    mid_index = {}
-    for line, row in rows[1:]:
-        mid = row[mid_col] if mid_col < len(row) else ""
-        text = row[index_col] if index_col < len(row) else ""
-        try:
-            index = int(text)
-        except ValueError:
-            index = -1
-        if not mid or index < 0:
-            raise PrepareError(
-                f"--labels={_shown(labels_csv)}, line {line}: expected a mid and a non-negative integer index, got "
-                f"mid={mid!r}, index={text!r}"
-            )
-        mid_index[mid] = index
-    return mid_index
+def _label_units(labels_csv: str) -> dict[str, int]:
+    """mid -> head unit of AudioSet's ``class_labels_indices.csv`` (mid-sorted, ``audioset_classes``); PrepareError
+    naming the line of a bad row."""
+    try:
+        return read_audioset_classes(labels_csv).unit
+    except OSError as e:
+        raise PrepareError(f"--labels={_shown(labels_csv)}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise PrepareError(_shown(str(e))) from None
 
 
 def _audioset_clips(
@@ -111,7 +98,7 @@ def _audioset_clips(
 ) -> tuple[list[Clip], list[dict]]:
     if not labels_csv or not os.path.isfile(labels_csv):
         raise PrepareError(f"AudioSet CSV needs --labels=class_labels_indices.csv (got {labels_csv!r})")
-    mid_index = _label_index(labels_csv)
+    mid_unit = _label_units(labels_csv)
     by_stem: dict[str, list[str]] = {}
     for p in _audio_files(audio_root):
         by_stem.setdefault(os.path.splitext(os.path.basename(p))[0], []).append(p)
@@ -133,13 +120,13 @@ def _audioset_clips(
         paths = by_stem.get(key) or by_stem.get(ytid) or []
         if not paths:
             paths = [by_stem[s][0] for s in sorted(by_stem) if s.startswith(ytid + "_")][:1]
-        unknown = [m for m in mids.split(",") if m.strip() and m.strip() not in mid_index]
+        unknown = [m for m in mids.split(",") if m.strip() and m.strip() not in mid_unit]
         if not paths:
             skipped.append({"key": key, "path": "", "reason": "file not found"})
         elif unknown:
             skipped.append({"key": key, "path": paths[0], "reason": f"unknown label mid {unknown[0]}"})
         else:
-            labels = [mid_index[m.strip()] for m in mids.split(",") if m.strip()]
+            labels = [mid_unit[m.strip()] for m in mids.split(",") if m.strip()]
             clips.append({"key": key, "path": paths[0], "labels": labels})
     return clips, skipped
 

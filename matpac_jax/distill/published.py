@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -45,6 +46,7 @@ from matpac_jax.convert import ConversionError, check_output
 from matpac_jax.distill import dymn, eres2net
 from matpac_jax.distill.students import LARGE, MobileNetV3, count_params, make_divisible
 from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.saved_model import refuse_other_kind
 from matpac_jax.state_dict_io import StateDictMismatch  # noqa: F401  (raised here, defined with the file formats)
 
 # --- EfficientAT's mn backbone (models/mn/model.py MN.features, block_types.py InvertedResidual).
@@ -236,15 +238,38 @@ def frontend_of(training_config: dict) -> dict | None:
     sr / 2, log(x + 1e-3), no normalisation; ``preprocess.slice_audio.win_len`` seconds), as ssondo's
     ``get_ssondo`` builds its LogMelSpectrogram; None without one."""
     get = lambda k: _config_value(training_config, k)  # noqa: E731
-    sr, win, hop = get("student_model.sr"), get("preprocess.logmelspec.win_len"), get("preprocess.logmelspec.hop_len")
-    if sr is None or win is None or hop is None:
+    log_mel = "preprocess.logmelspec."
+    if any(get(k) is None for k in ("student_model.sr", log_mel + "win_len", log_mel + "hop_len")):
         return None
-    f_max = get("preprocess.logmelspec.f_max")
+    sr, win, hop = (_number(get, k) for k in ("student_model.sr", log_mel + "win_len", log_mel + "hop_len"))
     n = int(np.round(sr * win))
-    return dict(sample_rate=int(sr), n_fft=n, win_length=n, hop_length=int(np.round(sr * hop)),
-                n_mels=int(get("preprocess.logmelspec.n_mels")), f_min=float(get("preprocess.logmelspec.f_min") or 0),
-                f_max=float(sr // 2 if f_max is None else f_max), log_offset=1e-3, norm_mean=None, norm_std=None,
-                seconds=float(get("preprocess.slice_audio.win_len") or 10.0))  # fmt: skip
+    f_max, slice_s = get(log_mel + "f_max"), "preprocess.slice_audio.win_len"
+    return dict(
+        sample_rate=int(sr),
+        n_fft=n,
+        win_length=n,
+        hop_length=int(np.round(sr * hop)),
+        n_mels=int(_number(get, log_mel + "n_mels")),
+        f_min=0.0 if get(log_mel + "f_min") is None else _number(get, log_mel + "f_min", zero_ok=True),
+        f_max=float(int(sr) // 2) if f_max is None else _number(get, log_mel + "f_max"),
+        log_offset=1e-3,
+        norm_mean=None,
+        norm_std=None,
+        seconds=10.0 if get(slice_s) is None else _number(get, slice_s),
+    )
+
+
+def _number(get, key: str, zero_ok: bool = False) -> float:
+    """A finite number > 0 (or >= 0 with ``zero_ok``) from an S-SONDO ``training_config``: ValueError naming the key
+    otherwise (``sr=inf`` or ``sr="32k"`` cannot describe a front-end; the CLI exits 2 on it)."""
+    value = get(key)
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(
+            f"training_config {key}={value!r}: expected a finite number {'>=' if zero_ok else '>'} 0; the checkpoint's "
+            "settings cannot describe the student's front-end (re-save it with S-SONDO's trainer)"
+        )
+    return float(value)
 
 
 # --- Distillation from published weights (--config.student.init_from=FILE).
@@ -314,6 +339,7 @@ def convert_to_student(path: str, arch: str, output: str, config_path: str = _RE
     """Write ``output`` as ``save_student`` does (backbone params and BatchNorm statistics + student.json with the
     recipe's front-end, or the checkpoint's own when it records one) and load it back with ``Student.load``."""
     check_output(output, directory=True)
+    refuse_other_kind(output, "student")
     config = student_config_for(arch, config_path)
     variables, parts = _load(path, config.student)
     audio = frontend_of(parts["training_config"])
@@ -332,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m matpac_jax.distill.published", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="EfficientAT .pt or S-SONDO .ckpt (.safetensors also read)")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the student the file holds")
-    ap.add_argument("--output", required=True, help="student directory to write (student.json, variables.msgpack)")
+    ap.add_argument("--output", required=True, help="student model directory to write (model.json, weights.npz)")
     ap.add_argument("--config", default=_RECIPE, help="config file whose student and audio sections are used")
     args = ap.parse_args(argv)
     try:

@@ -8,6 +8,12 @@ pretraining with ``num_classes`` (random crops of ``config.audio.crop_frames`` f
 the weighted sampler needs, are read once and cached in ``WORKDIR/train_labels.npz`` (keyed by the shards' names,
 sizes and modification times): one pass over the corpus, like the teacher pass of S-SONDO.
 
+Label order (``check_label_order``): label ``k`` trains unit ``k``, so the records must hold head units. ``prepare``
+stores AudioSet labels in the published head's order (mid-sorted, ``data.audioset_classes``) and says so in its
+manifest (``label_order: 'mid'``); shards whose manifest (``manifest.json`` in their folder) predates that hold the
+ontology ``index`` column and are refused, naming the fix (run the same ``prepare`` command again). Shards without a
+manifest beside them (e.g. the demo's ``write_records``) are read as written.
+
 Evaluation (``eval_clips`` -> ``EvalSet``): every clip of the evaluation set, in a fixed order (shards in name order,
 records in shard order), each cut to the first ``crop_frames`` frames (zero-padded when shorter, as the published
 fine-tuning pads its input), process ``p`` of ``P`` taking clips ``p, p + P, ...``; the labels are held, the audio is
@@ -23,9 +29,11 @@ import grain
 import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
+from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.demo import demo_splits
 from matpac_jax.data.in_memory import CropBatcher
 from matpac_jax.data.pipeline import expand_files, multi_hot, pretrain_dataset
+from matpac_jax.data.prepare import LABEL_ORDERS, MANIFEST, label_order
 from matpac_jax.data.records import decode_header, decode_pcm, read_shard
 from matpac_jax.fileio import atomic_save_npz, sha256_bytes
 from matpac_jax.finetune.sampler import LabelWeightedIndices
@@ -42,6 +50,32 @@ def demo_data(config) -> tuple[dict, dict]:
     for split in (train, test):
         split["targets"] = np.eye(config.finetune.num_classes, dtype=np.float32)[split["labels"]]
     return train, test
+
+
+def check_label_order(paths: list[str], setting: str) -> None:
+    """ConfigError naming ``setting`` when the prepare manifest in a shard's folder says its label ids are not head
+    units: AudioSet labels of a manifest written before ``label_order`` was recorded (``'index'``), or an order this
+    code does not know."""
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        if not os.path.isfile(os.path.join(folder, MANIFEST)):
+            continue  # not prepare's output: labels as written
+        try:
+            order = label_order(folder)
+        except ValueError as e:
+            raise ConfigError(f"{setting}: {e}") from None
+        if order == "index":
+            raise ConfigError(
+                f"{setting}: {os.path.join(folder, MANIFEST)} has no 'label_order': an older prepare wrote these "
+                "shards with the 'index' column of class_labels_indices.csv (ontology order) as AudioSet labels, but "
+                "unit i of an AudioSet head is the i-th class sorted by mid (as published), so every class would "
+                "train another class's unit. Run the same python -m matpac_jax.data.prepare command again: it "
+                "rebuilds the shards with mid-sorted labels and records label_order 'mid'"
+            )
+        if order not in LABEL_ORDERS.values():
+            raise ConfigError(
+                f"{setting}: {os.path.join(folder, MANIFEST)} says label_order={order!r}, not one of "
+                f"{sorted(LABEL_ORDERS.values())}: rebuild the shards with python -m matpac_jax.data.prepare"
+            )
 
 
 def record_labels(paths: list[str], num_classes: int, cache: str) -> np.ndarray:
@@ -69,6 +103,7 @@ def train_input(config, workdir: str):
             test,
         )
     paths = expand_files(c.data.train)
+    check_label_order(paths, "config.data.train")
     order = None
     if f.balanced:
         labels = record_labels(paths, f.num_classes, os.path.join(workdir, "train_labels.npz"))
@@ -113,6 +148,7 @@ def eval_clips(config, splits, process_index: int = 0, process_count: int = 1) -
         audio = np.stack([fit(w, samples) for w in test["waves"]])[process_index::process_count]
         return EvalSet(samples, test["targets"][process_index::process_count], audio=audio)
     paths = expand_files(config.finetune.eval)
+    check_label_order(paths, "config.finetune.eval")
     source = grain.sources.ArrayRecordDataSource(paths)
     indices = range(process_index, len(source), process_count)
     if not indices:

@@ -2,6 +2,8 @@
 
     tokens [B, N, D] (CLS dropped) -> mean over the N tokens -> BatchNorm1d(D), no affine -> Linear(D, 527) -> logits
 
+Logit ``i`` is the ``i``-th AudioSet class sorted by mid, the label id ``prepare`` stores (``data.audioset_classes``).
+
 The published fine-tuned MATPAC++ model (aurianworld/matpac inference_matpac/matpac/model.py:84-87 ``head_norm`` =
 ``BatchNorm1d(768, affine=False)``, ``head`` = ``Linear(768, 527)``) averages the last layer's tokens over frequency
 (model.py:287-289), then over time (model.py:193 / 301), then applies ``head_norm`` and ``head`` (model.py:303-305).
