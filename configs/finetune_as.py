@@ -7,7 +7,10 @@ nttcslab/m2d's published fine-tuning (its scripts run nttcslab/eval-audio-repr's
 
 Where each number comes from:
   input        992 frames (62 time patches), the published fine-tuned MATPAC++ (SPEC §5: pos_embed [1, 311, 768]);
-               m2d: --dur_frames 1001, 62 time patches (util/ft-as2m.sh:25); the sin-cos positions are extended
+               m2d: --dur_frames 1001, 62 time patches (util/ft-as2m.sh:25)
+  positions    the pretrained 5x38 table resampled bicubically to 5x62 and kept fixed (m2d runtime_audio.py:153-158,
+               F.interpolate bicubic, align_corners False; models.positions); finetune.positions='sincos': the exact
+               5x62 sin-cos table instead (up to 2.02 apart per element)
   head         token mean -> BatchNorm1d(768, affine=False) -> Linear(768, 527) (SPEC §5; EVAR finetune.py:315-323)
   class order  unit i = the i-th class of class_labels_indices.csv sorted by mid, not its index column
                (aurianworld/matpac inference_matpac/matpac/model.py:92-94; EVAR evar/data.py:73-75): the label ids
@@ -58,6 +61,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         init_from="",  # a ViT encoder load_model reads (model dir, training workdir, checkpoint); '' = from scratch
         num_classes=527,
         freeze_encoder=False,  # True: only the head trains (the frozen-encoder baseline)
+        positions="pretrained",  # init_from's table moved to crop_frames as m2d does; 'sincos': the exact table
         mixup=0.5,
         freq_mask=30,
         time_mask=192,
@@ -83,7 +87,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     """The demo encoder's shape (configs/pp.py:demo; smoke: :smoke) on the demo corpus's 8 classes, 2-s clips cut to
-    192 frames (160 for smoke): longer than the 128 frames it was pretrained on, so the positions are extended as for
+    192 frames (160 for smoke): longer than the 128 frames it was pretrained on, so the positions are resampled as for
     AudioSet's 992. AdamW, float32 on CPU, stripes scaled to the short input."""
     c.total_steps = 6 if smoke else 400
     c.log_every = 2 if smoke else 50

@@ -64,6 +64,9 @@ def _number(config, path: str):
     return node
 
 
+FINETUNE_POSITIONS = ("pretrained", "sincos")  # finetune/model.py: the encoder's table moved as m2d does, or sin-cos
+
+
 def _check(config, path: str, ok, expected: str) -> None:
     value = _number(config, path)
     if value is None:
@@ -159,6 +162,8 @@ def check_config(config) -> None:
                     "finetune.bootstrap"):  # fmt: skip
             _int_at_least(config, key, 0)
         _check(config, "finetune.mixup", *_NON_NEGATIVE)
+        if f.positions not in FINETUNE_POSITIONS:
+            raise ConfigError(f"config.finetune.positions={f.positions!r}: expected one of {FINETUNE_POSITIONS}")
         if config.data.source not in ("records", "demo"):
             raise ConfigError(
                 f"config.data.source={config.data.source!r}: fine-tuning reads labelled 'records' or 'demo'"

@@ -8,7 +8,9 @@ r"""Convert between the published PyTorch state dicts (SPEC §5 key names) and t
 
 Keys read (every key of the file must be one of these, or the conversion fails listing the others):
 
-- encoder: ``cls_token`` [1,1,D], ``pos_embed`` [1,1+F·T,D] (the fixed 2-D sin-cos table, checked, not stored),
+- encoder: ``cls_token`` [1,1,D], ``pos_embed`` [1,1+F·T,D] (any table: the 2-D sin-cos one is recomputed, not
+  stored; m2d's resampled table or a learned one is kept as the weight ``tokenizer/pos_embed``; see
+  ``published_layout``, which the conversion's printed account follows),
   ``patch_embed.proj.weight`` [D,1,16,16] + ``.bias``, ``student_encoder.blocks.{i}.norm1|norm2.weight|bias``,
   ``...attn.qkv.weight`` [3D,D] (rows q;k;v) + ``.bias``, ``...attn.proj.weight|bias``, ``...mlp.fc1.weight|bias``,
   ``...mlp.fc2.weight|bias``, ``student_encoder.norm.weight|bias``;
@@ -16,6 +18,9 @@ Keys read (every key of the file must be one of these, or the conversion fails l
   ``head.weight`` [527,D], ``head.bias`` (with 992-frame positions: pos_embed [1,311,D]); units pass through in
   their order, AudioSet's classes sorted by mid on both sides (``data.audioset_classes``);
 - a linear probe (``--probe`` file or in the same file): ``probe.weight`` [C,F·D], ``probe.bias``.
+- the published model's full ``state_dict()`` also holds its torchaudio front-end's buffers
+  ``log_mel.MelSpectrogram.spectrogram.window`` and ``.mel_scale.fb``: left out with a note when they equal this
+  package's front-end, refused naming the difference otherwise.
 
 - a full training checkpoint (a fairseq file: the weights under ``model``): the predictor ``decoder.decoder_embed``,
   ``decoder.mask_token``, ``decoder.decoder_pos_embed`` (checked), ``decoder.decoder_blocks.{i}.*``,
@@ -50,6 +55,7 @@ from matpac_jax.fileio import TMP_MARK, unwritable_reason
 from matpac_jax.inference import Encoder, EncoderSpec
 from matpac_jax.load import load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
+from matpac_jax.published_layout import check_frontend_buffers, read_positions
 from matpac_jax.saved_model import MODEL_FILE, flatten, unflatten
 from matpac_jax.state_dict_io import (  # noqa: F401  (re-exported: the converter's file formats)
     ConversionError,
@@ -175,9 +181,14 @@ def _pos_table(dim: int, grid_f: int, grid_t: int) -> np.ndarray:
 
 
 def from_torch(
-    sd: dict[str, np.ndarray], heads: int | None = None, n_mels: int = 80, encoder_only: bool = False
+    sd: dict[str, np.ndarray],
+    heads: int | None = None,
+    n_mels: int = 80,
+    encoder_only: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[EncoderSpec, dict, list[str]]:
-    """Published state dict (numpy arrays) -> (spec, params, training-only keys left out). Strict about keys."""
+    """Published state dict (numpy arrays) -> (spec, params, training-only keys left out). Strict about keys.
+    ``notes`` (a list, optional) receives the account of what was kept: the position table, the front-end buffers."""
     sd = dict(sd)
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias") if k not in sd]
     if missing:
@@ -195,18 +206,17 @@ def from_torch(
     heads = heads or dim // 64
     spec = EncoderSpec(dim, depth, heads, sd[f"{_BLOCK.format(i=0)}mlp.fc1.weight"].shape[0] / dim, patch, n_mels,
                        grid_t * patch, LogMelConfig())  # fmt: skip
-    table = _pos_table(dim, grid_f, grid_t)
-    err = float(np.max(np.abs(sd["pos_embed"] - table)))
-    if err > 1e-5:
-        raise ConversionError(f"pos_embed differs from the 2-D sin-cos table by {err:.2e}: not a fixed-position model")
-
+    cls_row, table, pos_note = read_positions(sd["pos_embed"], grid_f, grid_t)
     used = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
     flat = {
-        "tokenizer/cls_token": sd["cls_token"],
+        "tokenizer/cls_token": sd["cls_token"] + cls_row,
         "tokenizer/proj/kernel": np.transpose(sd["patch_embed.proj.weight"], (2, 3, 1, 0)),  # [D,1,f,t] -> [f,t,1,D]
         "tokenizer/proj/bias": sd["patch_embed.proj.bias"],
     }
-    problems: list[str] = []
+    if table is not None:
+        flat["tokenizer/pos_embed"] = table
+    frontend_keys, problems, frontend_note = check_frontend_buffers(sd, spec.frontend)
+    used.update(frontend_keys)
     _map_blocks(sd, "student_encoder.blocks.", "encoder", flat, used, problems)
     _map_norm(sd, "student_encoder.norm", "encoder/norm", flat, used, problems)
     if not encoder_only:
@@ -231,6 +241,8 @@ def from_torch(
         problems.append(f"unknown keys {unknown}")
     if problems:
         raise ConversionError("; ".join(problems))
+    if notes is not None:
+        notes += [pos_note] + ([frontend_note] if frontend_note else [])
     params = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     _check_shapes(spec, params)
     if "teacher" in params and "tokenizer" in params:
@@ -254,9 +266,12 @@ def to_torch(spec: EncoderSpec, params: dict) -> dict[str, np.ndarray]:
     """Our encoder (+ head / probe) -> the published key layout (numpy arrays, float32)."""
     flat = flatten(params)
     grid_f, grid_t = spec.n_mels // spec.patch, spec.crop_frames // spec.patch
+    pos = _pos_table(spec.dim, grid_f, grid_t)
+    if "tokenizer/pos_embed" in flat:  # a stored table (models.positions / an imported one); the CLS row stays 0
+        pos = np.concatenate([pos[:, :1], flat["tokenizer/pos_embed"][None]], axis=1)
     sd = {
         "cls_token": flat["tokenizer/cls_token"],
-        "pos_embed": _pos_table(spec.dim, grid_f, grid_t),
+        "pos_embed": pos,
         "patch_embed.proj.weight": np.transpose(flat["tokenizer/proj/kernel"], (3, 2, 0, 1)),
         "patch_embed.proj.bias": flat["tokenizer/proj/bias"],
     }
@@ -380,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             sd = read_state_dict(args.torch_checkpoint)
             if args.probe:
                 sd |= read_state_dict(args.probe)
-            spec, params, left = from_torch(sd, heads=args.heads, encoder_only=args.encoder_only)
+            notes: list[str] = []
+            spec, params, left = from_torch(sd, heads=args.heads, encoder_only=args.encoder_only, notes=notes)
             save_encoder(Encoder(spec, params), args.output)
+            for note in notes:
+                print(note)
             extra = f"; left out {len(left)} training-only keys" if left else ""
             print(f"wrote {args.output}: ViT {spec.depth}x{spec.dim}, {spec.crop_frames}-frame chunks, "
                   f"groups {sorted(params)}{extra}")  # fmt: skip

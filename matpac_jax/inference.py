@@ -24,7 +24,8 @@ powers of two.
 
 ``Encoder.save`` writes a model directory (matpac_jax.saved_model, kind 'vit': the spec is the encoder's shape and
 front-end; the weights ``tokenizer/...``, ``encoder/...``, optionally ``head/...`` for the 527-class AudioSet head and
-``probe/...``).
+``probe/...``). The positions are the sin-cos table of the chunk's grid unless the weights hold ``tokenizer/pos_embed``
+[F·T, D] (a model fine-tuned from a shorter pretraining crop, m2d's resampled table; an imported non-sin-cos table).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _encode_chunks(spec: EncoderSpec, params: dict, mel: jax.Array, patches: jax
     ``kv_lengths`` masks: the real tokens' outputs are those of the chunk cut after its real patches."""
     TRACES["encoder"] += 1
     fp = spec.n_mels // spec.patch
-    tokenizer = Tokenizer(spec.dim, spec.patch, fp, spec.crop_frames // spec.patch)
+    stored = "pos_embed" in params["tokenizer"]  # a table kept with the weights (models.positions), else sin-cos
+    tokenizer = Tokenizer(spec.dim, spec.patch, fp, spec.crop_frames // spec.patch, stored_positions=stored)
     encoder = Transformer(spec.dim, spec.depth, spec.heads, spec.mlp_ratio)
     tokens, cls = tokenizer.apply({"params": params["tokenizer"]}, mel)  # [N, Fp*Tp, D] freq-major
     n, _, d = tokens.shape

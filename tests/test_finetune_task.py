@@ -17,6 +17,7 @@ from matpac_jax.data.demo import write_records
 from matpac_jax.finetune.data import crop_samples, eval_clips, record_labels
 from matpac_jax.finetune.model import FinetuneModel, as_encoder
 from matpac_jax.load import load_encoder
+from matpac_jax.models.vit import sincos_pos_embed_2d
 from matpac_jax.tasks import make_task
 from matpac_jax.train.loop import train_and_evaluate
 from matpac_jax.train.program import compile_program
@@ -102,6 +103,8 @@ def test_init_from_loads_the_encoder_and_refuses_another_shape_before_compute(tm
     task = make_task(c, str(tmp_path / "w"))
     init_fn, _, abstract = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}))
     state = jax.device_get(init_fn(jax.random.key(0)))  # another seed: only the loaded weights can match
+    pos = state.params["tokenizer"].pop("pos_embed")  # the encoder's positions, kept (same length: unchanged)
+    np.testing.assert_array_equal(pos, sincos_pos_embed_2d(64, 5, c.audio.crop_frames // 16, cls_row=False))
     for k in ("tokenizer", "encoder"):
         jax.tree.map(np.testing.assert_array_equal, state.params[k], jax.device_get(v["params"][k]))
     np.testing.assert_array_equal(state.params["head"]["linear"]["kernel"], v["params"]["head"]["linear"]["kernel"])
@@ -137,3 +140,62 @@ def test_frozen_encoder_trains_the_head_only(tmp_path):
     for k in ("tokenizer", "encoder"):
         jax.tree.map(np.testing.assert_array_equal, after[k], before[k])
     assert not np.array_equal(after["head"]["linear"]["kernel"], before["head"]["linear"]["kernel"])
+
+
+def _shorter_encoder(tmp_path) -> str:
+    """A ViT of the smoke shape pretrained (here: initialised) on 128-frame crops (8 time patches), saved."""
+    c0 = load_config("finetune_as.py", "smoke")
+    c0.audio.crop_frames = 128
+    v = FinetuneModel.from_config(c0).init(jax.random.key(5), jnp.zeros((2, c0.audio.n_mels, 128)))
+    return as_encoder(c0, v["params"], v["batch_stats"]).save(str(tmp_path / "enc128"))
+
+
+def test_finetuning_beyond_the_pretraining_length_resamples_the_positions_as_m2d_and_saves_them(tmp_path):
+    """160-frame fine-tuning (10 time patches) from a 128-frame encoder (8): the state starts from the 5x8 sin-cos
+    table resampled bicubically to 5x10 (nttcslab/m2d runtime_audio.py:153-158), which training never changes and the
+    saved model reproduces."""
+    from test_positions import torch_formula_bicubic
+
+    c = load_config("finetune_as.py", "smoke")
+    c.finetune.init_from, c.mesh = _shorter_encoder(tmp_path), {"data": 1}
+    task = make_task(c, str(tmp_path / "w"))
+    data = task.make_input()
+    mesh = parallel.make_mesh({"data": 1})
+    init_fn, step_fn, _ = compile_program(task.build(data), mesh)
+    state = init_fn(jax.random.key(0))
+    start = jax.device_get(state.params["tokenizer"])
+    grid = np.moveaxis(sincos_pos_embed_2d(64, 5, 8, cls_row=False).reshape(5, 8, 64), -1, 0)
+    want = np.moveaxis(torch_formula_bicubic(grid, (5, 10), align_corners=False), 0, -1).reshape(50, 64)
+    np.testing.assert_allclose(start["pos_embed"], want, rtol=0, atol=1e-6)
+    assert np.max(np.abs(want - sincos_pos_embed_2d(64, 5, 10, cls_row=False))) > 0.1  # not the sin-cos table
+    for step in range(2):  # AdamW with weight decay: the positions are constants all the same
+        state, m = step_fn(state, parallel.global_batch(data.source(step), mesh), jax.random.key(step))
+    after = jax.device_get(state.params)
+    assert float(m["nonfinite"]) == 0.0
+    np.testing.assert_array_equal(after["tokenizer"]["pos_embed"], start["pos_embed"])
+    assert not np.array_equal(after["tokenizer"]["cls_token"], start["cls_token"])
+
+    enc = load_encoder(as_encoder(c, state.params, state.batch_stats).save(str(tmp_path / "ft")))
+    np.testing.assert_array_equal(jax.device_get(enc.params["tokenizer"]["pos_embed"]), start["pos_embed"])
+    wave = (0.1 * np.random.default_rng(3).standard_normal((2, crop_samples(c)))).astype(np.float32)
+    mel = log_mel(jnp.asarray(wave), LogMelConfig.from_audio_config(c.audio))
+    logits = task.model.apply({"params": after, "batch_stats": jax.device_get(state.batch_stats)}, mel)
+    assert_close_to_scale(enc.tag(wave), np.asarray(jax.nn.softmax(logits, axis=-1)), rtol=1e-4)
+
+
+def test_sincos_positions_are_a_named_choice_and_never_drop_a_stored_table(tmp_path):
+    c = load_config("finetune_as.py", "smoke")
+    c.finetune.init_from, c.finetune.positions, c.mesh = _shorter_encoder(tmp_path), "sincos", {"data": 1}
+    task = make_task(c, str(tmp_path / "w"))
+    init_fn, _, _ = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}))
+    assert "pos_embed" not in jax.device_get(init_fn(jax.random.key(0))).params["tokenizer"]  # the exact sin-cos
+    c.finetune.positions = "interpolated"
+    with pytest.raises(ConfigError, match="config.finetune.positions='interpolated': expected one of"):
+        train_and_evaluate(c, str(tmp_path / "run"))
+    c.finetune.positions = "pretrained"  # a fine-tuned model (stored table) as the start of a 'sincos' fine-tuning
+    state = jax.device_get(init_fn(jax.random.key(0)))
+    stored = dict(state.params["tokenizer"]) | {"pos_embed": sincos_pos_embed_2d(64, 5, 10, cls_row=False) + 1}
+    ft = as_encoder(c, dict(state.params) | {"tokenizer": stored}, state.batch_stats).save(str(tmp_path / "ft"))
+    c.finetune.init_from, c.finetune.positions = ft, "sincos"
+    with pytest.raises(ConfigError, match="carries its own position table, which .*'sincos' would drop"):
+        make_task(c, str(tmp_path / "w2")).build(None)

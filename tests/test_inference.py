@@ -296,3 +296,105 @@ def test_pt_files_keep_the_published_nesting(tmp_path):
         assert sorted(back) == sorted(sd)
         for k in sd:
             np.testing.assert_array_equal(back[k], sd[k])
+
+
+# --- Position tables and front-end buffers a published state dict can hold (matpac_jax.published_layout).
+
+
+def _with_positions(pos_rows: np.ndarray, cls_row=None, seed=9, grid_t=12) -> dict:
+    sd = published_state_dict(seed=seed, grid_t=grid_t)
+    sd["pos_embed"] = np.concatenate([np.zeros((1, DIM)) if cls_row is None else cls_row[None], pos_rows])[None]
+    sd["pos_embed"] = sd["pos_embed"].astype(np.float32)
+    return sd
+
+
+def _embeds_as_published(sd: dict, enc: Encoder) -> None:
+    """The float64 SPEC §5 implementation reads sd's pos_embed as the published forward does (CLS row included)."""
+    wave = (0.1 * np.random.default_rng(1).standard_normal(48_000)).astype(np.float32)  # 298 frames: a cut last chunk
+    got = enc.embed(wave, 16_000, layers=True)["layers"][0]
+    assert _rel(got, numpy_layers(sd, reference_log_mel(wave, enc.spec.frontend))) <= 1e-5
+
+
+def test_a_table_fine_tuned_the_m2d_way_is_kept_as_weights_and_embeds_as_published(tmp_path):
+    from test_positions import torch_formula_bicubic
+
+    grid = np.moveaxis(ref.sincos_pos_embed_2d(DIM, 5, 8)[1:].reshape(5, 8, DIM), -1, 0)  # the 5x8 pretrained table
+    rows = np.moveaxis(torch_formula_bicubic(grid, (5, 12), align_corners=False), 0, -1).reshape(60, DIM)
+    sd, notes = _with_positions(rows), []
+    spec, params, _ = from_torch(sd, heads=HEADS, notes=notes)
+    how = "the 5x8 sin-cos table resampled bicubically to 5x12 as m2d does"
+    assert notes == [f"pos_embed: {how}, kept as weights (tokenizer/pos_embed)"]
+    np.testing.assert_array_equal(params["tokenizer"]["pos_embed"], sd["pos_embed"][0, 1:])
+    enc = load_encoder(Encoder(spec, params).save(str(tmp_path / "m")))
+    _embeds_as_published(sd, enc)
+    back = to_torch(enc.spec, jax.device_get(enc.params))
+    np.testing.assert_array_equal(back["pos_embed"], sd["pos_embed"])
+    notes = []
+    _, plain, _ = from_torch(published_state_dict(seed=9, grid_t=12), heads=HEADS, notes=notes)
+    assert "pos_embed" not in plain["tokenizer"]
+    assert notes == ["pos_embed: the 2-D sin-cos table of the 5x12 grid (recomputed)"]
+
+
+def test_a_learned_table_and_cls_row_are_kept_and_convert_back_to_the_same_model():
+    rng = np.random.default_rng(4)
+    rows, cls_row = rng.normal(0, 0.5, (5 * GRID_T, DIM)), rng.normal(0, 0.5, DIM)
+    sd, notes = _with_positions(rows, cls_row, grid_t=GRID_T), []
+    spec, params, _ = from_torch(sd, heads=HEADS, notes=notes)
+    assert notes[0].startswith("pos_embed: neither sin-cos nor a resampled sin-cos table (")
+    cls_note = "its CLS row is added to cls_token (as the published forward does)"
+    assert notes[0].endswith(f"kept as weights (tokenizer/pos_embed); {cls_note}")
+    enc = Encoder(spec, params)
+    _embeds_as_published(sd, enc)
+    back = to_torch(spec, jax.device_get(enc.params))
+    assert not back["pos_embed"][0, 0].any()  # the CLS row now lives in cls_token: the same sum
+    np.testing.assert_allclose(back["cls_token"] + back["pos_embed"][:, :1], sd["cls_token"] + sd["pos_embed"][:, :1])
+    _embeds_as_published(back, Encoder(*from_torch(back, heads=HEADS)[:2]))
+
+
+def torchaudio_buffers(f_min: float = 50.0) -> dict[str, np.ndarray]:
+    """The two buffers of the published front-end, ``torchaudio.transforms.MelSpectrogram(16000, n_fft=400,
+    win_length=400, hop_length=160, f_min, f_max=8000, n_mels=80, norm='slaney', mel_scale='slaney')`` (aurianworld/
+    matpac inference_matpac/matpac/preprocess.py:94-111), built in float32 as torchaudio does: ``torch.hann_window``
+    (periodic) and ``torchaudio.functional.melscale_fbanks`` (_hz_to_mel in Python floats, linspace of mels,
+    _mel_to_hz, _create_triangular_filterbank, Slaney area normalisation)."""
+    f32 = np.float32
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400, dtype=f32) / f32(400))).astype(f32)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    to_mel = lambda f: f / f_sp if f < min_log_hz else min_log_hz / f_sp + np.log(f / min_log_hz) / logstep  # noqa: E731
+    mels = np.linspace(to_mel(f_min), to_mel(8000.0), 82, dtype=f32)
+    hz = (f32(f_sp) * mels).astype(f32)
+    log = mels >= f32(min_log_hz / f_sp)
+    hz[log] = f32(min_log_hz) * np.exp(f32(logstep) * (mels[log] - f32(min_log_hz / f_sp)))
+    freqs = np.linspace(0, 8000, 201, dtype=f32)
+    diff, slopes = hz[1:] - hz[:-1], hz[None, :] - freqs[:, None]
+    fb = np.maximum(f32(0), np.minimum(-slopes[:, :-2] / diff[:-1], slopes[:, 2:] / diff[1:]))
+    fb = (fb * (f32(2) / (hz[2:] - hz[:-2]))[None]).astype(f32)
+    return {"log_mel.MelSpectrogram.spectrogram.window": window, "log_mel.MelSpectrogram.mel_scale.fb": fb}
+
+
+def test_the_published_full_state_dict_front_end_buffers_are_checked_and_left_out(published, tmp_path, capsys):
+    from matpac_jax import convert
+
+    sd, enc = published
+    notes = []
+    spec, params, _ = from_torch(sd | torchaudio_buffers(), heads=HEADS, notes=notes)
+    buffers = list(torchaudio_buffers())
+    assert notes[1] == f"left out the torchaudio front-end buffers {buffers}: equal to this front-end's"
+    for k, v in flatten(params).items():
+        np.testing.assert_array_equal(v, flatten(jax.device_get(enc.params))[k])
+    with pytest.raises(
+        ConversionError, match=r"mel_scale.fb differs from this front-end's by .* of its peak: the file"
+    ):
+        from_torch(sd | torchaudio_buffers(f_min=0.0), heads=HEADS)
+    short = {"log_mel.MelSpectrogram.spectrogram.window": np.hanning(800).astype(np.float32)}
+    with pytest.raises(ConversionError, match=r"window has shape \[800\], this front-end's is \[400\]"):
+        from_torch(sd | short, heads=HEADS)
+    with pytest.raises(ConversionError, match=r"unknown keys \['log_mel.MelSpectrogram.spectrogram.extra'\]"):
+        from_torch(sd | torchaudio_buffers() | {"log_mel.MelSpectrogram.spectrogram.extra": np.zeros(1)}, heads=HEADS)
+
+    path = str(tmp_path / "full.safetensors")  # the CLI prints the account
+    write_safetensors(path, sd | torchaudio_buffers())
+    assert convert.main([f"--torch-checkpoint={path}", f"--output={tmp_path / 'out'}", f"--heads={HEADS}"]) == 0
+    out = capsys.readouterr().out
+    assert "pos_embed: the 2-D sin-cos table of the 5x8 grid (recomputed)" in out
+    assert "left out the torchaudio front-end buffers" in out

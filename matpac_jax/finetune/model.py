@@ -1,12 +1,16 @@
 """The fine-tuned model: the ViT encoder every method shares (models/vit) and the published AudioSet head.
 
-    log-mel [B, F, T] -> Tokenizer (patches + sin-cos positions, T / patch time patches) -> [CLS; tokens]
+    log-mel [B, F, T] -> Tokenizer (patches + positions, T / patch time patches) -> [CLS; tokens]
       -> Transformer -> tokens (CLS dropped) -> AudioSetHead (token mean, BatchNorm without affine, linear) -> logits
 
 Parameters ``{'tokenizer', 'encoder', 'head'}``, BatchNorm statistics ``{'head': {'mean', 'var'}}``: the encoder's
 names are those of ``inference.Encoder`` (and of a pretraining state's student), so pretrained weights load by name.
-The positions are the fixed sin-cos table of the input's length: fine-tuning on longer inputs than pretraining (992
-frames, the published fine-tuned MATPAC++, against 608) extends it, nothing is interpolated.
+The positions are constants. From a pretrained encoder (``config.finetune.init_from``, ``positions='pretrained'``, the
+default) they are that encoder's table brought to the input's length as m2d does: bicubically resampled when the
+fine-tuning crop is longer (992 frames, the published fine-tuned MATPAC++, against 608; nttcslab/m2d
+``m2d/runtime_audio.py:153-158``, models.positions), cut when shorter; the model then keeps them with its weights
+(``tokenizer/pos_embed``), so a saved fine-tuned model reproduces them. From scratch, or with ``positions='sincos'``,
+they are the sin-cos table of the input's length.
 """
 
 from __future__ import annotations
@@ -41,10 +45,15 @@ class FinetuneModel(nn.Module):
         e, p = m.encoder, m.patch
         trunk = dict(attn_impl=m.attn_impl or None, remat=m.remat, attn_pad_to=m.attn_pad_to, scan_layers=m.scan_layers)
         return cls(
-            tokenizer=Tokenizer(e.dim, p, a.n_mels // p, a.crop_frames // p, dtype),
+            tokenizer=Tokenizer(e.dim, p, a.n_mels // p, a.crop_frames // p, dtype, stored_positions(config)),
             encoder=Transformer(e.dim, e.depth, e.heads, e.mlp_ratio, dtype, **trunk),
             head=AudioSetHead(config.finetune.num_classes),
         )
+
+
+def stored_positions(config) -> bool:
+    """Whether the model keeps its positions as weights: fine-tuning from a pretrained encoder with its positions."""
+    return bool(config.finetune.init_from) and config.finetune.positions == "pretrained"
 
 
 def encoder_spec(config) -> EncoderSpec:

@@ -1,4 +1,4 @@
-"""ViT encoder pieces (SPEC §2): patch tokenizer with fixed 2-D sin-cos positions, pre-norm blocks.
+"""ViT encoder pieces (SPEC §2): patch tokenizer with fixed positions (2-D sin-cos, or a stored table), pre-norm blocks.
 
 The encoder is split in two modules because the MATPAC teacher shares the student's tokenizer (patch embedding,
 positional embedding, CLS token) but owns its blocks:
@@ -65,13 +65,19 @@ def truncated_pos_embed(dim: int, grid_freq: int, grid_time: int, time_patches: 
 
 
 class Tokenizer(nn.Module):
-    """Patch embedding (conv, kernel = stride = patch) + fixed positions, and the learned CLS token."""
+    """Patch embedding (conv, kernel = stride = patch) + fixed positions, and the learned CLS token.
+
+    The positions are the sin-cos table of the grid, or with ``stored_positions`` a table kept with the weights as
+    ``pos_embed`` [F·T, D] (freq-major, no CLS row; initialised to the sin-cos table): m2d's resampled table when
+    fine-tuning beyond the pretraining length (models.positions), or a published table that is not sin-cos. It is a
+    constant as in m2d (``requires_grad=False``): no gradient flows into it."""
 
     dim: int = 768
     patch: int = 16
     grid_freq: int = 5
     grid_time: int = 38
     dtype: jnp.dtype = jnp.float32
+    stored_positions: bool = False
 
     @nn.compact
     def __call__(self, mel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,8 +101,16 @@ class Tokenizer(nn.Module):
         )
         x = proj(mel[..., None].astype(self.dtype))  # [B, Fp, Tp, D]
         x = x.reshape(b, -1, self.dim)
-        pos = truncated_pos_embed(self.dim, self.grid_freq, self.grid_time, t // self.patch)
-        x = x + jnp.asarray(pos, x.dtype)
+        if self.stored_positions:
+            if t // self.patch > self.grid_time:
+                raise ValueError(f"input has {t // self.patch} time patches, the positional grid only {self.grid_time}")
+            sincos = sincos_pos_embed_2d(self.dim, self.grid_freq, self.grid_time, cls_row=False)
+            table = self.param("pos_embed", lambda _, shape: jnp.asarray(sincos.reshape(shape)), sincos.shape)
+            grid = jax.lax.stop_gradient(table).reshape(self.grid_freq, self.grid_time, self.dim)
+            pos = grid[:, : t // self.patch].reshape(-1, self.dim)
+        else:
+            pos = jnp.asarray(truncated_pos_embed(self.dim, self.grid_freq, self.grid_time, t // self.patch))
+        x = x + pos.astype(x.dtype)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
         return x, cls
 
