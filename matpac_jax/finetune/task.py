@@ -28,10 +28,12 @@ from matpac_jax.fileio import atomic_write_json
 from matpac_jax.finetune.data import eval_clips, train_input
 from matpac_jax.finetune.head import head_variables_from_encoder
 from matpac_jax.finetune.metrics import bootstrap_ci, evaluate_scores
-from matpac_jax.finetune.model import FinetuneModel, as_encoder
+from matpac_jax.finetune.model import FinetuneModel, as_encoder, stored_positions
 from matpac_jax.finetune.step import create_finetune_state, make_finetune_step
 from matpac_jax.inference import Encoder
 from matpac_jax.load import load_model
+from matpac_jax.models.positions import m2d_positions
+from matpac_jax.models.vit import sincos_pos_embed_2d
 from matpac_jax.train.optim import lr_schedule, make_optimizer
 from matpac_jax.train.task import StepProgram, TaskInput
 
@@ -42,6 +44,15 @@ def frozen_encoder(tx: optax.GradientTransformation, params) -> optax.GradientTr
     """``tx`` whose updates of everything but the head are zero (weight decay included): the frozen-encoder
     baseline."""
     return optax.chain(tx, optax.masked(optax.set_to_zero(), {k: k != "head" for k in params}))
+
+
+def frozen_positions(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """``tx`` whose update of ``tokenizer/pos_embed`` is zero (weight decay and momentum included): the positions are
+    constants as in m2d (``requires_grad=False``); their gradient is zero already (``Tokenizer``'s stop_gradient)."""
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: tuple(getattr(k, "key", k) for k in path) == ("tokenizer", "pos_embed"), params
+    )
+    return optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
 
 
 def pretrained(config) -> Encoder | None:
@@ -61,7 +72,22 @@ def pretrained(config) -> Encoder | None:
     differ = [f"{k}: file {getattr(s, k)!r}, config {v!r}" for k, v in want.items() if getattr(s, k) != v]
     if differ:
         raise ConfigError(f"config.finetune.init_from={path} does not fit config.model / config.audio: {differ}")
+    if "pos_embed" in enc.params["tokenizer"] and not stored_positions(config):
+        raise ConfigError(
+            f"config.finetune.init_from={path} carries its own position table, which "
+            f"config.finetune.positions={config.finetune.positions!r} would drop: use 'pretrained'"
+        )
     return enc
+
+
+def pretrained_positions(enc: Encoder, config) -> np.ndarray:
+    """The encoder's position table [F·T0, D] (its stored one, else the sin-cos table of its grid) brought to the
+    fine-tuning grid [F·T, D] as m2d does (models.positions: bicubic resampling when longer, cut when shorter)."""
+    s, grid_f = enc.spec, config.audio.n_mels // config.model.patch
+    table = enc.params["tokenizer"].get("pos_embed")
+    if table is None:
+        table = sincos_pos_embed_2d(s.dim, grid_f, s.crop_frames // s.patch, cls_row=False)
+    return m2d_positions(np.asarray(table), grid_f, config.audio.crop_frames // config.model.patch)
 
 
 class FinetuneTask:
@@ -94,6 +120,8 @@ class FinetuneTask:
         tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
         if c.finetune.freeze_encoder:
             tx = frozen_encoder(tx, params_shape)
+        if stored_positions(c):
+            tx = frozen_positions(tx, params_shape)
         lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
         enc = pretrained(c)
         return StepProgram(
@@ -105,6 +133,8 @@ class FinetuneTask:
     def _from(self, enc: Encoder, init_fn, abstract):
         """``init_fn`` with the encoder's weights (and its AudioSet head, when it has one of this shape)."""
         weights = {k: enc.params[k] for k in ("tokenizer", "encoder")}
+        if stored_positions(self.config):  # m2d's positions for this crop (runtime_audio.py:153-166), never trained
+            weights["tokenizer"] = dict(weights["tokenizer"]) | {"pos_embed": pretrained_positions(enc, self.config)}
         head = enc.params.get("head")
         if head is not None and np.shape(head["bias"]) == abstract.params["head"]["linear"]["bias"].shape:
             head = head_variables_from_encoder(head)
