@@ -254,6 +254,33 @@ def test_datasets_that_need_tensorflow_or_are_not_array_record_are_named(tones, 
         load_task("tfds:tiny_tones", _edited_copy(data_dir, tmp_path / "b", tfrecord))
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda v: open(sorted(v.glob("*train.array_record*"))[0], "r+b").truncate(100),
+        lambda v: os.remove(sorted(v.glob("*train.array_record*"))[0]),
+        lambda v: (v / "dataset_info.json").write_text("{garbage"),
+    ],
+    ids=["truncated shard", "deleted shard", "garbled dataset_info.json"],
+)
+def test_a_damaged_dataset_is_named_with_the_fix_before_compute(tones, tmp_path, damage):
+    """Training (TfdsAudioSource.open reads a first record) and the probe (every record) alike: a ValueError naming
+    the dataset and the fix, never array_record's RuntimeError or protobuf's ParseError."""
+    from matpac_jax.evaluate.datasets.tfds_task import EXPORT_DIR
+
+    _, data_dir = tones
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    shutil.rmtree(copy / "tiny_tones" / "1.0.0" / EXPORT_DIR, ignore_errors=True)  # the probe's WAVs of other tests
+    damage(copy / "tiny_tones" / "1.0.0")
+    fix = r"prepare the dataset again \(python -m matpac_jax.data.tfds_audio\) or restore its directory"
+    bad = rf"(damaged|cannot be read).*{fix}"
+    with pytest.raises(ValueError, match=rf"^config.data.tfds_name='tiny_tones:1.0.0'.*{bad}"):
+        train_input(_tfds_config(str(copy)))
+    with pytest.raises(ValueError, match=rf"^--dataset=tfds:tiny_tones.*{bad}"):
+        load_task("tfds:tiny_tones", str(copy))
+
+
 def test_config_check_rejects_bad_sources_before_compute():
     c = load_config("pp.py", None)
     c.data.source = "tfrecord"

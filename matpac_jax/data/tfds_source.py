@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from google.protobuf.json_format import ParseError
 
 from matpac_jax.audio.io import to_int16
 
@@ -85,6 +86,25 @@ def open_split(name: str, data_dir: str | os.PathLike | None, split: str | None,
         ) from None
     except ValueError as e:  # tfds: "Unknown split 'x'. Should be one of [...]"
         raise ValueError(f"{label} under {data_dir}: {e}") from None
+    except (RuntimeError, OSError, ParseError) as e:  # a truncated or missing shard, a garbled dataset_info.json
+        raise ValueError(f"{label} under {data_dir} is damaged ({_last_line(e)}): {DAMAGED_FIX}") from None
+
+
+DAMAGED_FIX = "prepare the dataset again (python -m matpac_jax.data.tfds_audio) or restore its directory"
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"
+
+
+def read_record(source: Sequence, index: int, label: str) -> dict:
+    """``source[index]``, with a damaged shard (array_record's RuntimeError) a ValueError naming the record and the
+    fix: the one read of a tfds record, for training and the probe alike."""
+    try:
+        return source[index]
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{label}: record {index} cannot be read ({_last_line(e)}): {DAMAGED_FIX}") from None
 
 
 def sample_rate_of(info) -> int | None:
@@ -140,13 +160,14 @@ class TfdsAudioSource:
             )
         if len(source) == 0:
             raise ValueError(f"{label} holds no records")
+        read_record(source, 0, label)  # a damaged shard fails here, before compute, rather than in a grain worker
         return cls(source, sample_rate, label, per_record_rate=rate is None)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        record = self._source[index]
+        record = read_record(self._source, index, self.label)
         if self._per_record_rate and int(record["sample_rate"]) != self.sample_rate:
             raise ValueError(
                 f"{self.label}: record {index} is at {int(record['sample_rate'])} Hz, expected {self.sample_rate} Hz"

@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from matpac_jax.audio.io import from_int16
-from matpac_jax.data.tfds_source import open_split, sample_rate_of
+from matpac_jax.data.tfds_source import open_split, read_record, sample_rate_of
 from matpac_jax.evaluate.datasets.common import AudioIndex, Task, multi_hot
 from matpac_jax.fileio import atomic_write, atomic_write_json, unwritable_reason
 
@@ -71,7 +71,7 @@ def _export(sources: dict, splits: list[str], out: str, label: str) -> dict:
     for split in splits:
         source = sources[split]
         for i in range(len(source)):
-            record = source[i]
+            record = read_record(source, i, f"{label} split {split!r}")
             audio = np.asarray(record["audio"])
             if audio.dtype != np.int16 and not np.issubdtype(audio.dtype, np.floating):
                 raise ValueError(f"{label}: record {i} of {split!r} has {audio.dtype} audio, expected int16 or float")
