@@ -56,7 +56,7 @@ from matpac_jax.inference import Encoder, EncoderSpec
 from matpac_jax.load import load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
 from matpac_jax.published_layout import check_frontend_buffers, read_positions
-from matpac_jax.saved_model import MODEL_FILE, flatten, unflatten
+from matpac_jax.saved_model import MODEL_FILE, flatten, refuse_other_kind, unflatten
 from matpac_jax.state_dict_io import (  # noqa: F401  (re-exported: the converter's file formats)
     ConversionError,
     flatten_nested,
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.torch_checkpoint:
             check_output(args.output, directory=True)
+            refuse_other_kind(args.output, "vit")
             sd = read_state_dict(args.torch_checkpoint)
             if args.probe:
                 sd |= read_state_dict(args.probe)

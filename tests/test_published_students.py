@@ -217,7 +217,8 @@ def test_a_training_config_that_cannot_describe_a_front_end_exits_2_naming_the_k
 
 
 def test_the_converter_never_replaces_a_model_of_another_kind(tmp_path, capsys):
-    """--output naming an existing ViT encoder directory is refused before anything is read or written."""
+    """--output naming an existing model directory of another kind is refused before anything is read or written
+    (a student over an encoder, an encoder over a student)."""
     from matpac_jax.saved_model import MODEL_FILE, write_model_dir
 
     vit = tmp_path / "encoder"
@@ -226,6 +227,10 @@ def test_the_converter_never_replaces_a_model_of_another_kind(tmp_path, capsys):
     assert published.main(["--input=missing.pt", "--arch=mn10", f"--output={vit}"]) == 2
     assert "already holds a 'vit' model directory" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in vit.iterdir()} == before and (vit / MODEL_FILE).is_file()
+    student = tmp_path / "student"  # and the reverse: an encoder converted over a student
+    write_model_dir(str(student), "student", {"student": {}}, {"w": np.zeros(2, np.float32)})
+    assert convert.main(["--torch-checkpoint=missing.pt", f"--output={student}"]) == 2
+    assert "already holds a 'student' model directory" in capsys.readouterr().err
 
 
 def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypatch, capsys):
