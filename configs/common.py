@@ -50,8 +50,9 @@ def optim(**settings) -> dict:
             eps=1e-8,
             weight_decay=0.0,
             wd_exclude_bias_norm_tokens=False,  # True = M2D: no decay on biases, norms, tokens
-            schedule="warmup_cosine",  # or 'warmup_ramp_down' (EfficientAT's)
+            schedule="warmup_cosine",  # or 'warmup_ramp_down' (EfficientAT's), 'timm_cosine' (EVAR's fine-tuning)
             warmup_steps=0,
+            lr_min=0.0,  # 'timm_cosine' only: the cosine's floor
             ramp_down_start=0,  # 'warmup_ramp_down' only
             ramp_down_steps=0,
             final_lr_factor=0.01,

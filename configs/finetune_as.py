@@ -19,9 +19,11 @@ Where each number comes from:
   optimizer    --optim lars: timm Lars(lr, momentum=0.9, weight_decay=0), which with weight decay 0 skips its trust
                ratio: SGD with momentum 0.9 (EVAR finetune.py:221); AS20K: SGD, momentum 0.9 (finetune.py:220, 348)
   lr, batch    AS2M: lr 2.0, batch 64 (util/ft-as2m.sh:25); AS20K: lr 0.5, batch 64 (util/ft-as20k.sh:19)
-  schedule     linear warm-up then cosine (timm CosineLRScheduler, EVAR finetune.py:225, 263-264; its floor 1e-7 is 0
-               here); AS2M 70 epochs, warm-up 15 (util/ft-as2m.sh:25); AS20K 200 epochs, warm-up 5 (config/m2d.yaml:35,
-               40); no gradient clipping in EVAR (clip_norm 1e9 here: never reached)
+  schedule     'timm_cosine': timm CosineLRScheduler(t_initial=epochs, lr_min=1e-7, warmup_t, warmup_lr_init=0), its
+               cosine over the whole run, warm-up included, stepped after every update at epoch + iter / epoch_iters
+               (EVAR finetune.py:225, 250-264; train.optim.timm_cosine); AS2M 70 epochs, warm-up 15 (util/ft-as2m.sh:
+               25); AS20K 200 epochs, warm-up 5 (config/m2d.yaml:35, 40); no gradient clipping in EVAR (clip_norm 1e9
+               here: never reached)
   epochs       AS2M: 200,000 clips drawn per epoch by label frequency (evar/data.py:154-155; EVAR draws them without
                replacement within an epoch, here with replacement), 3,125 steps of 64; AS20K: 20,550 clips, 321 steps
   sampling     AS2M: label-frequency weights, clip weight (Σ 1000 / (count + 0.01))^(1/1.5) over its labels
@@ -31,6 +33,12 @@ Where each number comes from:
                AS20K's random resize crop and m2d's training-time token masking (--training_mask 0.5); mixup is on
                the log-mel for both (EVAR mixes AS20K's waveforms)
   layer decay  none in m2d (one parameter group, EVAR finetune.py:219-222); config.optim.layer_decay < 1 gives MAE's
+  evaluation   after every epoch, on the evaluation set (AudioSet has no validation split in EVAR:
+               evar/utils/make_as_metadata.py:138, 147; finetune.py:234-237, 274-277); the published figure is the best
+               epoch's mAP (finetune.py:282-292, 310): WORKDIR/best.json, not the final model's eval.json. Deliberate
+               difference: an AS20K epoch is 321 full batches here, 322 in EVAR (its last batch holds the other 6
+               clips): 6 of 20,550 clips (0.03 %) left out of each epoch, 200 fewer updates of 64,400; the schedule, in
+               epochs, is the same
 
 Variants (`--config=configs/finetune_as.py:VARIANT`): as2m (the default), as20k, demo (the demo encoder of
 configs/pp.py:demo on the demo corpus's 8 classes, minutes on CPU; launch/finetune_demo.sh compares it with the frozen
@@ -68,16 +76,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         time_shift=0,  # random cyclic time shift in [-N, N) frames (AudioMAE's, off in m2d)
         balanced=True,  # label-frequency weighted sampling with replacement (AS2M)
         eval="",  # the evaluation set's record shards (glob or prepare output): every clip, in order
-        eval_every=AS2M_EPOCH,  # steps between evaluations (the best model by mAP is kept in WORKDIR/best)
+        eval_every=AS2M_EPOCH,  # steps between evaluations: an epoch, as EVAR; the best mAP's model in WORKDIR/best
         bootstrap=1000,  # resamples of the clips for the final evaluation's 95 % CI
     )
-    c.optim = common.optim(optimizer="sgd", lr=2.0, reference_batch=64, b1=0.9, weight_decay=0.0,
-                           warmup_steps=15 * AS2M_EPOCH, clip_norm=1e9)  # fmt: skip
+    c.optim = common.optim(optimizer="sgd", lr=2.0, reference_batch=64, b1=0.9, weight_decay=0.0, clip_norm=1e9,
+                           schedule="timm_cosine", lr_min=1e-7, warmup_steps=15 * AS2M_EPOCH)  # fmt: skip
     c.data = common.data(batch_size=64, demo=dict(num_train=0, num_test=0, seconds=0.0, seed=0))
 
     if arg.variant == "as20k":
         c.total_steps, c.optim.lr, c.optim.warmup_steps = 200 * AS20K_EPOCH, 0.5, 5 * AS20K_EPOCH
-        c.finetune.mixup, c.finetune.balanced, c.finetune.eval_every = 0.3, False, 5 * AS20K_EPOCH
+        c.finetune.mixup, c.finetune.balanced, c.finetune.eval_every = 0.3, False, AS20K_EPOCH
     elif arg.variant in ("demo", "smoke"):
         tiny(c, smoke=arg.variant == "smoke")
     elif arg.variant != "as2m":

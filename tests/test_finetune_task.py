@@ -199,3 +199,25 @@ def test_sincos_positions_are_a_named_choice_and_never_drop_a_stored_table(tmp_p
     c.finetune.init_from, c.finetune.positions = ft, "sincos"
     with pytest.raises(ConfigError, match="carries its own position table, which .*'sincos' would drop"):
         make_task(c, str(tmp_path / "w2")).build(None)
+
+
+def test_evaluation_reports_the_best_as_published_and_flags_classes_without_positives(shards, tmp_path, capsys):
+    """EVAR evaluates after every epoch and reports the best epoch's mAP (eval-audio-repr finetune.py:274-292, 310):
+    the recipes evaluate every epoch, the final model is a candidate too (here eval_every 4 of 6 steps: the final
+    evaluation at step 6 competes with step 4's), the closing report names best.json's mAP as the published-comparable
+    figure, and a class without a positive in the evaluation set (a 9th unit for 8 labels) is flagged once."""
+    for variant, epoch in (("as2m", 3125), ("as20k", 321)):
+        assert load_config("finetune_as.py", variant).finetune.eval_every == epoch
+    c = _records_config(shards)
+    c.finetune.eval_every, c.finetune.num_classes = 4, 9
+    out = train_and_evaluate(c, str(tmp_path))["probe"]
+    periodic = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    final = json.loads((tmp_path / "eval.json").read_text())
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert [x["step"] for x in periodic] == [4]
+    assert best["mAP"] == max(periodic[0]["mAP"], final["mAP"][0])
+    assert best["step"] == (6 if final["mAP"][0] > periodic[0]["mAP"] else 4)
+    assert (out["best_mAP"], out["best_step"]) == (best["mAP"], best["step"])
+    printed = capsys.readouterr().out
+    assert f"published-comparable: mAP {best['mAP']:.4f}, the best evaluation (step {best['step']};" in printed
+    assert printed.count("warning: 1 of 9 classes have no positive clip") == 1

@@ -1,6 +1,9 @@
 """Large-batch optimizer options: lr scaling rules by hand, LAMB and LARS against float64 numpy references (two
 steps, per-tensor trust ratios, weight-decay mask), and unknown names failing before compute."""
 
+import math
+
+import jax
 import ml_collections as mlc
 import numpy as np
 import optax
@@ -13,7 +16,7 @@ from matpac_jax.train.optim import lr_schedule, make_optimizer, peak_lr
 def _optim(**kw):
     base = dict(optimizer="adamw", lr=1e-2, lr_scaling="none", reference_batch=256, b1=0.9, b2=0.95, eps=1e-6,
                 weight_decay=0.1, wd_exclude_bias_norm_tokens=True, schedule="warmup_cosine", warmup_steps=0,
-                clip_norm=1e9, layer_decay=1.0)  # fmt: skip
+                clip_norm=1e9, layer_decay=1.0, lr_min=0.0)  # fmt: skip
     return mlc.ConfigDict(base | kw)
 
 
@@ -182,3 +185,73 @@ def test_sgd_is_torch_sgd_with_momentum_and_coupled_weight_decay():
         buf = d if buf is None else 0.9 * buf + d
         p = p - float(lr(t)) * buf
     assert_close_to_scale(p_jax["w"], p, rtol=1e-5)
+
+
+def _timm_cosine_lr(t, lr, lr_min, warmup_t, t_initial):
+    """timm's CosineLRScheduler._get_lr at epoch t, float64 (huggingface/pytorch-image-models
+    timm/scheduler/cosine_lr.py:81-109) with EVAR's arguments: warmup_lr_init 0, warmup_prefix False, one cycle
+    (cycle_mul 1, cycle_decay 1, cycle_limit 1), k_decay 1."""
+    if t < warmup_t:
+        return 0.0 + t * (lr - 0.0) / warmup_t  # cosine_lr.py:76, 83
+    i = math.floor(t / t_initial)  # cosine_lr.py:93-95: no warmup_prefix, so t is not shifted
+    t_curr = t - t_initial * i
+    if i < 1:
+        return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t_curr / t_initial))  # cosine_lr.py:101-105
+    return lr_min
+
+
+def _evar_update_lrs(lr, lr_min, epochs, warmup_epochs, epoch_iters):
+    """The lr of every update in EVAR's loop (nttcslab/eval-audio-repr finetune.py:225, 250-264): the scheduler sets
+    warmup_lr_init = 0 at construction (cosine_lr.py:75-77); each iteration runs optimizer.step() at the lr in place,
+    then scheduler.step(epoch + iter / epoch_iters) (timm/scheduler/scheduler.py:77-82) sets the next one."""
+    current, out = 0.0, []
+    for epoch in range(epochs):
+        for it in range(epoch_iters):
+            out.append(current)
+            current = _timm_cosine_lr(epoch + it / epoch_iters, lr, lr_min, warmup_epochs, epochs)
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    "variant, epochs, warmup, epoch_iters, after_warmup, at_half, more_lr",
+    [("as2m", 70, 15, 3125, 1.7818, 1.0000, 0.2476), ("as20k", 200, 5, 321, 0.4992, 0.2500, 0.0256)],
+)
+def test_finetuning_schedule_is_timm_cosine_as_evar_steps_it(variant, epochs, warmup, epoch_iters, after_warmup,
+                                                             at_half, more_lr):  # fmt: skip
+    """The fine-tuning recipes' lr at every update equals EVAR's (timm's formula, float64, stepped as EVAR's loop
+    steps it), so at every epoch boundary and at every fractional point of the warm-up: AS2M 1.78 right after the
+    15-epoch warm-up and 1.00 at epoch 35 (the cosine runs over the whole run, warm-up included), where optax's
+    warmup_cosine_decay_schedule ('warmup_cosine', pretraining's) gives 2.00 and 1.42."""
+    from helpers import load_config
+
+    c = load_config("finetune_as.py", variant)
+    assert (c.optim.schedule, c.optim.lr_min) == ("timm_cosine", 1e-7)
+    assert (c.total_steps, c.optim.warmup_steps) == (epochs * epoch_iters, warmup * epoch_iters)
+    want = _evar_update_lrs(c.optim.lr, 1e-7, epochs, warmup, epoch_iters)
+    got = np.asarray(jax.vmap(lr_schedule(c.optim, c.total_steps, c.data.batch_size))(np.arange(c.total_steps)))
+    assert_close_to_scale(got, want, rtol=2e-6)  # float32 against float64, relative to the peak lr
+    boundaries = np.arange(epochs) * epoch_iters + 1  # the update after scheduler.step(epoch)
+    want_at = [_timm_cosine_lr(e, c.optim.lr, 1e-7, warmup, epochs) for e in range(epochs)]
+    assert_close_to_scale(got[boundaries], want_at, rtol=2e-6)
+    fractions = np.linspace(0, warmup, 41)[1:-1]  # the warm-up at fractional epochs
+    counts = np.round(fractions * epoch_iters).astype(int) + 1
+    assert_close_to_scale(got[counts], c.optim.lr * (counts - 1) / (warmup * epoch_iters), rtol=2e-6)
+    assert got[0] == got[1] == 0.0  # two updates at warmup_lr_init: before the first step and at step(0)
+    assert got[warmup * epoch_iters] == pytest.approx(c.optim.lr * (1 - 1 / (warmup * epoch_iters)), rel=1e-6)
+    assert got[warmup * epoch_iters + 1] == pytest.approx(after_warmup, abs=1e-4 * c.optim.lr)
+    assert got[epochs // 2 * epoch_iters + 1] == pytest.approx(at_half, abs=1e-4 * c.optim.lr)
+    # pretraining's shape (unchanged, 'warmup_cosine') is another schedule: the peak after warm-up, more lr overall
+    old = lr_schedule(mlc.ConfigDict(dict(c.optim) | {"schedule": "warmup_cosine"}), c.total_steps)
+    assert float(old(warmup * epoch_iters)) == pytest.approx(c.optim.lr, rel=1e-6)
+    old_total = np.asarray(jax.vmap(old)(np.arange(c.total_steps)), np.float64).sum()
+    assert old_total / want.sum() - 1 == pytest.approx(more_lr, abs=1e-4)  # integrated lr: +24.8 % AS2M, +2.6 % AS20K
+    if variant == "as2m":
+        assert float(old(35 * epoch_iters)) == pytest.approx(1.4154, abs=1e-4)
+
+
+def test_timm_cosine_floors_at_lr_min_after_the_run():
+    """Past t_initial timm returns lr_min (cosine_lr.py:106-107); the schedule does the same past total_steps."""
+    o = _optim(schedule="timm_cosine", lr=1.0, warmup_steps=10, lr_min=1e-3)
+    lr = lr_schedule(o, 100)
+    assert float(lr(101)) == pytest.approx(1e-3) and float(lr(500)) == pytest.approx(1e-3)
+    assert float(lr(100)) == pytest.approx(_timm_cosine_lr(99, 1.0, 1e-3, 10, 100), abs=1e-6)  # of the peak, 1

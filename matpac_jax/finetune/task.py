@@ -2,13 +2,15 @@
 ``load_model`` reads (``config.finetune.init_from``: our encoder dir, a pretraining workdir, converted published
 weights; '' = from scratch) with the published AudioSet head, trained end to end with sigmoid binary cross-entropy.
 
-Evaluation: every ``config.finetune.eval_every`` steps and at the end, the model in evaluation mode (running
-BatchNorm statistics, no augmentation) scores every clip of the evaluation set (finetune.data.eval_clips); mAP (macro
-over classes with a positive), AUC and d' (finetune.metrics) go to ``WORKDIR/eval.jsonl`` and TensorBoard
-(``eval/<metric>``). The model of the best mAP so far is kept apart in ``WORKDIR/best/`` (a model directory that
-``load_model`` reads, ``tag`` works, ``convert --to-torch`` writes the published fine-tuned layout), its figures in
-``WORKDIR/best.json``. At the end: the final model in ``WORKDIR/model/``, its evaluation with bootstrap 95 % CIs
-(``config.finetune.bootstrap`` resamples of the clips) in ``WORKDIR/eval.json``.
+Evaluation: every ``config.finetune.eval_every`` steps (the recipes: every epoch, as EVAR, finetune.py:274-277) and
+at the end, the model in evaluation mode (running BatchNorm statistics, no augmentation) scores every clip of the
+evaluation set (finetune.data.eval_clips); mAP (macro over every class, AP 0 for one without a positive, as EVAR's
+eval_map), AUC and d' (finetune.metrics) go to ``WORKDIR/eval.jsonl`` and TensorBoard (``eval/<metric>``). The model
+of the best mAP so far is kept apart in ``WORKDIR/best/`` (a model directory that ``load_model`` reads, ``tag`` works,
+``convert --to-torch`` writes the published fine-tuned layout), its figures in ``WORKDIR/best.json``: the best
+evaluation's mAP is the figure EVAR reports (finetune.py:282-292, 310), the one to compare with published numbers. At
+the end: the final model in ``WORKDIR/model/``, its evaluation with bootstrap 95 % CIs (``config.finetune.bootstrap``
+resamples of the clips) in ``WORKDIR/eval.json``; it is a candidate for ``best`` too, as EVAR's last epoch is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from matpac_jax.config_lib import ConfigError
 from matpac_jax.fileio import atomic_write_json
 from matpac_jax.finetune.data import eval_clips, train_input
 from matpac_jax.finetune.head import head_variables_from_encoder
-from matpac_jax.finetune.metrics import bootstrap_ci, evaluate_scores
+from matpac_jax.finetune.metrics import bootstrap_ci, classes_without_positive, evaluate_scores
 from matpac_jax.finetune.model import FinetuneModel, as_encoder, stored_positions
 from matpac_jax.finetune.step import create_finetune_state, make_finetune_step
 from matpac_jax.inference import Encoder
@@ -101,6 +103,7 @@ class FinetuneTask:
         self.frontend = LogMelConfig.from_audio_config(a)
         self.splits = None
         self.best = self._read_best()
+        self._flagged = False  # classes without a positive in the evaluation set: said once
         self._scores = jax.jit(
             lambda params, stats, audio: self.model.apply(
                 {"params": params, "batch_stats": stats}, log_mel(audio, self.frontend), train=False
@@ -175,6 +178,15 @@ class FinetuneTask:
 
     def evaluate(self, state, ci: bool = False) -> dict:
         logits, targets = self.scores(state.params, state.batch_stats)
+        missing = classes_without_positive(targets)
+        if missing and not self._flagged and jax.process_index() == 0:
+            print(
+                f"warning: {missing} of {targets.shape[1]} classes have no positive clip in config.finetune.eval: each "
+                "counts AP 0 in the mAP (as EVAR's eval_map) and is left out of the AUC; the published evaluation set "
+                "has a positive of every class, so this mAP is not comparable with published ones",
+                flush=True,
+            )
+        self._flagged = True
         if ci:
             return bootstrap_ci(logits, targets, n_resamples=self.config.finetune.bootstrap, seed=self.config.seed)
         return evaluate_scores(logits, targets)
@@ -200,20 +212,35 @@ class FinetuneTask:
                     if tb is not None:
                         tb.add_scalar(f"eval/{k}", v, step)
                 print(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
-            if result["mAP"] > self.best["mAP"]:
-                self.best = {"step": step, **result}
-                if jax.process_index() == 0:
-                    as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "best"))
-                    atomic_write_json(os.path.join(self.workdir, "best.json"), self.best)
+            self._keep_if_best(step, result, state)
 
         return run
 
+    def _keep_if_best(self, step: int, result: dict, state) -> None:
+        """A new best mAP (strictly better, EVAR finetune.py:282-290): model to WORKDIR/best, figures to best.json."""
+        if result["mAP"] > self.best["mAP"]:
+            self.best = {"step": step, **result}
+            if jax.process_index() == 0:
+                as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "best"))
+                atomic_write_json(os.path.join(self.workdir, "best.json"), self.best)
+
     def closing(self, state) -> dict:
         result = self.evaluate(state, ci=True)
+        step, every = int(jax.device_get(state.step)), int(self.config.finetune.eval_every)
+        if not every or step % every:  # the periodic evaluation skipped the last step: the final model is a candidate
+            self._keep_if_best(step, {k: v[0] for k, v in result.items()}, state)
         if jax.process_index() == 0:
             as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "model"))
             atomic_write_json(os.path.join(self.workdir, "eval.json"), result)
+            print(f"final model (step {step}; WORKDIR/eval.json):")
             print("| metric | value (95 % CI over bootstrap resamples of the clips) |\n|---|---|")
             for k, (v, lo, hi) in result.items():
                 print(f"| {k} | {v:.4f} [{lo:.4f}, {hi:.4f}] |")
-        return {k: v[0] for k, v in result.items()} | {f"{k}_ci95": (v[2] - v[1]) / 2 for k, v in result.items()}
+            print(
+                f"published-comparable: mAP {self.best['mAP']:.4f}, the best evaluation (step {self.best.get('step')}; "
+                "WORKDIR/best.json, its model WORKDIR/best/): EVAR reports the best epoch's mAP on the evaluation set "
+                "(eval-audio-repr finetune.py:282-292, 310)",
+                flush=True,
+            )
+        final = {k: v[0] for k, v in result.items()} | {f"{k}_ci95": (v[2] - v[1]) / 2 for k, v in result.items()}
+        return final | {"best_mAP": self.best["mAP"], "best_step": self.best.get("step")}

@@ -8,7 +8,8 @@
 - ``config.optim.layer_decay`` < 1: MAE's layer-wise decay of the lr over a ViT's depth (train.layer_decay);
 - gradients are first clipped to a global norm ``clip_norm`` as fairseq and torch do: scaled by
   min(1, clip_norm / (‖g‖ + 1e-6));
-- ``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining) or 'warmup_ramp_down' (EfficientAT's, S-SONDO);
+- ``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining), 'warmup_ramp_down' (EfficientAT's, S-SONDO) or
+  'timm_cosine' (timm's ``CosineLRScheduler`` as EVAR steps it: AudioSet fine-tuning, floor ``optim.lr_min``);
 - ``config.optim.lr_scaling``: the peak lr is ``lr`` at ``reference_batch`` and, for another global batch B,
   'none' keeps it, 'linear' multiplies it by B / reference_batch, 'sqrt' by √(B / reference_batch).
 """
@@ -24,7 +25,7 @@ import optax
 
 from matpac_jax.train.layer_decay import encoder_depth, layer_scales, scale_by_layer
 
-SCHEDULES = ("warmup_cosine", "warmup_ramp_down")
+SCHEDULES = ("warmup_cosine", "warmup_ramp_down", "timm_cosine")
 OPTIMIZERS = ("adamw_fairseq", "adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
@@ -58,9 +59,31 @@ def warmup_ramp_down(lr: float, warmup: int, ramp_start: int, ramp_steps: int, f
     return schedule
 
 
+def timm_cosine(lr: float, warmup: int, total: int, lr_min: float) -> optax.Schedule:
+    """timm's ``CosineLRScheduler(t_initial=epochs, lr_min, warmup_t=warmup_epochs, warmup_lr_init=0)`` as EVAR builds
+    it (eval-audio-repr finetune.py:225) and steps it (finetune.py:250-264), in steps of a fixed-length epoch.
+
+    timm's lr at a time t in epochs (timm/scheduler/cosine_lr.py:81-109; warmup_prefix False, one cycle):
+    lr · t / W while t < W, then lr_min + (lr − lr_min) · (1 + cos(π t / T)) / 2 (lr_min once t >= T). The cosine's
+    clock starts at 0, not at the end of the warm-up: it runs over the whole run, so the lr drops at t = W from
+    lr to the cosine's value there (AS2M: 2.0 -> 1.78 at epoch 15 of 70, 1.00 at epoch 35).
+    EVAR calls ``scheduler.step(epoch + iter / epoch_iters)`` *after* ``optimizer.step()``: update k (0-based) runs
+    at the lr set after update k − 1, t = (k − 1) / epoch_iters, and update 0 at ``warmup_lr_init`` = 0
+    (timm cosine_lr.py:75-77). With t in steps, W = ``warmup`` and T = ``total``, the epoch length cancels."""
+
+    def schedule(count):
+        t = jnp.maximum(jnp.asarray(count, jnp.float32) - 1.0, 0.0)  # the lr set after the previous update
+        up = lr * t / max(warmup, 1)
+        down = lr_min + 0.5 * (lr - lr_min) * (1.0 + jnp.cos(jnp.pi * t / total))
+        return jnp.where(t < warmup, up, jnp.where(t < total, down, lr_min))
+
+    return schedule
+
+
 def lr_schedule(optim, total_steps: int, batch_size: int | None = None) -> optax.Schedule:
     """'warmup_cosine': linear warm-up 0 -> lr over warmup_steps, then half-cosine to 0 at total_steps.
-    'warmup_ramp_down': ``warmup_ramp_down`` with optim.ramp_down_start, ramp_down_steps, final_lr_factor."""
+    'warmup_ramp_down': ``warmup_ramp_down`` with optim.ramp_down_start, ramp_down_steps, final_lr_factor.
+    'timm_cosine': ``timm_cosine`` over total_steps with optim.warmup_steps and optim.lr_min."""
     if optim.warmup_steps >= total_steps:
         raise ValueError(f"config.optim.warmup_steps ({optim.warmup_steps}) must be < total_steps ({total_steps})")
     name = optim.schedule
@@ -70,6 +93,8 @@ def lr_schedule(optim, total_steps: int, batch_size: int | None = None) -> optax
     if name == "warmup_ramp_down":
         return warmup_ramp_down(lr, optim.warmup_steps, optim.ramp_down_start, optim.ramp_down_steps,
                                 optim.final_lr_factor)  # fmt: skip
+    if name == "timm_cosine":
+        return timm_cosine(lr, optim.warmup_steps, total_steps, optim.lr_min)
     raise ValueError(f"config.optim.schedule={name!r}: expected one of {', '.join(SCHEDULES)}")
 
 
