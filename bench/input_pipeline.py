@@ -12,7 +12,8 @@ uncompressed shards (``flac``); then measures:
       in its own threads: the per-CPU-s figure counts them);
   (b) the full ``pretrain_dataset`` pipeline (shuffle, decode, random crop of 97,520 samples = 608 frames, batch 32)
       with workers=0 (in-process, grain's read threads), 1 and ``--workers``; the first ``--warmup`` batches
-      (worker start-up included) are discarded, then ``--batches`` batches are timed.
+      (worker start-up included) are discarded, then ``--batches`` batches are timed. For pcm16 with workers, also
+      the same pipeline sending each batch in grain's fresh shared-memory block (the reference for ``shm_batches``).
 
 Per-core figures are items per CPU-second: the CPU time of this process and of the grain worker processes (from
 /proc) over the timed window, so they do not depend on how many cores the threads / workers actually got. The run
@@ -135,20 +136,20 @@ def _cpu_now() -> dict[int, float]:
     return out
 
 
-def pipeline_rate(files: list[str], workers: int, warmup: int, batches: int, seed: int) -> dict:
-    """Crops/s of ``pretrain_dataset`` after ``warmup`` discarded batches, over ``batches`` timed ones."""
-    from matpac_jax.data.pipeline import pretrain_dataset
+def pipeline_rate(files: list[str], workers: int, warmup: int, batches: int, seed: int, pooled: bool = True) -> dict:
+    """Crops/s of ``pretrain_dataset`` after ``warmup`` discarded batches, over ``batches`` timed ones.
+    ``pooled=False``: the same elements and workers, but batches built by grain's default batching, which sends each
+    one in a fresh shared-memory block (the pipeline before ``shm_batches``)."""
+    import grain
 
-    ds = pretrain_dataset(
-        files,
-        global_batch=BATCH,
-        crop_samples=CROP,
-        seed=seed,
-        short_clips="skip",
-        process_index=0,
-        process_count=1,
-        workers=workers,
-    )
+    from matpac_jax.data.pipeline import pretrain_dataset, worker_init
+
+    args = dict(global_batch=BATCH, crop_samples=CROP, seed=seed, short_clips="skip", process_index=0, process_count=1)
+    if pooled or workers == 0:
+        ds = pretrain_dataset(files, workers=workers, **args)
+    else:
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        ds = pretrain_dataset(files, workers=0, **args).mp_prefetch(options, worker_init_fn=worker_init)
     it = iter(ds)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -238,7 +239,7 @@ def main() -> None:
             )
         raw = {name: raw_reads(corpus[name]["files"], args.raw_repeats) for name in STORAGES}
         loop = {name: plain_loop(corpus[name]["files"], args.batches * BATCH, args.seed) for name in STORAGES}
-        rows = {}
+        rows, fresh_shm = {}, {}
         for name in STORAGES:
             for w in worker_counts:
                 rows[name, w] = pipeline_rate(corpus[name]["files"], w, args.warmup, args.batches, args.seed)
@@ -248,6 +249,8 @@ def main() -> None:
                     f"(warm-up {r['warmup_s']:.1f} s, timed {r['wall_s']:.1f} s)",
                     flush=True,
                 )
+        for w in worker_counts[1:]:  # the same pcm16 pipeline with grain's fresh shared memory per batch
+            fresh_shm[w] = pipeline_rate(corpus["pcm16"]["files"], w, args.warmup, args.batches, args.seed, False)
 
     print()
     print("(a) raw ArrayRecord reads (read_all, incl. array_record's own threads), no decoding")
@@ -273,6 +276,14 @@ def main() -> None:
                 f"{r['main_ms']:.3f} + {r['worker_ms']:.3f} | {r['per_cpu_s']:,.1f} | "
                 f"{ratio:.3f} | {args.target / r['per_cpu_s']:.1f} |"
             )
+    for w, r in fresh_shm.items():
+        ratio = r["per_cpu_s"] / raw["pcm16"]["per_cpu_s"]
+        print(
+            f"| pcm16, grain's fresh shared memory per batch | {w} | {r['per_s']:,.1f} | "
+            f"{r['cpu_s'] / r['wall_s']:.2f} | "
+            f"{r['main_ms']:.3f} + {r['worker_ms']:.3f} | {r['per_cpu_s']:,.1f} | "
+            f"{ratio:.3f} | {args.target / r['per_cpu_s']:.1f} |"
+        )
     print()
     for name in STORAGES:
         single = rows[name, 0]["per_cpu_s"] / raw[name]["per_cpu_s"]

@@ -131,7 +131,7 @@ def test_skip_and_pad(marked):
         assert np.array_equal(row, expected)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_exact_resume(marked, workers):
     ds = _ds(marked, seed=7, workers=workers)
     it = iter(ds)

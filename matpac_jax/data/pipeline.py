@@ -52,6 +52,7 @@ import numpy as np
 
 from matpac_jax.data.prepare import manifest_shards
 from matpac_jax.data.records import check_shard, decode_pcm
+from matpac_jax.data.shm_batches import PooledBatch, enable_pool
 from matpac_jax.data.tfds_source import TfdsAudioSource
 
 SHORT_CLIPS = ("skip", "pad")
@@ -180,10 +181,12 @@ def worker_init(worker_index: int = 0, worker_count: int = 1) -> None:
        crop, a batch) anew and unmaps it on free, so each allocation page-faults its memory in again: measured 2x the
        CPU per crop in a grain worker (0.61 vs 0.30 CPU-ms, bench/input_pipeline.py). An mmap threshold of 64 MB and
        a trim threshold of 256 MB keep them in the heap (a no-op where ``mallopt`` is not glibc's).
+    4. Send batches through a few reused shared-memory blocks (``shm_batches``), not grain's fresh block per batch.
     """
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
+    enable_pool()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -290,8 +293,9 @@ def pretrain_dataset(
     ``files``: a glob or a list of globs / paths of ArrayRecord shards of clip records, or a prepare output folder /
     its ``manifest.json`` (exactly the shards it lists; ``expand_files``); or a ``TfdsAudioSource`` (any random-access
     source of int16 PCM clips). ``workers > 0`` decodes in that many processes (``mp_prefetch``, ``prefetch_buffer``
-    batches buffered per worker); ``workers=0`` reads in the calling thread, which the trainer overlaps with the
-    device step through JAX's asynchronous dispatch.
+    batches buffered per worker; each batch comes over in a reused shared-memory block, ``shm_batches``);
+    ``workers=0`` reads in the calling thread, which the trainer overlaps with the device step through JAX's
+    asynchronous dispatch.
     ``read_threads`` are grain's read/decode threads per process: 0 (the default) reads in the process's own thread,
     the cheapest per crop; grain's thread hand-off costs ~0.17 CPU-ms per crop, more than reading an uncompressed
     record (bench/input_pipeline.py).
@@ -331,7 +335,7 @@ def pretrain_dataset(
     ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 if read_threads else 0)
     it = ds.to_iter_dataset(read_options=read_options, allow_nones=True).filter(_SkipShort(len(source), crop_samples))
-    it = it.batch(global_batch // process_count, drop_remainder=True)
+    it = it.batch(global_batch // process_count, drop_remainder=True, batch_fn=PooledBatch() if workers else None)
     if workers > 0:
         options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_buffer)
         it = it.mp_prefetch(options, worker_init_fn=worker_init)
