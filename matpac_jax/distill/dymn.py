@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from matpac_jax.distill import padding
 from matpac_jax.state_dict_io import StateDictMismatch
 
 # (kernel, expanded, out, activation, stride index or None) per block at width 1.0; the 4 strided positions take
@@ -165,21 +166,24 @@ class DyReLUB(nn.Module):
 
 class ContextGen(nn.Module):
     """Block input [B, F, T, C] -> (context h [B, H], frequency gate logits [B, F', 1, E], time gate logits
-    [B, 1, T', E])."""
+    [B, 1, T', E]). With ``frames`` (each row's true frame count), the means over time and the context's mean over
+    the frequency and time sequences leave the padding frames out (distill.padding)."""
 
     context: int
     expanded: int
     stride: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> tuple[jax.Array, ...]:
         f = x.shape[1]
-        seq = jnp.concatenate([jnp.mean(x, axis=2), jnp.mean(x, axis=1)], axis=1)[:, :, None]  # [B, F+T, 1, C]
+        over_time = padding.mean(x, (2,), frames, time_axis=2)
+        seq = jnp.concatenate([over_time, jnp.mean(x, axis=1)], axis=1)[:, :, None]  # [B, F+T, 1, C]
         seq = nn.hard_swish(_bn(train, "joint_norm")(_conv1x1(self.context, False, "joint_conv")(seq)))
-        h = jnp.mean(seq, axis=(1, 2))
+        real = None if frames is None else f + frames  # the F frequency steps, then the real time steps: a prefix
+        h = padding.mean(seq, (1, 2), real, time_axis=1)
         h_f, h_t = seq[:, :f], jnp.swapaxes(seq[:, f:], 1, 2)  # [B, F, 1, H], [B, 1, T, H]
-        if self.stride > 1:
-            h_f, h_t = _avg_pool3(h_f, 1, self.stride), _avg_pool3(h_t, 2, self.stride)
+        if self.stride > 1:  # the window-3 pooling over time sees zeros past the real steps, as unpadded
+            h_f, h_t = _avg_pool3(h_f, 1, self.stride), _avg_pool3(padding.zero_padding(h_t, frames), 2, self.stride)
         return h, _conv1x1(self.expanded, True, "conv_f")(h_f), _conv1x1(self.expanded, True, "conv_t")(h_t)
 
 
@@ -197,14 +201,16 @@ class DyBlock(nn.Module):
     temperature: float = 30.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> jax.Array:
+        """``frames``: the true frame count of ``x`` (before this block's stride; None: no padding)."""
         cin = x.shape[-1]
         dyn = dict(k=self.dyconv_k, temperature=self.temperature)
-        h, g_f, g_t = ContextGen(self.context, self.expanded, self.stride, name="context_gen")(x, train)
+        h, g_f, g_t = ContextGen(self.context, self.expanded, self.stride, name="context_gen")(x, train, frames)
         y = x
         if self.expanded != cin:
             y = DynamicConv(self.expanded, name="exp_conv", **dyn)(y, h)
             y = _ACT[self.act](_bn(train, "exp_norm")(y))
+        y = padding.zero_padding(y, frames)  # the depthwise k×k: the block's one convolution across time steps
         y = DynamicConv(self.expanded, self.kernel, self.stride, self.expanded, name="depth_conv", **dyn)(y, h)
         y = DyReLUB(self.dyrelu_m, name="depth_act")(_bn(train, "depth_norm")(y), h)
         y = y * jax.nn.sigmoid(g_f) * jax.nn.sigmoid(g_t)
@@ -213,7 +219,10 @@ class DyBlock(nn.Module):
 
 
 class DyMN(nn.Module):
-    """mel [B, F, T] or [B, 1, F, T] -> embedding [B, 6 × last block channels] (960 for width 1.0, "dymn10")."""
+    """mel [B, F, T] or [B, 1, F, T] -> embedding [B, 6 × last block channels] (960 for width 1.0, "dymn10").
+    ``frames`` [B]: each row's true frame count when the mel is padded past it (distill.padding: the k×k convolutions
+    and the context's pooling over time see zeros past it, the context means and the global mean leave it out);
+    None: every frame is real."""
 
     width: float = 1.0
     strides: tuple[int, int, int, int] = (2, 2, 2, 2)
@@ -223,22 +232,26 @@ class DyMN(nn.Module):
     max_context: int = 128
     dyconv_k: int = 4
     dyrelu_m: int = 2
+    min_frames = 1  # the shortest log-mel it takes
 
     def blocks(self) -> list[dict]:
         return block_shapes(self.width, self.strides, self.context_ratio, self.min_context, self.max_context)
 
     @nn.compact
-    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, mel: jax.Array, train: bool = False, frames: jax.Array | None = None) -> jax.Array:
         if mel.ndim == 4 and mel.shape[1] == 1:
             mel = mel[:, 0]
         if mel.ndim != 3:
             raise ValueError(f"DyMN takes a log-mel [B, F, T] or [B, 1, F, T], got shape {tuple(mel.shape)}")
+        mel = padding.zero_padding(mel, frames)
         x = ConvBNAct(make_divisible(16 * self.width), 3, 2, name="in_c")(mel[..., None], train)
+        frames = padding.strided(frames, 2)
         for i, b in enumerate(self.blocks()):
             x = DyBlock(b["kernel"], b["exp"], b["out"], b["ctx"], b["act"], b["stride"], self.dyconv_k,
-                        self.dyrelu_m, self.temperature, name=f"layers_{i}")(x, train)  # fmt: skip
+                        self.dyrelu_m, self.temperature, name=f"layers_{i}")(x, train, frames)  # fmt: skip
+            frames = padding.strided(frames, b["stride"])
         x = ConvBNAct(6 * x.shape[-1], 1, name="out_c")(x, train)
-        return jnp.mean(x, axis=(1, 2))
+        return padding.mean(x, (1, 2), frames, time_axis=2)
 
 
 # --- EfficientAT state dict (``dymn10_im.pt`` layout) -> Flax variables ---------------------------------------------

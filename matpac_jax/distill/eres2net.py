@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from matpac_jax.distill import padding
 from matpac_jax.state_dict_io import StateDictMismatch
 
 BASE_WIDTH, SCALE, EXPANSION = 32, 2, 2  # Res2Net split width (planes × 32/64), splits per block, output expansion
@@ -106,14 +107,15 @@ class AFF(nn.Module):
 
 class ERes2NetBlock(nn.Module):
     """Res2Net bottleneck of ERes2Net: ``[B, H, W, cin] -> [B, H / stride, W / stride, 2 × planes]``; its splits are
-    combined by AFF when ``fuse`` (the published ``BasicBlockERes2Net_diff_AFF``), by addition otherwise."""
+    combined by AFF when ``fuse`` (the published ``BasicBlockERes2Net_diff_AFF``), by addition otherwise. ``frames``:
+    the true frame count after the stride (None: no padding); the 3×3 convolutions see zeros past it."""
 
     planes: int
     stride: int = 1
     fuse: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> jax.Array:
         width = self.planes * BASE_WIDTH // 64
         out_channels = self.planes * EXPANSION
         y = clipped_relu(_bn("bn1", train)(_conv(width * SCALE, 1, self.stride, name="conv1")(x)))
@@ -125,6 +127,7 @@ class ERes2NetBlock(nn.Module):
                 sp = AFF(name=f"fuse_models_{i - 1}")(sp, part, train)
             else:
                 sp = sp + part
+            sp = padding.zero_padding(sp, frames)
             sp = clipped_relu(_bn(f"bns_{i}", train)(_conv(width, 3, name=f"convs_{i}")(sp)))
             outs.append(sp)
         y = _bn("bn3", train)(_conv(out_channels, 1, name="conv3")(jnp.concatenate(outs, -1)))
@@ -133,12 +136,12 @@ class ERes2NetBlock(nn.Module):
         return clipped_relu(y + x)
 
 
-def tstp(x: jax.Array) -> jax.Array:
+def tstp(x: jax.Array, frames: jax.Array | None = None) -> jax.Array:
     """Temporal statistics pooling of ``[B, F, T, C]``: mean and standard deviation (unbiased variance + 1e-8) over
-    time of the ``C × F`` rows in PyTorch's channel-major order: ``[B, 2·C·F]``."""
+    time of the ``C × F`` rows in PyTorch's channel-major order: ``[B, 2·C·F]``; over each row's first ``frames``
+    time steps only when given (distill.padding)."""
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1, x.shape[2])  # [B, C·F, T], index c·F + f
-    mean = jnp.mean(x, axis=-1)
-    std = jnp.sqrt(jnp.var(x, axis=-1, ddof=1) + TSTP_EPS)
+    mean, std = padding.mean_and_std(x, frames, ddof=1, eps=TSTP_EPS)
     return jnp.concatenate([mean, std], axis=-1)
 
 
@@ -146,10 +149,17 @@ class ERes2Net(nn.Module):
     """mel ``[B, F, T]`` -> embedding ``[B, 2 × 4·channels × ⌈F / 16⌉]`` (1024 for the published 16 channels and
     128 mels). ``blocks`` has five entries (S-SONDO) or four (3D-Speaker's ERes2Net: ``[B, 2 × 16·channels ×
     ⌈F / 8⌉]``). The clip needs at least 17 frames (9 with four stages): two after the downsampling, for the standard
-    deviation over time."""
+    deviation over time. ``frames`` [B]: each row's true frame count when the mel is padded past it (distill.padding:
+    the 3×3 convolutions see zeros past it, TSTP leaves it out; each row needs ``min_frames`` real ones); None: every
+    frame is real."""
 
     channels: int = 16
     blocks: tuple[int, ...] = (3, 4, 6, 3, 3)
+
+    @property
+    def min_frames(self) -> int:
+        """The shortest log-mel it takes: two time steps after the ``2^(stages - 1)``-fold downsampling."""
+        return 2 ** (len(self.blocks) - 1) + 1
 
     def _check(self, mel: jax.Array) -> None:
         if mel.ndim != 3:
@@ -168,22 +178,25 @@ class ERes2Net(nn.Module):
                              f"give at least {2 ** (len(self.blocks) - 1) + 1} frames")  # fmt: skip
 
     @nn.compact
-    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, mel: jax.Array, train: bool = False, frames: jax.Array | None = None) -> jax.Array:
         self._check(mel)
-        x = mel[..., None]
+        x = padding.zero_padding(mel, frames)[..., None]
         x = nn.relu(_bn("bn1", train)(_conv(self.channels, 3, name="conv1")(x)))
-        fused = None
+        fused = fused_frames = None
         for s, n in enumerate(self.blocks):
             planes = self.channels * STAGE_PLANES[s]
             for b in range(n):
                 stride = 2 if s > 0 and b == 0 else 1
-                x = ERes2NetBlock(planes, stride, STAGE_FUSES[s], name=f"layer{s + 1}_{b}")(x, train)
+                frames = padding.strided(frames, stride)
+                x = ERes2NetBlock(planes, stride, STAGE_FUSES[s], name=f"layer{s + 1}_{b}")(x, train, frames)
             if fused is None:
                 fused = x
             else:
+                fused = padding.zero_padding(fused, fused_frames)
                 down = _conv(x.shape[-1], 3, 2, name=f"layer{s}_downsample")(fused)
                 fused = AFF(name="fuse_mode" + "".join(str(k) for k in range(1, s + 2)))(x, down, train)
-        return tstp(fused)
+            fused_frames = frames
+        return tstp(fused, frames)  # the downsampled fused maps share the last stage's resolution
 
 
 # --- published weights -------------------------------------------------------------------------------------------

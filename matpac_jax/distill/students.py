@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from matpac_jax.distill import padding
 from matpac_jax.distill.dymn import DyMN
 from matpac_jax.distill.eres2net import ERes2Net  # S-SONDO's ERes2Net student
 
@@ -70,13 +70,14 @@ class ConvBN(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Channel squeeze-excitation: ``x · sigmoid(fc2(relu(fc1(mean_FT(x)))))`` (fc1/fc2 biased 1×1 convolutions)."""
+    """Channel squeeze-excitation: ``x · sigmoid(fc2(relu(fc1(mean_FT(x)))))`` (fc1/fc2 biased 1×1 convolutions);
+    the mean over the real ``frames`` only (distill.padding)."""
 
     squeeze: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    def __call__(self, x: jax.Array, frames: jax.Array | None = None) -> jax.Array:
+        s = padding.mean(x, (1, 2), frames, time_axis=2, keepdims=True)
         s = nn.relu(nn.Conv(self.squeeze, (1, 1), name="fc1")(s))
         s = nn.sigmoid(nn.Conv(x.shape[-1], (1, 1), name="fc2")(s))  # EfficientAT: Sigmoid, not hard-sigmoid
         return x * s
@@ -91,32 +92,40 @@ class InvertedResidual(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> jax.Array:
+        """``frames``: the true frame count of ``x`` (None: no padding); the depthwise convolution, the block's only
+        layer that mixes time steps, sees zeros past it (distill.padding)."""
         inp = x.shape[-1]
         y = x
         if self.expanded != inp:
             y = ConvBN(self.expanded, 1, act=self.act, name="expand")(y, train)
+        y = padding.zero_padding(y, frames)
         y = ConvBN(self.expanded, self.kernel, self.stride, self.expanded, self.act, name="depthwise")(y, train)
         if self.se:
-            y = SqueezeExcite(make_divisible(self.expanded // 4), name="se")(y)
+            y = SqueezeExcite(make_divisible(self.expanded // 4), name="se")(y, padding.strided(frames, self.stride))
         y = ConvBN(self.out, 1, name="project")(y, train)
         return x + y if self.stride == 1 and inp == self.out else y
 
 
 class MobileNetV3(nn.Module):
-    """mel [B, F, T] -> embedding [B, 6 × last channels] (960 for width 1.0)."""
+    """mel [B, F, T] -> embedding [B, 6 × last channels] (960 for width 1.0). ``frames`` [B]: each row's true frame
+    count when the mel is padded past it (distill.padding: the convolutions see zeros past it, the squeeze-excitation
+    and global means leave it out); None: every frame is real."""
 
     width: float = 1.0
+    min_frames = 1  # the shortest log-mel it takes
 
     @nn.compact
-    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
-        x = mel[..., None]  # [B, F, T, 1]
+    def __call__(self, mel: jax.Array, train: bool = False, frames: jax.Array | None = None) -> jax.Array:
+        x = padding.zero_padding(mel, frames)[..., None]  # [B, F, T, 1]
         x = ConvBN(make_divisible(16 * self.width), 3, 2, act="hardswish", name="stem")(x, train)
+        frames = padding.strided(frames, 2)
         for i, (k, e, o, se, act, s) in enumerate(LARGE):
             x = InvertedResidual(k, make_divisible(e * self.width), make_divisible(o * self.width), se, act, s,
-                                 name=f"block_{i}")(x, train)  # fmt: skip
+                                 name=f"block_{i}")(x, train, frames)  # fmt: skip
+            frames = padding.strided(frames, s)
         x = ConvBN(6 * x.shape[-1], 1, act="hardswish", name="last")(x, train)
-        return jnp.mean(x, axis=(1, 2))
+        return padding.mean(x, (1, 2), frames, time_axis=2)
 
 
 class ProjectionHead(nn.Module):
@@ -141,7 +150,7 @@ class Distiller(nn.Module):
     head: ProjectionHead
 
     def __call__(self, mel: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        emb = self.backbone(mel, train)
+        emb = self.backbone(mel, train)  # fixed-length crops: no padding to leave out
         return emb, self.head(emb, train)
 
     def embed(self, mel: jax.Array) -> jax.Array:
