@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from helpers import assert_resumes_from_iterator_state
 
-from matpac_jax.finetune.sampler import EVAR_POWER, LabelWeightedIndices, label_weights
+from matpac_jax.finetune.sampler import (
+    EVAR_POWER,
+    LabelWeightedEpochs,
+    LabelWeightedIndices,
+    label_weights,
+    weighted_order,
+)
 
 # Published weight code, read at these commits:
 #   AST        YuanGongND/ast@31088be8 egs/audioset/gen_weight_file.py:40-56 (sampled in src/run.py:117-118,
@@ -137,3 +143,73 @@ def test_bad_labels_are_named():
         LabelWeightedIndices([[], []], seed=0)
     with pytest.raises(ValueError, match="non-negative"):
         LabelWeightedIndices([[0]], seed=-1)
+
+
+# --- EVAR's epochs of distinct clips: WeightedRandomSampler(weights, 200000, replacement=False) (evar/data.py:155)
+
+
+def test_epoch_draws_are_distinct_and_never_unlabelled():
+    """Within an epoch no clip repeats (torch.multinomial without replacement) and an unlabelled clip never comes;
+    the next epoch is a fresh draw (the DataLoader iterates the sampler anew, finetune.py:250-251)."""
+    labels = _audioset_like()
+    draws = 2500  # of 2995 labelled clips: most of the weight is used up, so repeats would show
+    ds = LabelWeightedEpochs(labels, seed=3, draws=draws)
+    epochs = [np.fromiter((ds[e * draws + k] for k in range(draws)), np.int64, draws) for e in range(3)]
+    unlabelled = [i for i, row in enumerate(labels) if not row]
+    for order in epochs:
+        assert len(np.unique(order)) == draws and not np.isin(order, unlabelled).any()
+    assert not np.array_equal(epochs[0], epochs[1]) and set(epochs[0]) != set(epochs[1])
+
+
+def test_ordered_pair_frequencies_are_sequential_weighted_sampling():
+    """Efraimidis & Spirakis (2006) Theorem 1, as torch draws it (keys w / Exp(1), largest first): an epoch of 2
+    draws from weights w is the ordered pair (a, b) with probability w_a / W · w_b / (W − w_a), computed by hand for
+    w ∝ (1, 2, 3, 4) (label counts 4, 3, 2, 1 at power 1); 30,000 epochs, every pair within 5 binomial standard
+    errors."""
+    labels = [[0]] * 4 + [[1]] * 3 + [[2]] * 2 + [[3]]  # class weights 1000 / (count + 0.01)
+    ds = LabelWeightedEpochs(labels, seed=5, draws=2, power=1.0)
+    w, n = ds.weights, 30_000
+    pairs = np.array([(ds[2 * e], ds[2 * e + 1]) for e in range(n)])
+    assert np.all(pairs[:, 0] != pairs[:, 1])
+    total = w.sum()
+    for a in range(len(w)):
+        for b in range(len(w)):
+            p = 0.0 if a == b else w[a] / total * w[b] / (total - w[a])
+            observed = np.mean((pairs[:, 0] == a) & (pairs[:, 1] == b))
+            assert abs(observed - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12, (a, b, observed, p)
+    first = np.bincount(pairs[:, 0], minlength=len(w)) / n  # an epoch's first draw: P = w / W
+    p0 = ds.probabilities()
+    assert np.all(np.abs(first - p0) <= 5 * np.sqrt(p0 * (1 - p0) / n))
+
+
+def test_weighted_order_is_the_top_keys_in_decreasing_order():
+    """torch.multinomial(w, k, replacement=False) (aten Distributions.cpp, the no-replacement fast path): q ~ Exp(1),
+    the top-k of w / q, sorted decreasing; zero weights last."""
+    w = np.array([0.0, 3.0, 1.0, 2.0, 0.5, 0.0, 4.0])
+    order = weighted_order(w, 5, np.random.default_rng(0))
+    keys = w / np.random.default_rng(0).standard_exponential(len(w))
+    assert order.tolist() == np.argsort(-keys, kind="stable")[:5].tolist()
+    assert 0 not in order and 5 not in order
+
+
+def test_epoch_sequence_is_fixed_by_seed_and_position_and_resumes_across_epochs():
+    """Element j is clip order_e[j mod draws] of epoch e = j // draws, drawn from default_rng([seed, e]): the same
+    seed gives the same sequence, slices [p::k] interleave back to it, and grain's iterator state resumes it exactly,
+    here across an epoch boundary (30 draws per epoch, positions 25 to 40)."""
+    labels = _audioset_like(n=500)
+    ds = LabelWeightedEpochs(labels, seed=11, draws=30)
+    first = [ds[j] for j in range(60)]
+    assert first == [LabelWeightedEpochs(labels, seed=11, draws=30)[j] for j in range(60)]
+    assert first != [LabelWeightedEpochs(labels, seed=12, draws=30)[j] for j in range(60)]
+    assert len(set(first[:30])) == 30 and len(set(first[30:])) == 30
+    shards = [list(ds[p::3][:20]) for p in range(3)]
+    assert [x for triple in zip(*shards, strict=True) for x in triple] == first
+    assert_resumes_from_iterator_state(ds, first)
+
+
+def test_epoch_draws_beyond_the_labelled_clips_are_refused():
+    """torch refuses more draws than categories without replacement; here the limit is the labelled clips, named."""
+    with pytest.raises(ValueError, match=r"draws_per_epoch=3: .* between 1 and the 2 there are"):
+        LabelWeightedEpochs([[0], [], [1]], seed=0, draws=3)
+    with pytest.raises(ValueError, match="non-negative"):
+        LabelWeightedEpochs([[0]], seed=-1, draws=1)

@@ -3,8 +3,9 @@
 Training (``train_input``): the demo's labelled clips (``CropBatcher`` with one-hot targets), or record shards of
 clips with labels (``data.prepare`` stores AudioSet's, or any CSV's, class indices) through the grain pipeline of
 pretraining with ``num_classes`` (random crops of ``config.audio.crop_frames`` frames, ``'targets'`` multi-hot); with
-``config.finetune.balanced`` the records are drawn with replacement, P(clip) ∝ its label-frequency weight
-(``finetune.sampler``, the AudioSet-2M recipe), else in a new random order every epoch. The records' labels, which
+``config.finetune.balanced`` the records are drawn by their label-frequency weights (``finetune.sampler``, the
+AudioSet-2M recipe): ``config.finetune.draws_per_epoch`` distinct clips per epoch (EVAR's), or with replacement when
+it is 0; without ``balanced``, in a new random order every epoch. The records' labels, which
 the weighted sampler needs, are read once and cached in ``WORKDIR/train_labels.npz`` (keyed by the shards' names,
 sizes and modification times): one pass over the corpus, like the teacher pass of S-SONDO.
 
@@ -36,7 +37,7 @@ from matpac_jax.data.pipeline import expand_files, multi_hot, pretrain_dataset
 from matpac_jax.data.prepare import LABEL_ORDERS, MANIFEST, label_order
 from matpac_jax.data.records import decode_header, decode_pcm, read_shard
 from matpac_jax.fileio import atomic_save_npz, sha256_bytes
-from matpac_jax.finetune.sampler import LabelWeightedIndices
+from matpac_jax.finetune.sampler import LabelWeightedEpochs, LabelWeightedIndices
 
 
 def crop_samples(config) -> int:
@@ -107,7 +108,8 @@ def train_input(config, workdir: str):
     order = None
     if f.balanced:
         labels = record_labels(paths, f.num_classes, os.path.join(workdir, "train_labels.npz"))
-        order = LabelWeightedIndices(labels, seed=c.seed)
+        draws = int(f.draws_per_epoch)
+        order = LabelWeightedEpochs(labels, c.seed, draws) if draws else LabelWeightedIndices(labels, seed=c.seed)
     dataset = pretrain_dataset(paths, global_batch=c.data.batch_size, crop_samples=crop_samples(c), seed=c.seed,
                                short_clips="pad", workers=c.data.workers, num_classes=f.num_classes,
                                order=order)  # fmt: skip

@@ -56,10 +56,17 @@ class AudioSetHead(nn.Module):
     epsilon: float = BN_EPS
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, tokens: jax.Array, train: bool = False, n_valid: jax.Array | None = None) -> jax.Array:
+        """``n_valid`` (int scalar): only the first ``n_valid`` tokens are averaged, the rest is padding (the visible
+        tokens of the training-time token masking, ``finetune.token_mask``)."""
         if tokens.ndim != 3:
             raise ValueError(f"AudioSetHead expects tokens [B, N, D] with the CLS token dropped, got {tokens.shape}")
-        x = tokens.astype(jnp.float32).mean(axis=1)  # [B, D]: frequency-average then time-mean on a full grid
+        tokens = tokens.astype(jnp.float32)
+        if n_valid is None:
+            x = tokens.mean(axis=1)  # [B, D]: frequency-average then time-mean on a full grid
+        else:
+            valid = (jnp.arange(tokens.shape[1]) < n_valid).astype(jnp.float32)  # [N]
+            x = jnp.einsum("bnd,n->bd", tokens, valid) / n_valid.astype(jnp.float32)
         b, d = x.shape
         mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((d,), jnp.float32))
         var = self.variable("batch_stats", "var", lambda: jnp.ones((d,), jnp.float32))

@@ -3,6 +3,9 @@
     log-mel [B, F, T] -> Tokenizer (patches + positions, T / patch time patches) -> [CLS; tokens]
       -> Transformer -> tokens (CLS dropped) -> AudioSetHead (token mean, BatchNorm without affine, linear) -> logits
 
+In training the step may pass the visible tokens of m2d's token masking (``keep``, finetune.token_mask); evaluation
+passes none and sees every token.
+
 Parameters ``{'tokenizer', 'encoder', 'head'}``, BatchNorm statistics ``{'head': {'mean', 'var'}}``: the encoder's
 names are those of ``inference.Encoder`` (and of a pretraining state's student), so pretrained weights load by name.
 The positions are constants. From a pretrained encoder (``config.finetune.init_from``, ``positions='pretrained'``, the
@@ -31,12 +34,19 @@ class FinetuneModel(nn.Module):
     encoder: Transformer
     head: AudioSetHead
 
-    def __call__(self, mel: jax.Array, train: bool = False) -> jax.Array:
-        """mel [B, F, T] -> logits [B, num_classes] (float32)."""
+    def __call__(self, mel: jax.Array, train: bool = False, keep: tuple[jax.Array, jax.Array] | None = None):
+        """mel [B, F, T] -> logits [B, num_classes] (float32). ``keep`` = (ids [B, L], n_keep) from
+        ``token_mask.structured_keep``: only the first ``n_keep`` of the tokens ``ids`` (positions already added)
+        follow CLS through the encoder and are averaged by the head (m2d's training-time masking); None: every token."""
         tokens, cls = self.tokenizer(mel)
         b, _, d = tokens.shape
+        lengths, n_valid = None, None
+        if keep is not None:
+            ids, n_valid = keep
+            tokens = jnp.take_along_axis(tokens, ids[:, :, None], axis=1)  # [B, L, D]
+            lengths = jnp.full((b,), 1 + n_valid, jnp.int32)  # CLS + the visible tokens; the rest is padding
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(tokens.dtype), tokens], axis=1)
-        return self.head(self.encoder(x)[:, 1:], train)
+        return self.head(self.encoder(x, kv_lengths=lengths)[:, 1:], train, n_valid)
 
     @classmethod
     def from_config(cls, config) -> FinetuneModel:

@@ -1,11 +1,14 @@
 """The fine-tuning step: a pure function (state, batch, rng) -> (state, metrics), jitted by the trainer.
 
-1. log-mel of the waveform crops on device (the teacher front-end of SPEC §1)
-2. augmentation on device (finetune.augment, m2d's order): mixup of log-mel and targets, one frequency and one time
-   stripe, an optional random time roll
-3. ViT encoder -> AudioSet head (BatchNorm on the batch's statistics, running statistics moved) -> logits
-4. sigmoid binary cross-entropy against the (mixed) multi-hot targets, mean over batch and classes
-5. the optimizer's update (config.optim; frozen parameters get none)
+1. mixup of the waveforms and targets when the recipe mixes waveforms (AS20K; finetune.augment.mix_waveform)
+2. log-mel of the waveform crops on device (the teacher front-end of SPEC §1)
+3. augmentation on device (finetune.augment, EVAR's order): mixup of log-mel and targets (AS2M), one frequency and one
+   time stripe, the random resize crop (AS20K), an optional random time roll
+4. m2d's training-time token masking (``config.finetune.training_mask`` > 0; finetune.token_mask): the ViT encoder
+   sees CLS and the visible tokens only -> AudioSet head (BatchNorm on the batch's statistics, running statistics
+   moved) -> logits
+5. sigmoid binary cross-entropy against the (mixed) multi-hot targets, mean over batch and classes
+6. the optimizer's update (config.optim; frozen parameters get none)
 The trainer adds the non-finite guard (train.program).
 """
 
@@ -17,8 +20,9 @@ import optax
 from flax import struct
 
 from matpac_jax.audio.frontend import log_mel
-from matpac_jax.finetune.augment import AugmentConfig, augment_batch
+from matpac_jax.finetune.augment import AugmentConfig, augment_batch, mix_waveform
 from matpac_jax.finetune.head import bce_loss
+from matpac_jax.finetune.token_mask import structured_keep
 
 
 @struct.dataclass
@@ -36,20 +40,31 @@ def create_finetune_state(model, tx: optax.GradientTransformation, rng: jax.Arra
 
 
 def augment_config(finetune) -> AugmentConfig:
-    return AugmentConfig(mixup_alpha=float(finetune.mixup), freq_mask=int(finetune.freq_mask),
-                         time_mask=int(finetune.time_mask), max_time_shift=int(finetune.time_shift))  # fmt: skip
+    return AugmentConfig(
+        mixup_alpha=float(finetune.mixup),
+        freq_mask=int(finetune.freq_mask),
+        time_mask=int(finetune.time_mask),
+        max_time_shift=int(finetune.time_shift),
+        mixup_on=str(finetune.mixup_on),
+        rrc=bool(finetune.rrc),
+    )
 
 
 def make_finetune_step(model, config, tx: optax.GradientTransformation, frontend_cfg, lr_fn):
     aug = augment_config(config.finetune)
+    ratio = float(config.finetune.training_mask)
+    grid = (config.audio.n_mels // config.model.patch, config.audio.crop_frames // config.model.patch)
 
     def train_step(state: FinetuneState, batch: dict, rng: jax.Array) -> tuple[FinetuneState, dict]:
-        mel = log_mel(batch["audio"], frontend_cfg)  # [B, F, T]
-        mel, targets = augment_batch(rng, mel, batch["targets"].astype(jnp.float32), aug)
+        k_wave, k_aug, k_mask = jax.random.split(rng, 3)
+        audio, targets = mix_waveform(k_wave, batch["audio"], batch["targets"].astype(jnp.float32), aug)
+        mel = log_mel(audio, frontend_cfg)  # [B, F, T]
+        mel, targets = augment_batch(k_aug, mel, targets, aug)
+        keep = structured_keep(k_mask, mel.shape[0], *grid, ratio) if ratio > 0 else None
 
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, mel, train=True,
-                                          mutable=["batch_stats"])  # fmt: skip
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, updates = model.apply(variables, mel, train=True, keep=keep, mutable=["batch_stats"])
             return bce_loss(logits, targets), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
