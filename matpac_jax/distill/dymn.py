@@ -138,14 +138,30 @@ class DynamicConv(nn.Module):
         w = jnp.einsum("bk,khwio->bhwio", att, kernels.astype(x.dtype))
         if self.kernel == 1 and self.stride == 1 and self.groups == 1:
             return jnp.einsum("bfti,bio->bfto", x, w[:, 0, 0])
-        p = (self.kernel - 1) // 2
+        if self.groups != cin or cin != self.features:
+            raise ValueError(f"DynamicConv: {self.kernel}x{self.kernel} kernels are depthwise only (DyMN's), got "
+                             f"groups={self.groups} for {cin} -> {self.features} channels")  # fmt: skip
+        return depthwise_per_example(x, w[:, :, :, 0, :], self.stride)
 
-        def conv(xi, wi):
-            return jax.lax.conv_general_dilated(xi[None], wi, (self.stride,) * 2, ((p, p), (p, p)),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                feature_group_count=self.groups)[0]  # fmt: skip
 
-        return jax.vmap(conv)(x, w)
+def depthwise_per_example(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """Depthwise k×k convolution with a kernel per example, zero padding (k−1)/2: x [B, H, W, C], w [B, k, k, C] ->
+    [B, H', W', C], written as the sum over the k² taps of a strided slice of the padded input times its weight.
+    The obvious form, a ``vmap`` of ``conv_general_dilated``, becomes one convolution of B·C groups that onnxruntime
+    1.32 evaluates wrongly for B > 1 (off by 0.1 on a tiny DyMN, right at B = 1): the ONNX export of dymn10 gave wrong
+    embeddings for batches. This form exports as slices, products and sums, and equals the convolution up to the
+    order of the additions (tests/test_dymn.py, tests/test_export.py)."""
+    k = w.shape[1]
+    p = (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = (x.shape[1] + 2 * p - k) // stride + 1, (x.shape[2] + 2 * p - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+            term = tap * w[:, i, j][:, None, None, :]
+            out = term if out is None else out + term
+    return out
 
 
 class DyReLUB(nn.Module):
