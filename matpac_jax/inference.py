@@ -74,7 +74,42 @@ class EncoderSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> EncoderSpec:
+        """The spec of a ``model.json``, every field's type and range checked (ValueError naming the field): a
+        ``patch: 0`` or ``dim: "64"`` fails here, not at the first embed."""
+        if not isinstance(d, dict) or not isinstance(d.get("frontend"), dict):
+            raise ValueError("the spec is not an object with a 'frontend' object")
+        _same_keys("spec", d, [f.name for f in dataclasses.fields(cls)])
+        frontend = [f.name for f in dataclasses.fields(LogMelConfig)]
+        _same_keys("frontend", d["frontend"], frontend, optional=set(frontend) - {*_FRONTEND_INTS, *_FRONTEND_FLOATS})
+        ints = ("dim", "depth", "heads", "patch", "n_mels", "crop_frames")
+        for where, obj, names in (("", d, ints), ("frontend.", d["frontend"], _FRONTEND_INTS)):
+            for k in names:
+                if type(obj[k]) is not int or obj[k] <= 0:
+                    raise ValueError(f"{where}{k} = {obj[k]!r}: expected an integer > 0")
+        for where, obj, names in (("", d, ("mlp_ratio",)), ("frontend.", d["frontend"], _FRONTEND_FLOATS)):
+            for k in names:
+                nullable = k in ("norm_mean", "norm_std") and obj[k] is None
+                if not nullable and (type(obj[k]) not in (int, float) or not np.isfinite(obj[k])):
+                    raise ValueError(f"{where}{k} = {obj[k]!r}: expected a finite number")
+        if d["n_mels"] % d["patch"] or d["crop_frames"] % d["patch"] or d["dim"] % d["heads"]:
+            raise ValueError(
+                f"patch {d['patch']} must divide n_mels {d['n_mels']} and crop_frames {d['crop_frames']}, and heads "
+                f"{d['heads']} must divide dim {d['dim']}"
+            )
+        if d["frontend"]["n_mels"] != d["n_mels"] or d["mlp_ratio"] <= 0 or d["frontend"]["norm_std"] == 0:
+            raise ValueError("frontend.n_mels must equal n_mels, mlp_ratio be > 0 and frontend.norm_std not 0")
         return cls(**{**d, "frontend": LogMelConfig(**d["frontend"])})
+
+
+_FRONTEND_INTS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels")
+_FRONTEND_FLOATS = ("f_min", "f_max", "log_offset", "norm_mean", "norm_std")
+
+
+def _same_keys(where: str, obj: dict, names: list[str], optional: set = frozenset()) -> None:
+    """No unknown field; none missing but the ``optional`` ones (added later, their defaults what was used before)."""
+    missing, extra = sorted(set(names) - set(obj) - set(optional)), sorted(set(obj) - set(names))
+    if missing or extra:
+        raise ValueError(f"{where}: missing fields {missing}, unknown fields {extra}")
 
 
 def bucket(n: int, steps_per_octave: int = 1) -> int:
@@ -130,8 +165,78 @@ def weights_digest(params: dict) -> str:
     return sha256_arrays(flatten(jax.device_get(used)))
 
 
+def weight_template(spec: EncoderSpec, stored_positions: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """'/'-path -> shape and dtype of the ``tokenizer`` and ``encoder`` weights of the ViT ``spec`` describes
+    (``jax.eval_shape`` of their init: nothing is computed)."""
+    fp, tp = spec.n_mels // spec.patch, spec.crop_frames // spec.patch
+    tokenizer = Tokenizer(spec.dim, spec.patch, fp, tp, stored_positions=stored_positions)
+    encoder = Transformer(spec.dim, spec.depth, spec.heads, spec.mlp_ratio)
+    key = jax.random.key(0)
+    mel = jax.ShapeDtypeStruct((1, spec.n_mels, spec.crop_frames), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, 1 + fp * tp, spec.dim), jnp.float32)
+    shapes = {
+        "tokenizer": jax.eval_shape(tokenizer.init, key, mel)["params"],
+        "encoder": jax.eval_shape(encoder.init, key, x)["params"],
+    }
+    return flatten_shapes(shapes)
+
+
+def flatten_shapes(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten_shapes(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _optional_shapes(spec: EncoderSpec, flat: dict) -> dict[str, tuple]:
+    """Shapes of the optional groups present in ``flat``: the AudioSet head (all four arrays or none) and the probe;
+    their class count is the one their arrays agree on (a stored [C] bias, else the kernel's last axis)."""
+
+    def classes(group: str) -> int:
+        bias, kernel = np.shape(flat.get(f"{group}/bias", ())), np.shape(flat.get(f"{group}/kernel", ()))
+        return bias[0] if len(bias) == 1 else kernel[-1] if len(kernel) == 2 else 1
+
+    shapes: dict[str, tuple] = {}
+    if any(k.startswith("head/") for k in flat):
+        c, d = classes("head"), spec.dim
+        shapes |= {"head/norm_mean": (d,), "head/norm_var": (d,), "head/kernel": (d, c), "head/bias": (c,)}
+    if any(k.startswith("probe/") for k in flat):
+        kernel, inputs = np.shape(flat.get("probe/kernel", ())), (spec.dim, spec.dim * spec.n_mels // spec.patch)
+        width = kernel[0] if len(kernel) == 2 and kernel[0] in inputs else spec.dim  # on the CLS or the frames
+        shapes |= {"probe/kernel": (width, classes("probe")), "probe/bias": (classes("probe"),)}
+    return shapes
+
+
 class Encoder:
     """A loaded encoder; ``params`` = {'tokenizer', 'encoder'[, 'head'][, 'probe']} (see the module docstring)."""
+
+    @classmethod
+    def from_saved(cls, spec: dict, weights: dict, where: str = "the encoder") -> Encoder:
+        """An encoder from a model directory's spec and weights, checked against the ViT the spec describes: every
+        field's type and range, and every weight's shape and dtype against ``weight_template`` and the optional
+        groups (``_optional_shapes``), no weight missing or unknown. ValueError naming ``where`` and the problem."""
+        fix = "write the directory again (convert, a training or fine-tuning run's end)"
+        try:
+            parsed = EncoderSpec.from_json(spec)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where}/model.json does not describe a ViT encoder ({e}): {fix}") from None
+        flat = flatten(weights)
+        want = {k: (v.shape, v.dtype) for k, v in weight_template(parsed, "tokenizer/pos_embed" in flat).items()}
+        want |= {k: (shape, np.dtype(np.float32)) for k, shape in _optional_shapes(parsed, flat).items()}
+        kept = ("predictor/", "cls_head/", "teacher/cls_head/", "center")  # pretraining groups convert writes back
+        teacher = {f"teacher/{k}": v for k, v in want.items() if k.startswith("encoder/")}
+        if any(k.startswith("teacher/encoder/") for k in flat):
+            want |= teacher
+        missing = sorted(set(want) - set(flat))
+        unknown = sorted(k for k in set(flat) - set(want) if not k.startswith(kept))
+        problems = [f"missing {missing[:4]}"] * bool(missing) + [f"unknown {unknown[:4]}"] * bool(unknown)
+        for k in sorted(set(want) & set(flat)):
+            shape, dtype = want[k]
+            if flat[k].dtype != dtype or flat[k].shape != tuple(shape):
+                problems.append(f"{k} is {flat[k].dtype}{list(flat[k].shape)}, expected {dtype}{list(shape)}")
+        if problems:
+            raise ValueError(f"{where}: weights that are not this ViT's ({'; '.join(problems[:4])}): {fix}")
+        return cls(parsed, weights)
 
     def __init__(self, spec: EncoderSpec, params: dict, chunk_batch: int = 16, devices=None):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec

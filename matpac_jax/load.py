@@ -50,10 +50,7 @@ class Model(Protocol):
 def _from_dir(path: str) -> Model:
     kind, spec, weights = read_model_dir(path)
     if kind == "vit":
-        try:
-            return Encoder(EncoderSpec.from_json(spec), weights)
-        except (TypeError, KeyError) as e:
-            raise ValueError(f"{path}/{MODEL_FILE} does not describe a ViT encoder ({e}): write it again") from None
+        return Encoder.from_saved(spec, weights, where=path)
     if kind == "student":
         return Student.from_saved(spec, weights, where=path)
     raise ValueError(f"{path}/{MODEL_FILE}: unknown model kind {kind!r} (this version reads 'vit' and 'student')")

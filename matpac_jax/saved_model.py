@@ -7,21 +7,34 @@
   ``allow_pickle=False``).
 
 Both files are written atomically, the weights first, so a reader sees a whole old model or a whole new one.
-Directories written by earlier versions (``encoder.json`` + ``params.npz``) are still read.
+Version 3 adds ``"sha256": {"model.json": ..., "weights.npz": ...}`` to ``model.json``: the digest of the canonical
+JSON of everything else in it, and of the weights file's bytes; a flipped bit in either file is refused at load, naming
+it. Directories written by earlier versions still read, without that check: version 2 (no digest) and version 1
+(``encoder.json`` + ``params.npz``). The digest catches corruption, not an adversary (who can rewrite it).
+
+``read_model_dir`` is the one read, bounded before it allocates: each ``.npy`` header in the zip must declare exactly
+the bytes its member holds (a header declaring 4 TiB in a small member is refused before any allocation), a compressed
+member may expand at most ``MAX_EXPANSION`` times (numpy's ``savez`` stores, so only a deflate bomb comes near it), and
+zip's own reader never yields more than the member's directory size. Only numeric dtypes, '/'-paths without empty
+parts, no key both a leaf and a parent, no key twice, and finite values: every problem is a ValueError naming the file
+and the member. What the weights must be for the model the spec describes is the model class's check
+(``inference.Encoder.from_saved``, ``distill.trained.Student.from_saved``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
 
 import numpy as np
 
-from matpac_jax.fileio import atomic_save_npz, atomic_write_json
+from matpac_jax.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, strict_json
 
 MODEL_FILE, WEIGHTS_FILE = "model.json", "weights.npz"
-FORMAT, VERSION = "matpac_jax model", 2
+FORMAT, VERSION = "matpac_jax model", 3  # 3: with the "sha256" digest; 2 (without) still read
+MAX_EXPANSION = 64  # uncompressed / compressed bytes of a member, beyond 1 MiB; float weights compress < 2x
 _LEGACY = ("encoder.json", "params.npz", "matpac_jax encoder")  # version 1: ViT encoders only
 
 
@@ -36,13 +49,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    """'/'-joined paths -> a nested dict; a path with an empty part, or a key that is both a leaf and a parent
+    ('a' and 'a/b'), is a ValueError naming it (one of them would silently shadow the other)."""
     out: dict = {}
-    for key, v in flat.items():
+    for key in sorted(flat):
         *parents, leaf = key.split("/")
+        if "" in parents or not leaf:
+            raise ValueError(f"weight name {key!r} has an empty path part")
         node = out
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = v
+            if not isinstance(node, dict):
+                raise ValueError(f"{'/'.join(parents[: i + 1])!r} is both a weight and a group (of {key!r})")
+        if leaf in node:
+            raise ValueError(f"{key!r} is both a weight and a group")
+        node[leaf] = flat[key]
     return out
 
 
@@ -69,13 +90,90 @@ def refuse_other_kind(directory: str, kind: str, flag: str = "--output") -> None
         )
 
 
+def _json_digest(meta: dict) -> str:
+    """Digest of ``model.json``'s content but its "sha256" field: canonical JSON (sorted keys, no spaces), so
+    indentation does not count and any changed value does."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    text = json.dumps(strict_json(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return sha256_bytes(text.encode())
+
+
 def write_model_dir(directory: str, kind: str, spec: dict, weights: dict) -> str:
-    """``weights`` (a nested dict of arrays on the host), then ``model.json``."""
+    """``weights`` (a nested dict of arrays on the host), then ``model.json`` with the digest of both."""
     os.makedirs(directory, exist_ok=True)
-    atomic_save_npz(os.path.join(directory, WEIGHTS_FILE), **flatten(weights))
-    atomic_write_json(os.path.join(directory, MODEL_FILE),
-                      {"format": FORMAT, "version": VERSION, "kind": kind, "spec": spec})  # fmt: skip
+    buf = io.BytesIO()
+    np.savez(buf, **flatten(weights))
+    data = buf.getvalue()
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_FILE), data)
+    meta = {"format": FORMAT, "version": VERSION, "kind": kind, "spec": strict_json(spec)}
+    meta["sha256"] = {MODEL_FILE: _json_digest(meta), WEIGHTS_FILE: sha256_bytes(data)}
+    atomic_write_json(os.path.join(directory, MODEL_FILE), meta)
     return directory
+
+
+def _check_digest(meta: dict, meta_path: str, weights_path: str, fix: str) -> None:
+    """Version 3's digest against both files (earlier versions have none: nothing to check)."""
+    if meta.get("version", 2) < 3:
+        return
+    digest = meta.get("sha256")
+    if not isinstance(digest, dict) or not all(isinstance(digest.get(k), str) for k in (MODEL_FILE, WEIGHTS_FILE)):
+        raise ValueError(f"{meta_path}: version {meta['version']} without its 'sha256' digest: {fix}")
+    if digest[MODEL_FILE] != _json_digest(meta):
+        raise ValueError(f"{meta_path}: its content does not match its sha256 digest (the file is corrupt): {fix}")
+    try:
+        actual = sha256_file(weights_path)
+    except OSError as e:
+        raise ValueError(f"{weights_path} is missing or unreadable ({e}): {fix}") from None
+    if actual != digest[WEIGHTS_FILE]:
+        raise ValueError(
+            f"{weights_path}: its sha256 does not match {MODEL_FILE}'s digest (the file is corrupt): {fix}"
+        )
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the member's size before the array is allocated."""
+    if info.file_size > MAX_EXPANSION * info.compress_size + (1 << 20):
+        raise ValueError(f"expands {info.compress_size} compressed bytes to {info.file_size} (a decompression bomb)")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy version {version} (weights are written as 1.0)")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f, max_header_size=10_000)
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise ValueError(f"dtype {dtype} (weights are numbers)")
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared != info.file_size - f.tell():
+            raise ValueError(
+                f"its header declares {shape} {dtype} ({declared} bytes) but the member holds "
+                f"{info.file_size - f.tell()} bytes"
+            )
+        data = f.read(declared)
+    flat = np.frombuffer(data, dtype).copy()
+    array = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{int(np.size(array) - np.isfinite(array).sum())} non-finite values (NaN or Inf)")
+    return array
+
+
+def read_weights(path: str, fix: str = "write the file again") -> dict[str, np.ndarray]:
+    """name -> array of a weights ``.npz`` (module docstring: bounded, numeric, finite); a ValueError names the file,
+    the member and the problem."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is missing, truncated or not an .npz ({type(e).__name__}: {e}): {fix}") from None
+    flat: dict[str, np.ndarray] = {}
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            try:
+                if not info.filename.endswith(".npy") or name in flat:
+                    raise ValueError("not one .npy member per weight (a stray or repeated member)")
+                flat[name] = _read_member(archive, info)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError) as e:
+                raise ValueError(f"{path}: member {info.filename!r}: {e}: {fix}") from None
+    return flat
 
 
 def read_model_dir(path: str) -> tuple[str, dict, dict]:
@@ -93,12 +191,15 @@ def read_model_dir(path: str) -> tuple[str, dict, dict]:
         kind, spec = ("vit", meta["spec"]) if legacy else (meta["kind"], meta["spec"])
         if not isinstance(spec, dict) or not isinstance(kind, str):
             raise ValueError("no 'kind' and 'spec'")
+        if not legacy and (type(meta.get("version", 2)) is not int or not 2 <= meta.get("version", 2) <= VERSION):
+            raise ValueError(f"version {meta.get('version')!r}, this code reads 2 to {VERSION}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{meta_path} is unreadable or malformed ({type(e).__name__}: {e}): {fix}") from None
+    if not legacy:
+        _check_digest(meta, meta_path, weights_path, fix)
+    flat = read_weights(weights_path, fix)
     try:
-        with np.load(weights_path, allow_pickle=False) as data:
-            weights = unflatten({k: data[k] for k in data.files})
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        why = f"{type(e).__name__}: {e}"
-        raise ValueError(f"{weights_path} is missing, truncated or not an .npz ({why}): {fix}") from None
+        weights = unflatten(flat)
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: {e}: {fix}") from None
     return kind, spec, weights
