@@ -58,63 +58,63 @@ from matpac_jax.data.tfds_source import TfdsAudioSource
 SHORT_CLIPS = ("skip", "pad")
 
 
-def _manifest_paths(pattern: str) -> list[str]:
+def _manifest_paths(pattern: str, key: str) -> list[str]:
     """The shards a prepare manifest lists (``pattern``: its folder or its ``manifest.json``), each checked to hold
-    the manifest's record count; ValueError naming the missing or mismatched shard."""
+    the manifest's record count; ValueError naming ``key`` and the missing or mismatched shard."""
     try:
         listed = manifest_shards(pattern)
     except ValueError as e:
-        raise ValueError(f"config.data.train: {e}") from None
+        raise ValueError(f"{key}: {e}") from None
     for path, clips in listed:
         if not os.path.isfile(path):
             raise ValueError(
-                f"config.data.train: {path}, listed in the manifest of {pattern!r}, is missing: rerun "
+                f"{key}: {path}, listed in the manifest of {pattern!r}, is missing: rerun "
                 "python -m matpac_jax.data.prepare with the same flags to rebuild it"
             )
         found = check_shard(path)
         if found != clips:
             raise ValueError(
-                f"config.data.train: {path} holds {found} records, its manifest says {clips}: the shard was replaced "
+                f"{key}: {path} holds {found} records, its manifest says {clips}: the shard was replaced "
                 "or the manifest is stale; rerun python -m matpac_jax.data.prepare with the same flags"
             )
     return [path for path, _ in listed]
 
 
-def expand_files(files: list[str] | str) -> list[str]:
+def expand_files(files: list[str] | str, key: str = "config.data.train") -> list[str]:
     """Sorted, de-duplicated shard paths of a glob, a list of globs / paths, or a prepare output.
 
     An entry that is a folder, or a ``.json`` file, is a prepare manifest (``<output>`` or ``<output>/manifest.json``)
     and stands for exactly the shards it lists (not the other files of the folder), each checked to hold the record
     count the manifest says. Every path is checked to be a readable ArrayRecord file (``records.check_shard``: its
     footer and index, so a truncated or foreign file is named here rather than failing inside grain). ValueError
-    naming the pattern or the file, and what to do.
+    naming ``key`` (the config key that gave ``files``), the pattern or the file, and what to do.
     """
     patterns = [files] if isinstance(files, str) else list(files)
     if not patterns:
-        raise ValueError("config.data.train: no files given")
+        raise ValueError(f"{key}: no files given")
     paths, checked = set(), set()
     for pattern in patterns:
         if "://" in pattern:
             raise ValueError(
-                f"config.data.train: {pattern!r} is a URL; shards are read from a filesystem path: mount the bucket "
+                f"{key}: {pattern!r} is a URL; shards are read from a filesystem path: mount the bucket "
                 "(e.g. gcsfuse at /mnt/gcs) or copy the shards to local disk, and give that path's glob"
             )
         if os.path.isdir(pattern) or (pattern.endswith(".json") and os.path.isfile(pattern)):
-            listed = _manifest_paths(pattern)
+            listed = _manifest_paths(pattern, key)
             paths.update(listed)
             checked.update(listed)
             continue
         matches = glob.glob(pattern)
         if not matches:
-            raise ValueError(f"config.data.train: no files match {pattern!r}")
+            raise ValueError(f"{key}: no files match {pattern!r}")
         paths.update(matches)
     for path in sorted(paths - checked):
         if not os.path.isfile(path):
-            raise ValueError(f"config.data.train: {path} is not a file: give shard files, a glob of them or a manifest")
+            raise ValueError(f"{key}: {path} is not a file: give shard files, a glob of them or a manifest")
         try:
             check_shard(path)
         except ValueError as e:
-            raise ValueError(f"config.data.train: {e}") from None
+            raise ValueError(f"{key}: {e}") from None
     return sorted(paths)
 
 
