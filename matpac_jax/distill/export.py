@@ -74,7 +74,7 @@ __all__ = [
 # The recipe's student front-end (SPEC §6, configs/ssondo.py): 32 kHz, 1024-sample periodic Hann windows every 512
 # samples, 128 Slaney mels from 50 Hz to 16 kHz, log(x + 1e-3), no normalisation. A trained student is exported with
 # the front-end of its own config (Student.load): the CLI below.
-STUDENT_FRONTEND = LogMelConfig(32000, 1024, 1024, 512, 128, 50.0, 16000.0, 1e-3, None, None)
+STUDENT_FRONTEND = LogMelConfig(32000, 1024, 1024, 512, 128, 50.0, 16000.0, 1e-3, None, None, "float32")
 CLIP_SAMPLES = 320_000  # a 10-s clip at 32 kHz
 DEFAULT_OPSET = 20  # the first opset with the DFT signature jax2onnx emits
 
