@@ -59,6 +59,24 @@ def test_projection_head():
     np.testing.assert_array_equal(a, head.apply(v, x))
 
 
+def test_projection_head_is_initialised_as_torch_linear():
+    """torch's nn.Linear.reset_parameters: weight kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)), bias
+    U(±1/sqrt(fan_in)); by hand: fan_in 960 -> bound 0.03227486, variance bound²/3 = 1/(3·960) = 3.4722e-4; fan_in
+    1280 -> bound 0.02795085, variance 2.6042e-4 (S-SONDO's MLPClassifer, model_utils.py:183-188)."""
+    params = _init(ProjectionHead(), jnp.zeros((1, 960)))["params"]
+    for layer, fan_in, bound in (("fc1", 960, 0.03227486), ("fc2", 1280, 0.02795085)):
+        for name in ("kernel", "bias"):
+            w = np.asarray(params[layer][name], np.float64)
+            assert np.max(np.abs(w)) <= bound * (1 + 1e-6)  # inside U(±bound), up to float32 rounding
+            assert np.max(np.abs(w)) > 0.99 * bound  # and filling it (1.2 M / 1280+ draws)
+            n = w.size
+            var = 1.0 / (3.0 * fan_in)
+            # the sample variance of n uniform draws has standard deviation var·sqrt(4/5 / n): 5 of them
+            assert abs(np.mean(w**2) - var) < 5 * var * np.sqrt(0.8 / n), (layer, name)
+            assert abs(np.mean(w)) < 5 * np.sqrt(var / n), (layer, name)
+    assert np.any(np.asarray(params["fc1"]["bias"]) != 0)  # not Flax's zero bias
+
+
 def test_make_student_distiller_embed_is_the_backbone_output():
     import ml_collections as mlc
 

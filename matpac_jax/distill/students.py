@@ -19,8 +19,11 @@ dropped afterwards (the student's embedding is its backbone output).
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from matpac_jax.distill import padding
 from matpac_jax.distill.dymn import DyMN
@@ -128,8 +131,23 @@ class MobileNetV3(nn.Module):
         return padding.mean(x, (1, 2), frames, time_axis=2)
 
 
+def torch_linear(features: int, fan_in: int, name: str) -> nn.Dense:
+    """A Dense initialised as torch's ``nn.Linear.reset_parameters``: ``kaiming_uniform_(weight, a=sqrt(5))``, i.e.
+    U(±gain·sqrt(3 / fan_in)) with gain sqrt(2 / (1 + 5)) = U(±1 / sqrt(fan_in)), and the bias U(±1 / sqrt(fan_in))
+    (Flax's Dense: lecun-normal, zero bias)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def bias_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # limit sqrt(3 · 1/3 / fan_in)
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
 class ProjectionHead(nn.Module):
-    """d -> 1280 -> Hardswish -> Dropout 0.2 -> 3840 (the teacher's clip-embedding space)."""
+    """d -> 1280 -> Hardswish -> Dropout 0.2 -> 3840 (the teacher's clip-embedding space): S-SONDO's MLPClassifer
+    (ssondo training_ssondo/utils/student_models/model_utils.py:183-188), two torch ``nn.Linear`` left at torch's
+    default initialisation (:func:`torch_linear`)."""
 
     hidden: int = 1280
     out: int = 3840
@@ -137,9 +155,9 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.hard_swish(nn.Dense(self.hidden, name="fc1")(x))
+        x = nn.hard_swish(torch_linear(self.hidden, x.shape[-1], "fc1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.out, name="fc2")(x)
+        return torch_linear(self.out, self.hidden, "fc2")(x)
 
 
 class Distiller(nn.Module):
