@@ -280,7 +280,7 @@ CASES = [
         "",
     ),
     # tfds directories
-    ("tfds: garbled dataset_info.json", lambda t, g: _bad_tfds(t), lambda p: open_split("toy", p, "train"), ""),
+    ("tfds: garbled dataset_info.json", lambda t, g: _bad_tfds(t), lambda p: open_split("toy", p, "train"), "damaged"),
     # audio files
     ("audio: not audio", lambda t, g: _write(t, "x.wav", b"not a wav file" * 50), load_audio, ""),
     ("audio: empty file", lambda t, g: _write(t, "e.flac", b""), load_audio, ""),
@@ -299,9 +299,7 @@ CASES = [
 
 
 # Cases a loader still fails, with where the fix belongs: xfail until it lands (strict=False: then they pass).
-KNOWN_GAPS = {
-    "tfds: garbled dataset_info.json": "data/tfds_source.py: FileNotFoundError 'not prepared' (issue 24 item 5)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -68,6 +68,11 @@ def open_split(name: str, data_dir: str | os.PathLike | None, split: str | None,
     except tfds.core.registered.DatasetNotFoundError:
         here = ", ".join(prepared_names(data_dir)) or "none"
         base = name.partition(":")[0]
+        if any(p.partition(":")[0] == base for p in prepared_names(data_dir)):  # there, but tfds cannot read it
+            raise ValueError(
+                f"{label} under {data_dir} is damaged (its dataset_info.json or features.json cannot be read): "
+                f"{DAMAGED_FIX}"
+            ) from None
         raise FileNotFoundError(
             f"{label}: not prepared under {data_dir} (looked for {data_dir}/{base}/<version>/dataset_info.json; "
             f"prepared there: {here}); give the data_dir it was prepared in, or {PREPARE_HINT}"
