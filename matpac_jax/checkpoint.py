@@ -7,6 +7,8 @@ One checkpoint holds three items:
 - ``config``: the run's config as JSON (what produced the checkpoint);
 - ``data``: the grain iterator state of every process (``process_<i>-of-<n>.json``), for ``records`` input. The demo
   input is indexed by step and needs none.
+- ``task``: a task's evaluation state as JSON (train.task.CheckpointedEvaluation: its evaluation history, the best
+  score and step), when it has one.
 
 Saves are asynchronous (``config.checkpoint.async_save``): ``save`` returns once the state is copied off the devices
 and the files are written in the background; the next save, ``wait`` and ``close`` wait for it
@@ -257,6 +259,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
+                "task": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -348,11 +351,12 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict | None:
         """The config that saved checkpoint ``step`` (JSON), or None when it cannot be read."""
-        try:
-            with open(os.path.join(self.step_dir(step), "config", "metadata")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return _read_json(os.path.join(self.step_dir(step), "config", "metadata"))
+
+    def saved_task_state(self, step: int) -> dict | None:
+        """The task's evaluation state saved with checkpoint ``step`` (JSON; verified with the checkpoint), or None
+        when it holds none (a task without one, or a checkpoint from before the item existed)."""
+        return _read_json(os.path.join(self.step_dir(step), "task", "metadata"))
 
     def restore(self, abstract_state, step: int | None = None, data_iter=None):
         """Restore into the shapes, dtypes and shardings of ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves); a
@@ -392,10 +396,14 @@ class Checkpointer:
             )
         return state
 
-    def save(self, step: int, state, config, data_iter=None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state, config, data_iter=None, force: bool = False, task_state: dict | None = None
+    ) -> bool:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if _is_grain_iterator(data_iter):
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if task_state is not None:
+            items["task"] = ocp.args.JsonSave(json.loads(json.dumps(task_state)))
         sealer = _process_index() == 0  # orbax runs the commit callback on the primary process only
         if sealer:
             self._to_seal.append(step)
@@ -421,6 +429,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def is_training_run(path: str) -> bool:

@@ -12,6 +12,7 @@ from helpers import assert_close_to_scale, load_config
 
 from matpac_jax import convert, parallel
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
+from matpac_jax.checkpoint import Checkpointer
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.demo import write_records
 from matpac_jax.finetune.data import crop_samples, eval_clips, record_labels
@@ -214,10 +215,112 @@ def test_evaluation_reports_the_best_as_published_and_flags_classes_without_posi
     periodic = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     final = json.loads((tmp_path / "eval.json").read_text())
     best = json.loads((tmp_path / "best.json").read_text())
-    assert [x["step"] for x in periodic] == [4]
+    assert [x["step"] for x in periodic] == [4, 6]  # the last step too: the final model is a candidate
+    assert periodic[1]["mAP"] == final["mAP"][0]
     assert best["mAP"] == max(periodic[0]["mAP"], final["mAP"][0])
     assert best["step"] == (6 if final["mAP"][0] > periodic[0]["mAP"] else 4)
     assert (out["best_mAP"], out["best_step"]) == (best["mAP"], best["step"])
+    assert Checkpointer(str(tmp_path)).all_steps() == [3, 4, 6]  # every 3 steps, and each evaluation's own
     printed = capsys.readouterr().out
     assert f"published-comparable: mAP {best['mAP']:.4f}, the best evaluation (step {best['step']};" in printed
     assert printed.count("warning: 1 of 9 classes have no positive clip") == 1
+
+
+# --- A kill at any point of an evaluation and its checkpoint resumes to the outputs of an uninterrupted run.
+
+
+class Killed(BaseException):
+    """Raised by a hook in place of a SIGKILL: nothing in the trainer catches it (its cleanups run, as a kill's
+    would not, but they write nothing the kill could not have left)."""
+
+
+def _eval_config(shards):
+    """Evaluations and checkpoints at steps 2, 4 and 6."""
+    c = _records_config(shards)
+    c.finetune.eval_every = c.checkpoint.every = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_evals(shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("evals") / "reference"
+    train_and_evaluate(_eval_config(shards), str(workdir))
+    return workdir
+
+
+def _outputs(workdir) -> tuple[list, dict, dict]:
+    """eval.jsonl's lines, best.json, best/'s weights."""
+    lines = [json.loads(x) for x in (workdir / "eval.jsonl").read_text().splitlines()]
+    best = json.loads((workdir / "best.json").read_text())
+    return lines, best, dict(np.load(workdir / "best" / "weights.npz"))
+
+
+def _kill_at(monkeypatch, point: str, step: int) -> None:
+    """Make the run die at ``point`` of the evaluation of ``step``."""
+    from matpac_jax.finetune import task as ft
+
+    def at_step(original, step_of):
+        def hooked(*args, **kwargs):
+            if step_of(*args, **kwargs) == step:
+                raise Killed(point)
+            return original(*args, **kwargs)
+
+        return hooked
+
+    if point == "during the evaluation":
+        monkeypatch.setattr(ft.FinetuneTask, "evaluate", at_step(ft.FinetuneTask.evaluate, lambda s, st, **k: st.step))
+    elif point == "after its eval.jsonl line, before its checkpoint":
+        monkeypatch.setattr(Checkpointer, "save", at_step(Checkpointer.save, lambda s, n, *a, **k: n))
+    elif point == "after its checkpoint, before best/":
+        monkeypatch.setattr(ft.FinetuneTask, "_write_best", at_step(ft.FinetuneTask._write_best, lambda s, st: st.step))
+    elif point == "after best/'s weights, before best.json":
+        written = ft.atomic_write_json
+
+        def write_json(path, obj):
+            if path.endswith("best.json") and obj["step"] == step:
+                raise Killed(point)
+            written(path, obj)
+
+        monkeypatch.setattr(ft, "atomic_write_json", write_json)
+    else:  # after best.json: the next training step never starts
+        committed = ft.FinetuneTask.evaluation_committed
+
+        def then_die(self, n, state):
+            committed(self, n, state)
+            if n == step:
+                raise Killed(point)
+
+        monkeypatch.setattr(ft.FinetuneTask, "evaluation_committed", then_die)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "during the evaluation",
+        "after its eval.jsonl line, before its checkpoint",
+        "after its checkpoint, before best/",
+        "after best/'s weights, before best.json",
+        "after best.json",
+    ],
+)
+def test_a_kill_at_any_point_of_an_evaluation_resumes_to_the_uninterrupted_best_and_eval_log(
+    shards, uninterrupted_evals, tmp_path, monkeypatch, point
+):
+    """The evaluation state (history, best score and step) is in the checkpoints: killed at ``point`` of a new best's
+    evaluation, the resumed run ends with the ``eval.jsonl``, ``best.json`` and ``best/`` weights of an uninterrupted
+    run (the issue's case: killed after step 4's line and before ``best/``, it ended with best/ = step 6 and
+    eval.jsonl steps [2, 4, 2, 4, 6])."""
+    want_lines, want_best, want_weights = _outputs(uninterrupted_evals)
+    assert [x["step"] for x in want_lines] == [2, 4, 6]
+    step = 4  # a new best, not the last: every point of the sequence is reached, and the run goes on after it
+    assert want_lines[1]["mAP"] > want_lines[0]["mAP"]
+    with monkeypatch.context() as m:
+        _kill_at(m, point, step)
+        with pytest.raises(Killed):
+            train_and_evaluate(_eval_config(shards), str(tmp_path))
+    train_and_evaluate(_eval_config(shards), str(tmp_path))
+    lines, best, weights = _outputs(tmp_path)
+    assert lines == want_lines and best == want_best
+    assert weights.keys() == want_weights.keys()
+    for k in weights:
+        np.testing.assert_array_equal(weights[k], want_weights[k], err_msg=k)

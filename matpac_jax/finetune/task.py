@@ -8,15 +8,24 @@ evaluation set (finetune.data.eval_clips); mAP (macro over every class, AP 0 for
 eval_map), AUC and d' (finetune.metrics) go to ``WORKDIR/eval.jsonl`` and TensorBoard (``eval/<metric>``). The model
 of the best mAP so far is kept apart in ``WORKDIR/best/`` (a model directory that ``load_model`` reads, ``tag`` works,
 ``convert --to-torch`` writes the published fine-tuned layout), its figures in ``WORKDIR/best.json``: the best
-evaluation's mAP is the figure EVAR reports (finetune.py:282-292, 310), the one to compare with published numbers. At
-the end: the final model in ``WORKDIR/model/``, its evaluation with bootstrap 95 % CIs (``config.finetune.bootstrap``
-resamples of the clips) in ``WORKDIR/eval.json``; it is a candidate for ``best`` too, as EVAR's last epoch is.
+evaluation's mAP is the figure EVAR reports (finetune.py:282-292, 310), the one to compare with published numbers. The
+last step is evaluated too: the final model is a candidate for ``best``, as EVAR's last epoch is. At the end: the final
+model in ``WORKDIR/model/``, its evaluation with bootstrap 95 % CIs (``config.finetune.bootstrap`` resamples of the
+clips) in ``WORKDIR/eval.json``.
+
+Kills: the evaluation history and the best (score and step) are the task's checkpointed evaluation state
+(train.task.CheckpointedEvaluation). ``eval.jsonl`` is rewritten from it at every start; ``best/`` is written once the
+checkpoint of its step is committed (then ``best.json``, last, marks it whole), and rebuilt at the start from the
+restored state when ``best.json`` disagrees with the checkpoint: a kill at any moment resumes to the ``best/`` and
+``eval.jsonl`` of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +35,7 @@ import optax
 from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
 from matpac_jax.config_lib import ConfigError
-from matpac_jax.fileio import atomic_write_json
+from matpac_jax.fileio import atomic_write_json, atomic_write_text, strict_json
 from matpac_jax.finetune.data import eval_clips, train_input
 from matpac_jax.finetune.head import head_variables_from_encoder
 from matpac_jax.finetune.metrics import bootstrap_ci, classes_without_positive, evaluate_scores
@@ -102,7 +111,9 @@ class FinetuneTask:
         self.model = FinetuneModel.from_config(config)
         self.frontend = LogMelConfig.from_audio_config(a)
         self.splits = None
-        self.best = self._read_best()
+        self.history: list[dict] = []  # {'step', metric: value} of every periodic evaluation, as in eval.jsonl
+        self.best: dict = {"mAP": -1.0}  # {'step', metric: value} of the best one so far, as in best.json
+        self._scored = None  # (step, logits, targets) of the latest evaluation: the closing's CI reuses them
         self._flagged = False  # classes without a positive in the evaluation set: said once
         self._scores = jax.jit(
             lambda params, stats, audio: self.model.apply(
@@ -177,7 +188,12 @@ class FinetuneTask:
         return logits, targets
 
     def evaluate(self, state, ci: bool = False) -> dict:
-        logits, targets = self.scores(state.params, state.batch_stats)
+        step = int(jax.device_get(state.step))
+        if self._scored is not None and self._scored[0] == step:
+            logits, targets = self._scored[1:]
+        else:
+            logits, targets = self.scores(state.params, state.batch_stats)
+            self._scored = (step, logits, targets)
         missing = classes_without_positive(targets)
         if missing and not self._flagged and jax.process_index() == 0:
             print(
@@ -191,44 +207,97 @@ class FinetuneTask:
             return bootstrap_ci(logits, targets, n_resamples=self.config.finetune.bootstrap, seed=self.config.seed)
         return evaluate_scores(logits, targets)
 
-    def _read_best(self) -> dict:
-        try:
-            with open(os.path.join(self.workdir, "best.json")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {"mAP": -1.0}
-
     def periodic_probe(self):
-        every = int(self.config.finetune.eval_every)
+        every, last = int(self.config.finetune.eval_every), int(self.config.total_steps)
 
         def run(step: int, state, tb) -> None:
-            if not every or step % every:
+            if step != last and (not every or step % every):
                 return
             result = self.evaluate(state)
+            self.history.append({"step": step, **result})
             if jax.process_index() == 0:
-                with open(os.path.join(self.workdir, "eval.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **result}) + "\n")
+                self._write_history()
                 for k, v in result.items():
                     if tb is not None:
                         tb.add_scalar(f"eval/{k}", v, step)
                 print(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
-            self._keep_if_best(step, result, state)
+            if result["mAP"] > self.best["mAP"]:  # strictly better, EVAR finetune.py:282-290
+                self.best = {"step": step, **result}  # its model is written once its checkpoint is committed
 
         return run
 
-    def _keep_if_best(self, step: int, result: dict, state) -> None:
-        """A new best mAP (strictly better, EVAR finetune.py:282-290): model to WORKDIR/best, figures to best.json."""
-        if result["mAP"] > self.best["mAP"]:
-            self.best = {"step": step, **result}
-            if jax.process_index() == 0:
-                as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "best"))
-                atomic_write_json(os.path.join(self.workdir, "best.json"), self.best)
+    # --- The evaluation state in the checkpoints (train.task.CheckpointedEvaluation).
+
+    def evaluation_state(self) -> dict:
+        return {"history": self.history, "best": self.best}
+
+    def restore_evaluation(self, saved: dict | None, step: int, state) -> None:
+        """The history and the best of checkpoint ``step``; ``eval.jsonl`` rewritten from them, ``best/`` rebuilt
+        from ``state`` when ``best.json`` disagrees (a kill after the checkpoint of a new best, before or while its
+        model was written). A checkpoint without the item (an older version) takes the files as they are."""
+        if saved is None and step:
+            saved = {"history": [x for x in self._read_history() if x["step"] <= step], "best": self._read_best()}
+        saved = saved or {"history": [], "best": {"mAP": -1.0}}
+        self.history, self.best = [dict(x) for x in saved["history"]], dict(saved["best"])
+        if jax.process_index() != 0:
+            return
+        self._write_history()
+        if self._read_best() == strict_json(self.best) and os.path.isdir(self._path("best")):
+            return
+        if self.best.get("step") == step:
+            self._write_best(state)
+        elif "step" not in self.best:  # left by a run whose checkpoints are gone: this run has no best yet
+            shutil.rmtree(self._path("best"), ignore_errors=True)
+            if os.path.exists(self._path("best.json")):
+                os.remove(self._path("best.json"))
+        else:
+            print(
+                f"warning: {self._path('best.json')} is not the best evaluation that checkpoint {step} records (step "
+                f"{self.best['step']}, mAP {self.best['mAP']:.4f}), and the weights of step {self.best['step']} are "
+                "in no checkpoint now: best/ is left as it is",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def evaluation_committed(self, step: int, state) -> None:
+        if self.best.get("step") == step and jax.process_index() == 0:
+            self._write_best(state)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def _write_history(self) -> None:
+        lines = "".join(json.dumps(x) + "\n" for x in self.history)
+        atomic_write_text(self._path("eval.jsonl"), lines)
+
+    def _write_best(self, state) -> None:
+        """The model to WORKDIR/best, then its figures to best.json: best.json names a whole model."""
+        as_encoder(self.config, state.params, state.batch_stats).save(self._path("best"))
+        atomic_write_json(self._path("best.json"), self.best)
+
+    def _read_history(self) -> list[dict]:
+        out = []
+        try:
+            with open(self._path("eval.jsonl")) as f:
+                for line in f:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        continue  # a line cut by a kill
+        except OSError:
+            pass
+        return out
+
+    def _read_best(self) -> dict:
+        try:
+            with open(self._path("best.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"mAP": -1.0}
 
     def closing(self, state) -> dict:
-        result = self.evaluate(state, ci=True)
-        step, every = int(jax.device_get(state.step)), int(self.config.finetune.eval_every)
-        if not every or step % every:  # the periodic evaluation skipped the last step: the final model is a candidate
-            self._keep_if_best(step, {k: v[0] for k, v in result.items()}, state)
+        result = self.evaluate(state, ci=True)  # the last step's periodic evaluation's scores, with a CI
+        step = int(jax.device_get(state.step))
         if jax.process_index() == 0:
             as_encoder(self.config, state.params, state.batch_stats).save(os.path.join(self.workdir, "model"))
             atomic_write_json(os.path.join(self.workdir, "eval.json"), result)

@@ -2,8 +2,8 @@
 
 early config checks -> workdir lock -> mesh -> input -> resume point (latest verified checkpoint, its config compared)
 -> model & optimizer -> sharded state (fresh or restored) -> jitted step -> loop
-(metrics fetched one step late so the host never stalls the device; checkpoints every N steps, on SIGTERM and at the
-end) -> closing probe
+(metrics fetched one step late so the host never stalls the device; the periodic probe, then checkpoints every N
+steps, after an evaluation that changed the task's evaluation state, on SIGTERM and at the end) -> closing probe
 
 A task supplies what differs between methods (train.task.Task; ``config.task`` picks one from matpac_jax.tasks:
 'pretrain', MATPAC / MATPAC++; 'distill', S-SONDO): its input, its pure init and step, its probes. The loop jits the
@@ -13,6 +13,7 @@ report and the FLOP count, are those of the first batch the input gives.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import time
@@ -29,7 +30,7 @@ from matpac_jax.train.optim import make_optimizer
 from matpac_jax.train.preemption import PreemptionWatch
 from matpac_jax.train.prefetch import DevicePrefetch
 from matpac_jax.train.program import NONFINITE_ACTIONS, compile_program
-from matpac_jax.train.task import Task
+from matpac_jax.train.task import CheckpointedEvaluation, Task
 
 
 def batch_iterator(source, first_step: int):
@@ -176,6 +177,36 @@ def resume_point(ckpt: Checkpointer, config) -> int:
     return first
 
 
+class EvaluationState:
+    """The loop's side of train.task.CheckpointedEvaluation (a no-op for a task without it): the task's evaluation
+    state handed back at the start, saved with the checkpoint of every step whose probe changed it, and the task told
+    once that checkpoint is committed."""
+
+    def __init__(self, task: Task):
+        self.task = task if isinstance(task, CheckpointedEvaluation) else None
+        self.saved: dict | None = None  # the state as the latest checkpoint holds it
+
+    def restore(self, ckpt: Checkpointer, step: int, state) -> None:
+        if self.task is not None:
+            self.saved = ckpt.saved_task_state(step) if step else None
+            self.task.restore_evaluation(self.saved, step, state)
+            self.saved = copy.deepcopy(self.task.evaluation_state())
+
+    def changed(self) -> bool:
+        return self.task is not None and self.task.evaluation_state() != self.saved
+
+    def to_save(self) -> dict | None:
+        if self.task is None:
+            return None
+        self.saved = copy.deepcopy(self.task.evaluation_state())  # a copy: the task goes on changing its own
+        return self.saved
+
+    def committed(self, ckpt: Checkpointer, step: int, state) -> None:
+        if self.task is not None:
+            ckpt.wait()  # the save's commit: what the task writes now is never ahead of the checkpoints
+            self.task.evaluation_committed(step, state)
+
+
 def train_and_evaluate(config, workdir: str, task: Task | None = None) -> dict:
     """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}. ``task``:
     the method (default: ``config.task``'s, matpac_jax.tasks).
@@ -211,6 +242,7 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     periodic_probe = task.periodic_probe()
+    evaluation = EvaluationState(task)
 
     # --- Checkpoints: where to resume (a corrupt or mismatching checkpoint is reported before anything is built).
     ckpt = Checkpointer.from_config(workdir, config)
@@ -227,6 +259,7 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
                 print(f"resumed from {ckpt.directory} at step {int(state.step)}", flush=True)
         else:
             state = init_fn(jax.random.key(config.seed))
+        evaluation.restore(ckpt, first, state)
     except BaseException:
         ckpt.close()
         raise
@@ -268,16 +301,20 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
                 if metrics["loss"].is_ready():  # the step ended before the input did: the device may have waited
                     data_wait += time.perf_counter() - t_fill
                 log.push(step + 1, metrics, t_start, data_wait)
-                if (step + 1) % every == 0:
+                periodic_probe(step + 1, state, log.tb)  # before the checkpoint: an evaluation lands in it
+                evaluated = evaluation.changed()
+                if (step + 1) % every == 0 or evaluated:
                     log.flush()  # a non-finite step raises here, before anything is saved
-                    ckpt.save(step + 1, state, config, data_iter=data_iter)
-                periodic_probe(step + 1, state, log.tb)
+                    saved = evaluation.to_save()
+                    ckpt.save(step + 1, state, config, data_iter=data_iter, force=evaluated, task_state=saved)
+                if evaluated:
+                    evaluation.committed(ckpt, step + 1, state)
             else:
                 step = config.total_steps
             log.flush()
             profiler.stop(state)
             if ckpt.latest_step() != step:
-                ckpt.save(step, state, config, data_iter=data_iter, force=True)
+                ckpt.save(step, state, config, data_iter=data_iter, force=True, task_state=evaluation.to_save())
             ckpt.wait()
     finally:
         log.close()

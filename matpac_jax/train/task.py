@@ -13,13 +13,17 @@ The loop calls a task in this order, each call once:
 
 A task also declares ``tokens_per_sample`` (what ``tokens_per_s`` counts) and ``console_metrics``: the
 ``(metric, short name)`` pairs of its console line, which are also checked and named when a step is non-finite.
+
+A task whose periodic evaluation keeps state from one evaluation to the next (its history, the best score and its
+step) also implements ``CheckpointedEvaluation``: that state then rides in the checkpoints with the train state, so a
+resumed run's evaluation outputs are those of an uninterrupted run whatever the moment of a kill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 
@@ -54,3 +58,29 @@ class Task(Protocol):
     def build(self, data: TaskInput) -> StepProgram: ...
 
     def closing(self, state: State) -> dict | None: ...
+
+
+@runtime_checkable
+class CheckpointedEvaluation(Protocol):
+    """Optional, beside ``Task``: an evaluation whose state the checkpoints carry (``checkpoint.py``'s 'task' item).
+
+    The trainer's order, which makes every kill resume to the outputs of an uninterrupted run:
+
+    1. at the start, ``restore_evaluation(saved, step, state)``: ``saved`` is what checkpoint ``step`` holds (None on
+       a fresh run, step 0, or for a checkpoint written before this item existed), ``state`` the restored or initial
+       train state of that step. The task rewrites its outputs from ``saved`` (lines written after the checkpoint
+       are dropped; an output the checkpoint disagrees with is rebuilt);
+    2. after the periodic probe of step N, when ``evaluation_state()`` changed, checkpoint N is saved with it and
+       committed, whatever ``config.checkpoint.every``: an evaluation is never lost to a kill after it, nor
+       counted twice after one before its checkpoint;
+    3. then ``evaluation_committed(N, state)``: the outputs that must never run ahead of the checkpoints (a best
+       model, which could not be rebuilt from an older one) are written.
+
+    ``evaluation_state()`` is small and JSON-able (it is saved as JSON).
+    """
+
+    def evaluation_state(self) -> dict: ...
+
+    def restore_evaluation(self, saved: dict | None, step: int, state: State) -> None: ...
+
+    def evaluation_committed(self, step: int, state: State) -> None: ...
