@@ -93,6 +93,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             c = load_config_file(os.path.join(ROOT, "configs", "ssondo.py"), "ssondo.py", None)
             c.student.update(STUDENTS[name])
+            c.student.init_from = "none"  # timing only: no ImageNet weights needed
             c.student.dtype = dtype
             c.data.batch_size, c.audio.seconds = args.batch, args.seconds
             r = measure(c, args.steps, args.warmup)

@@ -17,8 +17,18 @@ Variants (`--config=configs/ssondo.py:VARIANT[,key=value,...]`):
   demo          a tiny student of the demo teacher (configs/pp.py:demo) on the demo corpus, minutes on CPU, ending
                 with the student's and the teacher's linear probes side by side (README: "S-SONDO demo chain")
   smoke         smallest sizes, a handful of steps (tests)
-  Keys: student=mn10|eres2net (default: mn10; the demo's is eres2net), loss=cosine|info_nce|kl_softmax|l1|mse,
+  Keys: student=mn10|dymn10|eres2net (default: mn10; the demo's is eres2net), loss=cosine|info_nce|kl_softmax|l1|mse,
   steps=N, batch=N.
+
+ImageNet start. The published runs start mn10 / dymn10 from EfficientAT's ImageNet weights (ssondo
+knowledge_distillation_training/config.py ``student_model.pretrained_name``: mn10_im / dymn10_im; EfficientAT
+models/mn/model.py and models/dymn/model.py ``pretrained_models``). Download them from EfficientAT's release and name
+the file (classifier dropped, shapes checked before anything runs; distill.published):
+    wget https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/mn10_im.pt     # or dymn10_im.pt
+    python -m matpac_jax.main --config=configs/ssondo.py --config.student.init_from=mn10_im.pt ...
+    python -m matpac_jax.main --config=configs/ssondo.py:student=dymn10 --config.student.init_from=dymn10_im.pt ...
+An mn10 / dymn10 run without it stops before compute with a ConfigError; --config.student.init_from=none starts it
+from scratch on purpose (ERes2Net, the demo and smoke variants start from scratch: S-SONDO has no ImageNet ERes2Net).
 
 Expected (SPEC §6, 7-task linear-probe average, teacher MATPAC++ 75.7): mn10 73.0 (96.4 %), ERes2Net 70.8.
 """
@@ -28,6 +38,7 @@ import ml_collections as mlc
 from matpac_jax import config_lib
 
 common = config_lib.sibling_module(__file__, "common.py")  # the run sections every config shares
+STUDENTS = {"mn10": "mobilenet", "dymn10": "dymn", "eres2net": "eres2net"}  # student= -> config.student.arch
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -61,8 +72,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         # optimizer and loss stay float32
         head_hidden=1280,  # projection head d -> 1280 -> Hardswish -> Dropout -> teacher dimension (dropped after)
         dropout=0.2,
-        # published weights to start from (distill.published): EfficientAT's mn10_im.pt (the paper's mn10 init;
-        # classifier dropped) or a released S-SONDO student .ckpt (backbone, and its projection head when it fits)
+        # published weights to start from (distill.published): EfficientAT's mn10_im.pt / dymn10_im.pt (the paper's
+        # init; classifier dropped; required for mobilenet / dymn, see the docstring) or a released S-SONDO student
+        # .ckpt (backbone, and its projection head when it fits); 'none': from scratch on purpose
         init_from="",
     )
     c.teacher = dict(
@@ -109,10 +121,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         tiny(c, smoke=arg.variant == "smoke")
     elif arg.variant:
         raise ValueError(f"unknown variant {arg.variant!r} of configs/ssondo.py: use teacher_pass, demo, smoke or none")
-    if arg.student in ("mn10", "eres2net"):
-        c.student.arch = "mobilenet" if arg.student == "mn10" else "eres2net"
+    if arg.student in STUDENTS:
+        c.student.arch = STUDENTS[arg.student]
     elif arg.student:
-        raise ValueError(f"student={arg.student!r}: use mn10 or eres2net")
+        raise ValueError(f"student={arg.student!r}: use one of {', '.join(STUDENTS)}")
     c.distill.loss = arg.loss
     if arg.steps:
         c.total_steps = arg.steps
@@ -136,6 +148,7 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
     c.student.dtype = "float32"  # CPUs have no fast bf16
     c.student.channels, c.student.blocks = 8, (1, 1, 1, 1, 1)  # S-SONDO's five stages, shallow and narrow (demo)
     c.student.head_hidden = 64 if smoke else 256
+    c.student.init_from = "none"  # no ImageNet weights at these widths: from scratch on purpose
     c.teacher_pass.batch = 64
     c.teacher_pass.kmeans_steps = 50
     c.teacher_pass.kmeans_batch = 512
@@ -159,5 +172,5 @@ def tiny(c: mlc.ConfigDict, smoke: bool) -> None:
 SWEEPS = {
     "losses": [{"distill.loss": loss} for loss in ("cosine", "info_nce", "kl_softmax", "l1", "mse")],  # SPEC §6
     "balanced": [{"distill.balanced": b} for b in (True, False)],
-    "students": [{"student.arch": "mobilenet"}, {"student.arch": "eres2net"}],
+    "students": [{"student.arch": arch} for arch in STUDENTS.values()],  # mobilenet / dymn need student.init_from
 }

@@ -224,3 +224,29 @@ def test_distill_run_resumes_exactly_and_writes_the_student(corpus, tmp_path):
         c.teacher.embeddings = ""
         train_and_evaluate(c, str(tmp_path / "c"))
     assert not os.path.exists(tmp_path / "c" / "checkpoints")
+
+
+def test_recipe_students_include_dymn10_and_need_their_imagenet_start_or_none():
+    """configs/ssondo.py: student=dymn10 and the 'students' sweep include EfficientAT's DyMN; an mn10 / dymn10 run
+    without config.student.init_from stops before compute naming the key and the file to download (the published
+    runs start from mn10_im / dymn10_im); 'none' starts from scratch on purpose and loads nothing; ERes2Net, the
+    demo and smoke variants need nothing."""
+    from matpac_jax.distill.task import DistillTask
+    from matpac_jax.sweep import load_sweeps
+    from matpac_jax.train.task import TaskInput
+
+    assert load_config("ssondo.py", "student=dymn10").student.arch == "dymn"
+    sweeps = load_sweeps(os.path.join(os.path.dirname(__file__), "..", "configs", "ssondo.py"))
+    assert [s["student.arch"] for s in sweeps["students"]] == ["mobilenet", "dymn", "eres2net"]
+    for arg, name in ((None, "mn10_im.pt"), ("student=dymn10", "dymn10_im.pt")):
+        c = load_config("ssondo.py", arg)
+        with pytest.raises(ConfigError, match=rf"config.student.init_from .*{name}.*init_from=none"):
+            DistillTask(c, "/nonexistent")
+        c.student.init_from = "none"
+        DistillTask(c, "/nonexistent")  # accepted: from scratch on purpose
+    for arg in ("student=eres2net", "smoke", "demo", "demo,student=mn10"):
+        DistillTask(load_config("ssondo.py", arg), "/nonexistent")
+    c = load_config("ssondo.py", "smoke")
+    c.distill.targets = "raw"  # no corpus statistics to read
+    smoke = DistillTask(c, "/nonexistent")
+    assert smoke.build(TaskInput(None, {"target_dim": 8})).initial_weights is None  # 'none' reads no file

@@ -242,7 +242,7 @@ def test_init_from_starts_distillation_from_published_weights(tmp_path, monkeypa
 
     c = load_config_file(published._RECIPE, "ssondo.py", "smoke")  # MobileNetV3 of width 0.1, head 64
     c.distill.targets = "raw"
-    assert c.student.init_from == ""
+    assert c.student.init_from == "none"  # the smoke MobileNetV3 starts from scratch on purpose
     backbone = _backbone(ref.efficientat_state_dict(0.1, seed=6))
     files = {"release.ckpt": _ssondo_checkpoint(backbone, hidden=64, out=24),
              "other_head.ckpt": _ssondo_checkpoint(backbone, hidden=32, out=24)}  # fmt: skip

@@ -29,6 +29,22 @@ from matpac_jax.load import load_model
 from matpac_jax.train.optim import lr_schedule, make_optimizer
 from matpac_jax.train.task import StepProgram, TaskInput
 
+SCRATCH = "none"  # config.student.init_from: start a student that has ImageNet weights from scratch on purpose
+IMAGENET_START = {"mobilenet": "mn", "dymn": "dymn"}  # EfficientAT's {prefix}{width x 10:02d}_im.pt
+
+
+def check_start(student) -> None:
+    """mn / dymn students start from EfficientAT's ImageNet weights, as every published S-SONDO run (configs/ssondo.py
+    docstring): refuse, before anything is computed, a run that names neither them nor ``none``."""
+    if student.arch in IMAGENET_START and not student.init_from:
+        name = f"{IMAGENET_START[student.arch]}{round(10 * student.width):02d}_im.pt"
+        raise ConfigError(
+            f"config.student.init_from is empty for a {student.arch} student: the published runs start it from "
+            f"EfficientAT's ImageNet weights. Download https://github.com/fschmid56/EfficientAT/releases/download/"
+            f"v0.0.1/{name} and pass --config.student.init_from={name}, or --config.student.init_from={SCRATCH} to "
+            "train from scratch on purpose"
+        )
+
 
 class DistillTask:
     """S-SONDO distillation as a trainer task (train.task.Task)."""
@@ -37,6 +53,7 @@ class DistillTask:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        check_start(config.student)
         self.frontend = LogMelConfig.from_audio_config(config.audio)
         self.samples = int(round(config.audio.seconds * config.audio.sample_rate))
         self.tokens_per_sample = num_frames(self.samples, self.frontend)  # log-mel frames per clip
@@ -69,7 +86,7 @@ class DistillTask:
         stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
         lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
         published = None
-        if c.student.init_from:  # published weights (EfficientAT / S-SONDO), read and shape-checked at build
+        if c.student.init_from not in ("", SCRATCH):  # published weights (EfficientAT / S-SONDO), checked at build
             published = lambda init_fn, abstract: initialise_from(init_fn, c.student, abstract)  # noqa: E731
         return StepProgram(
             init=lambda rng: create_distill_state(self.model, tx, rng, mel_shape),
