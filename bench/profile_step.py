@@ -3,7 +3,7 @@ r"""Where the training step's time goes: a ``jax.profiler`` trace of a few stead
   python bench/profile_step.py --config=configs/pp.py --batch=256             # the recipe step on an accelerator
   python bench/profile_step.py --config=configs/pp.py --batch=256 --set=model.attn_impl=xla
   python bench/profile_step.py --config=configs/finetune_as.py --batch=64     # the fine-tuning step
-  python bench/profile_step.py --config=configs/ssondo.py --batch=120 --set=student.init_from=none  # distillation, mn10
+  python bench/profile_step.py --config=configs/ssondo.py --batch=120         # the distillation step (mn10)
   python bench/profile_step.py --config=configs/pp.py:smoke --steps=5         # CPU (tested)
 
 The step is the trainer's program (``bench/train_step.py``'s ``prepare_step``: the guard, shardings, donation),

@@ -105,6 +105,7 @@ def prepare_step(config) -> PreparedStep:
     info = {"target_dim": TARGET_DIM} if config.task == "distill" else {}
     if config.task == "distill":  # no teacher corpus here: raw targets (the recipe's; centring is one [B, d] op)
         config.distill.targets = "raw"
+        config.student.init_from = config.student.init_from or "none"  # speed does not depend on the start
     program = make_task(config, "/nonexistent").build(TaskInput(None, info))
     init_fn, train_step, abstract = compile_program(program, mesh)
     host = random_batch(config)
