@@ -14,6 +14,7 @@ another config, a workdir in use; 1 for anything else.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -68,6 +69,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def disk_full_message(e: OSError, workdir: str) -> str:
+    """What a run stopped by a full disk (or quota) says: where, and that the same command resumes."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return (
+        f"no space left on the device{where} ({e.strerror}): free space on the device holding {workdir}, then "
+        "rerun the same command: it resumes from the last checkpoint"
+    )
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -111,6 +121,11 @@ def main(argv) -> None:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(e, _WORKDIR.value)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if "probe" in result:
         means = {k: v for k, v in result["probe"].items() if not k.endswith("_ci95")}
         print("probe: " + " ".join(f"{k}={v:.4f}" for k, v in means.items()), flush=True)

@@ -357,3 +357,37 @@ def test_distillation_values_fail_before_compute_naming_the_key(tmp_path):
     config.distill.temperature = float("inf")
     with pytest.raises(ConfigError, match=r"config.distill.temperature=inf: expected a finite number > 0"):
         loop.check_run(config, str(tmp_path))
+
+
+# --- A full disk.
+
+
+def test_a_full_disk_stops_the_run_with_its_own_error_and_the_rerun_resumes(finished, tmp_path, monkeypatch, capsys):
+    """The metrics file's write fails with ENOSPC and closing it then fails too ("I/O operation on closed file"):
+    the run stops with the ENOSPC error, not the closing one (a run on a full disk used to end in "handle is
+    closed"); main turns it into one line naming the device and the fix; the same command then ends as an
+    uninterrupted run."""
+    import errno
+
+    from matpac_jax.main import disk_full_message
+    from matpac_jax.train.metrics_log import MetricsLog
+
+    workdir = tmp_path / "run"
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
+
+    def closed(self):
+        raise ValueError("I/O operation on closed file")
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsLog, "flush", full)
+        m.setattr(MetricsLog, "close", closed)
+        with pytest.raises(OSError) as e:
+            loop.train_and_evaluate(_smoke(), str(workdir))
+    assert e.value.errno == errno.ENOSPC
+    assert "closing MetricsLog failed too: ValueError: I/O operation on closed file" in capsys.readouterr().err
+    message = disk_full_message(e.value, str(workdir))
+    assert f"writing {workdir}/metrics.jsonl (No space left on device)" in message and "rerun the same" in message
+    loop.train_and_evaluate(_smoke(), str(workdir))
+    assert _metrics(workdir) == _metrics(finished)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import sys
 import time
 
 import jax
@@ -42,6 +43,17 @@ def batch_iterator(source, first_step: int):
     if callable(source):
         return (source(step) for step in itertools.count(first_step))
     return iter(source)
+
+
+def close_after_error(*resources) -> None:
+    """Close ``resources`` while an error stops the run: a failure to close (a full disk fails the metrics file's
+    last flush as well, and a writer whose file is gone says "handle is closed") is noted on stderr and never
+    replaces the error that stopped the run (a run on a full disk ended with that misleading line)."""
+    for r in resources:
+        try:
+            r.close()
+        except Exception as e:  # noqa: BLE001 -- any failure here is secondary to the one being raised
+            print(f"while stopping, closing {type(r).__name__} failed too: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def parse_profile_steps(value) -> tuple[int, int] | None:
@@ -261,7 +273,7 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
             state = init_fn(jax.random.key(config.seed))
         evaluation.restore(ckpt, first, state)
     except BaseException:
-        ckpt.close()
+        close_after_error(ckpt)
         raise
     inputs = DevicePrefetch(batches, mesh, config.data.device_prefetch)
     data_iter = inputs if inputs.stateful else None
@@ -278,8 +290,7 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
             print(report, flush=True)
         log = MetricsLog(workdir, config, first, task.tokens_per_sample, flops, peak, task.console_metrics)
     except BaseException:
-        ckpt.close()
-        inputs.close()
+        close_after_error(ckpt, inputs)
         raise
     profiler = Profiler(config.profile_steps, workdir)
     distributed.barrier("train_and_evaluate: first step")
@@ -316,10 +327,12 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, config, data_iter=data_iter, force=True, task_state=evaluation.to_save())
             ckpt.wait()
-    finally:
-        log.close()
-        ckpt.close()
-        inputs.close()  # stops grain worker processes
+    except BaseException:
+        close_after_error(log, ckpt, inputs)
+        raise
+    log.close()
+    ckpt.close()
+    inputs.close()  # stops grain worker processes
     if preempted:
         if jax.process_index() == 0:
             print(
