@@ -26,7 +26,6 @@ from test_inference import HEADS, published_state_dict
 
 from matpac_jax import embed
 from matpac_jax.audio.io import AudioError, load_audio
-from matpac_jax.checkpoint import read_trained_state
 from matpac_jax.convert import from_torch
 from matpac_jax.data import prepare
 from matpac_jax.data.tfds_source import open_split
@@ -35,6 +34,7 @@ from matpac_jax.inference import Encoder
 from matpac_jax.load import load_model
 from matpac_jax.saved_model import MODEL_FILE, WEIGHTS_FILE, flatten
 from matpac_jax.state_dict_io import read_state_dict
+from matpac_jax.trained_state import read_trained_state
 
 REFUSALS = (ValueError, AudioError)  # ConfigError, ConversionError, PrepareError, CheckpointError are ValueErrors
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import ROOT, load_config, smoke_config
 
 from matpac_jax import checkpoint as ckpt_lib
-from matpac_jax import parallel
+from matpac_jax import parallel, trained_state
 from matpac_jax.checkpoint import Checkpointer, CheckpointError, WorkdirBusyError, WorkdirLock
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.matpac import task as pretrain
@@ -225,7 +225,7 @@ def test_a_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_and_e
 
 def test_readers_of_a_workdir_verify_it_as_a_resume_does(finished, tmp_path, capsys):
     """load_model / embed / finetune.init_from / convert read a training state through one verified read
-    (checkpoint.read_trained_state): a flipped bit in the latest checkpoint is named and the previous verified one
+    (trained_state.read_trained_state): a flipped bit in the latest checkpoint is named and the previous verified one
     read (nothing moved: reading never changes a workdir); that checkpoint named directly is refused naming the file;
     check=False still reads it (checkpoints of older versions)."""
     from matpac_jax.load import load_model
@@ -244,7 +244,7 @@ def test_readers_of_a_workdir_verify_it_as_a_resume_does(finished, tmp_path, cap
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     with pytest.raises(CheckpointError, match=r"checkpoints/4: state/\S+ differs from what was written.*backup"):
         load_model(workdir / "checkpoints" / "4")
-    config, state = ckpt_lib.read_trained_state(str(workdir / "checkpoints" / "4"), check=False)
+    config, state = trained_state.read_trained_state(str(workdir / "checkpoints" / "4"), check=False)
     assert int(state["step"]) == 4
 
 
