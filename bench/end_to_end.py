@@ -5,12 +5,7 @@ rows of BENCHMARKS.md) times synthetic in-memory batches; this one times what a 
   python bench/end_to_end.py --cpu-rehearsal       # 2 CPU cores: smoke model, 64 clips, workers 0, 2; ~80 s
   python bench/end_to_end.py --accelerator --out=$OUT/end_to_end.json   # one GPU, 16 cores: ViT-B; ~4 min
 
-Presets (``PRESETS``: their flags go before the given ones, which override them):
-
-  --cpu-rehearsal  --clips=64 --shards=4 --prepare-workers=2 --config=configs/pp.py:smoke --steps=100 --skip=5
-                   --workers=0,2 --teacher-clips=64 --teacher-batch=16 --train-timeout=300
-  --accelerator    --clips=3072 --shards=16 --prepare-workers=16 --config=configs/pp.py:batch=256 --steps=50 --skip=5
-                   --workers=0,4,8 --teacher-clips=3072 --teacher-batch=32 --train-timeout=150
+Presets: ``PRESETS`` below (their flags go before the given ones, which override them).
 
 What it does, and what each figure means:
 
@@ -67,6 +62,8 @@ ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
 from input_pipeline import CLIP_SECONDS, SAMPLE_RATE, synth_clip  # noqa: E402
+
+from matpac_jax.fileio import atomic_write_json  # noqa: E402
 
 PRESETS = {  # flags put before the given ones, which override them
     "cpu_rehearsal": "--clips=64 --shards=4 --prepare-workers=2 --config=configs/pp.py:smoke --steps=100 --skip=5 "
@@ -443,8 +440,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print("\n" + tables(result), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.out, result)
     sys.exit(1 if "error" in result["teacher"] else 0)
 
 
