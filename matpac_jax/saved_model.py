@@ -195,9 +195,9 @@ def read_model_dir(path: str) -> tuple[str, dict, dict]:
             raise ValueError(f"version {meta.get('version')!r}, this code reads 2 to {VERSION}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{meta_path} is unreadable or malformed ({type(e).__name__}: {e}): {fix}") from None
+    flat = read_weights(weights_path, fix)  # first: a truncated or malformed file is named as such
     if not legacy:
         _check_digest(meta, meta_path, weights_path, fix)
-    flat = read_weights(weights_path, fix)
     try:
         weights = unflatten(flat)
     except ValueError as e:
