@@ -197,7 +197,7 @@ def test_resize_crop_is_torch_bicubic_of_evar_canvas_crop(i, j, h, w):
     want = _evar_crop64(lms, i, j, h, w)
     assert_close_to_scale(np.asarray(got, np.float64), want, rtol=2e-6)
     if (i, j, h, w) == (0, 10, 16, 40):
-        np.testing.assert_allclose(np.asarray(got), lms, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got), lms, rtol=0, atol=1e-5 * np.abs(lms).max())
 
 
 def test_cubic_weights_are_torch_coefficients():
@@ -206,7 +206,7 @@ def test_cubic_weights_are_torch_coefficients():
     got = np.asarray(augment.cubic_weights(jnp.asarray(t)), np.float64)
     want = np.array([[_cubic64(x + 1), _cubic64(x), _cubic64(1 - x), _cubic64(2 - x)] for x in t.astype(np.float64)])
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)  # float32's cancellation near |x| = 2, as torch's
-    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
 def test_crop_draws_follow_evar_get_params():
@@ -248,7 +248,7 @@ def test_random_resize_crop_crops_each_example_on_its_own():
     got, _ = augment.augment_batch(key, mel, _targets(), no_mix)
     striped = augment.spec_augment(jax.random.split(key, 3)[1], mel, 30, 192)
     want = augment.random_resize_crop(jax.random.fold_in(key, 3), striped)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_waveform_mixup_by_hand():

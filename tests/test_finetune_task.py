@@ -167,7 +167,7 @@ def test_finetuning_beyond_the_pretraining_length_resamples_the_positions_as_m2d
     start = jax.device_get(state.params["tokenizer"])
     grid = np.moveaxis(sincos_pos_embed_2d(64, 5, 8, cls_row=False).reshape(5, 8, 64), -1, 0)
     want = np.moveaxis(torch_formula_bicubic(grid, (5, 10), align_corners=False), 0, -1).reshape(50, 64)
-    np.testing.assert_allclose(start["pos_embed"], want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(start["pos_embed"], want, rtol=0, atol=1e-5)  # values of scale 1
     assert np.max(np.abs(want - sincos_pos_embed_2d(64, 5, 10, cls_row=False))) > 0.1  # not the sin-cos table
     for step in range(2):  # AdamW with weight decay: the positions are constants all the same
         state, m = step_fn(state, parallel.global_batch(data.source(step), mesh), jax.random.key(step))

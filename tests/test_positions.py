@@ -83,7 +83,7 @@ def test_m2d_positions_5x38_to_5x62_resamples_time_and_copies_frequency():
     # timm's resample_abs_pos_embed as m2d calls it: [1, F, T0, D] -> [1, D, F, T0] -> interpolate -> back
     grid = np.moveaxis(table.reshape(1, 5, 38, 768), -1, 1)
     want = np.moveaxis(torch_formula_bicubic(grid, (5, 62), align_corners=False), 1, -1).reshape(310, 768)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 table of values in [-1, 1]
     # the figure the issue quotes: up to 2.02 per element from the exact 5x62 sin-cos table
     assert abs(float(np.max(np.abs(got - sincos_pos_embed_2d(768, 5, 62, cls_row=False)))) - 2.02) < 0.01
 
