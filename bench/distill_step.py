@@ -27,9 +27,9 @@ sys.path.insert(0, ROOT)
 
 from matpac_jax import parallel  # noqa: E402
 from matpac_jax.config_lib import load_config_file  # noqa: E402
-from matpac_jax.distill.students import count_params  # noqa: E402
 from matpac_jax.distill.task import DistillTask  # noqa: E402
 from matpac_jax.flops import count_matmul_flops, peak_flops  # noqa: E402
+from matpac_jax.models.students import count_params  # noqa: E402
 from matpac_jax.train.program import compile_program  # noqa: E402
 from matpac_jax.train.task import TaskInput  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matpac_jax.audio.frontend import log_mel  # noqa: E402
 from matpac_jax.distill.export import CLIP_SAMPLES, STUDENT_FRONTEND, export_report  # noqa: E402
-from matpac_jax.distill.students import ERes2Net, MobileNetV3  # noqa: E402
+from matpac_jax.models.students import ERes2Net, MobileNetV3  # noqa: E402
 
 
 def make_model(name: str) -> nn.Module:

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from matpac_jax import config_lib
-from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.models.student import Student, save_student
 
 RATES = (22_050, 32_000, 44_100, 48_000)
 

@@ -30,7 +30,6 @@ front-end; the weights ``tokenizer/...``, ``encoder/...``, optionally ``head/...
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 
@@ -41,12 +40,9 @@ import numpy as np
 from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_frames, num_samples_for_frames
 from matpac_jax.audio.io import resample
 from matpac_jax.fileio import sha256_arrays
+from matpac_jax.models.buckets import MEL_BATCH_SAMPLES, MIN_FRAME_BUCKET, TRACES, bucket
 from matpac_jax.models.vit import Tokenizer, Transformer
 from matpac_jax.saved_model import flatten, write_model_dir
-
-MIN_FRAME_BUCKET = 64  # log-mel frame buckets: 64, 80, 96, 112, 128, 160, ... (four per octave)
-MEL_BATCH_SAMPLES = 1 << 22  # waveform samples per log-mel call (bounds its device memory), at least one clip
-TRACES: collections.Counter = collections.Counter()  # 'log_mel' / 'encoder' -> programs traced (one per compile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +106,6 @@ def _same_keys(where: str, obj: dict, names: list[str], optional: set = frozense
     missing, extra = sorted(set(names) - set(obj) - set(optional)), sorted(set(obj) - set(names))
     if missing or extra:
         raise ValueError(f"{where}: missing fields {missing}, unknown fields {extra}")
-
-
-def bucket(n: int, steps_per_octave: int = 1) -> int:
-    """Smallest ``m · 2^e >= n`` with ``steps_per_octave <= m < 2 · steps_per_octave`` (a power of two): powers of two
-    for 1, four sizes per octave (at most 25 % above ``n``) for 4; values up to ``2 · steps_per_octave`` are exact."""
-    shift = max(0, n.bit_length() - steps_per_octave.bit_length())
-    return -(-n // (1 << shift)) << shift
 
 
 def _log_mel_program(wave, cfg: LogMelConfig):

@@ -24,8 +24,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from matpac_jax.distill.trained import Student
 from matpac_jax.inference import Encoder, EncoderSpec
+from matpac_jax.models.student import Student
 from matpac_jax.saved_model import MODEL_FILE, is_model_dir, read_model_dir
 from matpac_jax.trained_state import is_training_run, read_trained_state
 

@@ -1,7 +1,7 @@
 """The one saved-model format, written and read here: a directory holding
 
 - ``model.json``: ``{"format": "matpac_jax model", "version": 2, "kind": KIND, "spec": {...}}`` where ``kind`` says
-  which class reads it ('vit': ``inference.Encoder``; 'student': ``distill.trained.Student``) and ``spec`` is
+  which class reads it ('vit': ``inference.Encoder``; 'student': ``models.student.Student``) and ``spec`` is
   everything but the weights (shape, front-end);
 - ``weights.npz``: the weights, one array per '/'-joined parameter path (NumPy's zip of ``.npy`` files, read with
   ``allow_pickle=False``).
@@ -18,7 +18,7 @@ member may expand at most ``MAX_EXPANSION`` times (numpy's ``savez`` stores, so 
 zip's own reader never yields more than the member's directory size. Only numeric dtypes, '/'-paths without empty
 parts, no key both a leaf and a parent, no key twice, and finite values: every problem is a ValueError naming the file
 and the member. What the weights must be for the model the spec describes is the model class's check
-(``inference.Encoder.from_saved``, ``distill.trained.Student.from_saved``).
+(``inference.Encoder.from_saved``, ``models.student.Student.from_saved``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Written from EfficientAT's published code (fschmid56/EfficientAT @ a425fdc: models/dymn/model.py,
 models/dymn/dy_block.py, models/dymn/utils.py), not from matpac_jax: it reads the PyTorch state dict as it is (NCHW
-activations, torch weight layouts), so a test comparing it with ``matpac_jax.distill.dymn`` checks the key mapping
+activations, torch weight layouts), so a test comparing it with ``matpac_jax.models.dymn`` checks the key mapping
 as well as the forward.
 """
 

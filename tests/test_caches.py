@@ -197,7 +197,7 @@ def test_encoder_directory_is_atomic_and_a_truncated_one_is_named(models, tmp_pa
 def test_student_files_are_atomic_and_a_truncated_one_is_named(tmp_path):
     from helpers import load_config
 
-    from matpac_jax.distill.trained import Student, save_student
+    from matpac_jax.models.student import Student, save_student
 
     config = load_config("ssondo.py", "smoke")
     w = {"conv": {"kernel": np.ones((3, 3), np.float32)}}  # any variables: the files, not the model, are tested here

@@ -202,8 +202,8 @@ def test_standardised_targets_are_the_teacher_embeddings_z_scored_over_the_corpu
 
 
 def test_distill_run_resumes_exactly_and_writes_the_student(corpus, tmp_path):
-    from matpac_jax.distill.trained import Student
     from matpac_jax.load import load_model
+    from matpac_jax.models.student import Student
     from matpac_jax.train.loop import train_and_evaluate
 
     straight = train_and_evaluate(_config(corpus, mixup=0.3), str(tmp_path / "a"))

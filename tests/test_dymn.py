@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from dymn_reference import dymn_embed, random_state_dict
 
-from matpac_jax.distill.dymn import DyMN, abstract_variables, from_torch_state_dict
 from matpac_jax.distill.published import StateDictMismatch
+from matpac_jax.models.dymn import DyMN, abstract_variables, from_torch_state_dict
 
 FAST = {"xla_backend_optimization_level": 0}  # compile in seconds; the numerics are unchanged
 
@@ -92,7 +92,7 @@ def test_wrong_width_and_wrong_constants_fail():
 
 
 def test_make_student_builds_dymn():
-    from matpac_jax.distill.students import make_student
+    from matpac_jax.models.students import make_student
 
     student = mlc.ConfigDict(dict(arch="dymn", width=1.0, channels=32, blocks=(1, 1, 2, 1), head_hidden=1280,
                                   dropout=0.2))  # fmt: skip

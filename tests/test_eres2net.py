@@ -1,4 +1,4 @@
-"""S-SONDO's ERes2Net student (matpac_jax.distill.eres2net) against S-SONDO's published definition.
+"""S-SONDO's ERes2Net student (matpac_jax.models.eres2net) against S-SONDO's published definition.
 
 Checked against MedAliAdlouni/ssondo, inference_ssondo/ssondo/models/ERes2Net/model.py (the same network as
 training_ssondo/utils/student_models/ERes2Net/model.py):
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matpac_jax.distill.eres2net import AFF, ERes2Net, from_torch_state_dict
 from matpac_jax.distill.published import StateDictMismatch
-from matpac_jax.distill.students import count_params
+from matpac_jax.models.eres2net import AFF, ERes2Net, from_torch_state_dict
+from matpac_jax.models.students import count_params
 
 PLANES, STRIDES, FUSES = (1, 2, 4, 8, 2), (1, 2, 2, 2, 2), (False, False, True, True, True)
 

@@ -13,8 +13,6 @@ pytest.importorskip("jax2onnx", reason="pip install -e '.[export]'")
 pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
 
 from matpac_jax.audio.frontend import hann_window, log_mel, mel_filterbank, num_frames  # noqa: E402
-from matpac_jax.distill.dymn import DyMN  # noqa: E402
-from matpac_jax.distill.eres2net import ERes2Net  # noqa: E402
 from matpac_jax.distill.export import (  # noqa: E402
     STUDENT_FRONTEND,
     check_onnx,
@@ -23,7 +21,9 @@ from matpac_jax.distill.export import (  # noqa: E402
     latency_ms,
     student_fn,
 )
-from matpac_jax.distill.students import MobileNetV3, count_params  # noqa: E402
+from matpac_jax.models.dymn import DyMN  # noqa: E402
+from matpac_jax.models.eres2net import ERes2Net  # noqa: E402
+from matpac_jax.models.students import MobileNetV3, count_params  # noqa: E402
 
 SAMPLES = 32_000  # 1 s at 32 kHz
 pytestmark = pytest.mark.filterwarnings("ignore:jax.core.DropVar is deprecated:DeprecationWarning")  # jax2onnx
@@ -104,7 +104,7 @@ STUDENTS = {  # tiny versions of every student kind
 def test_every_student_exports_right_at_every_batch_size(arch, tmp_path):
     """onnxruntime equals JAX at batch 1, 2 and 3 (distinct clips in a batch). dymn10's per-example depthwise kernels
     once exported as one convolution of B·C groups that onnxruntime evaluated wrongly for B > 1 (0.1 off at
-    B = 2 while B = 1 was right): distill.dymn.depthwise_per_example now exports as slices and sums."""
+    B = 2 while B = 1 was right): models.dymn.depthwise_per_example now exports as slices and sums."""
     model = STUDENTS[arch]()
     variables = _random_variables(model, (1, STUDENT_FRONTEND.n_mels, 100))
     for batch in (1, 2, 3):
@@ -148,8 +148,8 @@ def test_cli_exports_a_saved_student_with_its_front_end(tmp_path, capsys):
     from helpers import load_config
 
     from matpac_jax.distill.export import main
-    from matpac_jax.distill.students import make_student
-    from matpac_jax.distill.trained import Student, save_student
+    from matpac_jax.models.student import Student, save_student
+    from matpac_jax.models.students import make_student
 
     config = load_config("ssondo.py", "smoke")
     v = _random_variables(make_student(config.student).backbone, (1, config.audio.n_mels, 32))

@@ -13,8 +13,8 @@ import matpac_jax.embed as embed
 import matpac_jax.hear as hear
 from matpac_jax import probe
 from matpac_jax.audio.io import load_audio
-from matpac_jax.distill.trained import Student, save_student
 from matpac_jax.load import load_encoder, load_model
+from matpac_jax.models.student import Student, save_student
 from matpac_jax.saved_model import MODEL_FILE
 
 RATE = 32_000  # the students' front-end

@@ -30,7 +30,7 @@ from matpac_jax.distill.published import (
     mobilenet_from_torch_state_dict,
     mobilenet_key_map,
 )
-from matpac_jax.distill.students import MobileNetV3, count_params
+from matpac_jax.models.students import MobileNetV3, count_params
 
 
 def _student(width: float, **kw) -> mlc.ConfigDict:
@@ -174,7 +174,7 @@ def test_other_archs_dispatch_to_their_modules_with_strict_keys(arch, monkeypatc
 
 
 def test_converter_cli_writes_a_student_directory(tmp_path, monkeypatch, capsys):
-    from matpac_jax.distill.trained import Student
+    from matpac_jax.models.student import Student
     from matpac_jax.saved_model import MODEL_FILE
 
     sd = ref.efficientat_state_dict(1.0, seed=5)

@@ -1,6 +1,6 @@
-"""A student embeds clips of any length with a few compiled programs (distill.trained: frame buckets, four per octave,
+"""A student embeds clips of any length with a few compiled programs (models.student: frame buckets, four per octave,
 batches padded to powers of two) and gives, for each clip, its unpadded embedding up to float rounding: the padding
-frames are masked out of every convolution across time and every pooling over time (distill.padding).
+frames are masked out of every convolution across time and every pooling over time (models.padding).
 
 Measured (max |padded - unpadded| / max |unpadded| per clip, clips of 1 to 144 frames in buckets of 64 to 160, CPU,
 float32, these test sizes): at most 4.5e-7 for MobileNetV3 and ERes2Net, 2.1e-7 for DyMN, a few float32 ulps of the
@@ -18,8 +18,8 @@ import soxr
 from helpers import assert_close_to_scale, load_config
 
 from matpac_jax.audio.frontend import log_mel, num_frames
-from matpac_jax.distill.trained import Student
-from matpac_jax.inference import MIN_FRAME_BUCKET, TRACES, bucket
+from matpac_jax.models.buckets import MIN_FRAME_BUCKET, TRACES, bucket
+from matpac_jax.models.student import Student
 
 RTOL = 3e-6  # about seven times the largest measured difference (module docstring), relative to the scale
 SMALL = {

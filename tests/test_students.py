@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matpac_jax.distill.students import (
+from matpac_jax.models.students import (
     MobileNetV3,
     ProjectionHead,
     count_params,
@@ -97,7 +97,7 @@ def test_make_student_distiller_embed_is_the_backbone_output():
 def test_squeeze_excitation_gate_is_a_plain_sigmoid():
     """EfficientAT models/mn/block_types.py:61 (a425fdc): ``scale_activation = torch.nn.Sigmoid`` (torchvision's
     MobileNetV3 has a hard-sigmoid); :73-79 the gate is computed from the mean over frequency and time."""
-    from matpac_jax.distill.students import SqueezeExcite
+    from matpac_jax.models.students import SqueezeExcite
 
     x = jax.random.normal(jax.random.key(7), (2, 3, 5, 16))
     se = SqueezeExcite(8)

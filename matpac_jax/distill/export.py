@@ -25,7 +25,7 @@ function reuses such a trace (jitted functions recompile on their next call).
 Commands:
 
     pip install -e '.[export]'
-    python -m matpac_jax.distill.export WORKDIR/student mn10.onnx     # a trained student (distill.trained.save_student)
+    python -m matpac_jax.distill.export WORKDIR/student mn10.onnx     # a trained student (models.student.save_student)
     python bench/export.py --student mn10 --repeats 20                # report of a randomly initialised mn10
 
 In Python::
@@ -35,7 +35,7 @@ In Python::
     check_onnx("student.onnx", fn, [wave])                           # max |onnxruntime - JAX|, raises above atol
     latency_ms("student.onnx", [wave], repeats=20)                   # median onnxruntime CPU latency
     export_report(model, variables, "student.onnx", cfg=cfg)        # all of it for a 10-s clip, batch 1
-    s = Student.load("WORKDIR/student")                              # a trained student (distill.trained)
+    s = Student.load("WORKDIR/student")                              # a trained student (models.student)
     model, variables, cfg = s.backbone, s.variables, s.frontend
 """
 
@@ -57,8 +57,8 @@ import jax
 import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
-from matpac_jax.distill.students import count_params
-from matpac_jax.distill.trained import Student
+from matpac_jax.models.student import Student
+from matpac_jax.models.students import count_params
 
 __all__ = [
     "CLIP_SAMPLES",

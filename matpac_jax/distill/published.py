@@ -14,12 +14,12 @@ or ``.safetensors``; nothing in a file is executed):
 
 Every other key fails, and so does every key the student needs that the file lacks: ``StateDictMismatch`` lists both
 by name (``num_batches_tracked`` may be present or not). The mobilenet backbone is mapped here; ERes2Net and DyMN by
-``distill.eres2net`` / ``distill.dymn`` ``from_torch_state_dict``.
+``models.eres2net`` / ``models.dymn`` ``from_torch_state_dict``.
 
     python -m matpac_jax.distill.published --input=mn10_im.pt --arch=mn10 --output=students/mn10_im
     python -m matpac_jax.distill.published --input=matpac_mobilenetv3.ckpt --arch=mn10 --output=students/mn10
 
-write a student directory (``distill.trained.save_student``'s format: ``Student.load``, the probe and
+write a student directory (``models.student.save_student``'s format: ``Student.load``, the probe and
 ``distill.export`` read it) with ``--config``'s (default configs/ssondo.py) student and front-end sections, the
 front-end taken from the checkpoint's ``training_config`` when it has one. ``--config.student.init_from=FILE`` starts
 a distillation from the file's weights (backbone; projection head too when its shapes fit): the file is read and
@@ -43,9 +43,9 @@ from flax import traverse_util
 from matpac_jax import convert, parallel
 from matpac_jax.config_lib import ConfigError, load_config_file
 from matpac_jax.convert import ConversionError, check_output
-from matpac_jax.distill import dymn, eres2net
-from matpac_jax.distill.students import LARGE, MobileNetV3, count_params, make_divisible
-from matpac_jax.distill.trained import Student, save_student
+from matpac_jax.models import dymn, eres2net
+from matpac_jax.models.student import Student, save_student
+from matpac_jax.models.students import LARGE, MobileNetV3, count_params, make_divisible
 from matpac_jax.saved_model import refuse_other_kind
 from matpac_jax.state_dict_io import StateDictMismatch  # noqa: F401  (raised here, defined with the file formats)
 
@@ -315,7 +315,7 @@ def initialise_from(init_fn, student_config, abstract):
     return init
 
 
-# --- CLI: a published file -> a student directory (distill.trained.save_student's format).
+# --- CLI: a published file -> a student directory (models.student.save_student's format).
 
 ARCHS = {"mn10": dict(arch="mobilenet", width=1.0), "dymn10": dict(arch="dymn", width=1.0),
          "eres2net": dict(arch="eres2net")}  # fmt: skip

@@ -22,10 +22,10 @@ from matpac_jax.distill.corpus import target_stats
 from matpac_jax.distill.data import distill_dataset
 from matpac_jax.distill.published import initialise_from
 from matpac_jax.distill.step import create_distill_state, make_distill_step
-from matpac_jax.distill.students import count_params, make_student
-from matpac_jax.distill.trained import Student, save_student
 from matpac_jax.evaluate.harness import probe_with_ci
 from matpac_jax.load import load_model
+from matpac_jax.models.student import Student, save_student
+from matpac_jax.models.students import count_params, make_student
 from matpac_jax.train.optim import lr_schedule, make_optimizer
 from matpac_jax.train.task import StepProgram, TaskInput
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from matpac_jax.distill import padding
+from matpac_jax.models import padding
 from matpac_jax.state_dict_io import StateDictMismatch
 
 BASE_WIDTH, SCALE, EXPANSION = 32, 2, 2  # Res2Net split width (planes × 32/64), splits per block, output expansion
@@ -139,7 +139,7 @@ class ERes2NetBlock(nn.Module):
 def tstp(x: jax.Array, frames: jax.Array | None = None) -> jax.Array:
     """Temporal statistics pooling of ``[B, F, T, C]``: mean and standard deviation (unbiased variance + 1e-8) over
     time of the ``C × F`` rows in PyTorch's channel-major order: ``[B, 2·C·F]``; over each row's first ``frames``
-    time steps only when given (distill.padding)."""
+    time steps only when given (models.padding)."""
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1, x.shape[2])  # [B, C·F, T], index c·F + f
     mean, std = padding.mean_and_std(x, frames, ddof=1, eps=TSTP_EPS)
     return jnp.concatenate([mean, std], axis=-1)
@@ -149,7 +149,7 @@ class ERes2Net(nn.Module):
     """mel ``[B, F, T]`` -> embedding ``[B, 2 × 4·channels × ⌈F / 16⌉]`` (1024 for the published 16 channels and
     128 mels). ``blocks`` has five entries (S-SONDO) or four (3D-Speaker's ERes2Net: ``[B, 2 × 16·channels ×
     ⌈F / 8⌉]``). The clip needs at least 17 frames (9 with four stages): two after the downsampling, for the standard
-    deviation over time. ``frames`` [B]: each row's true frame count when the mel is padded past it (distill.padding:
+    deviation over time. ``frames`` [B]: each row's true frame count when the mel is padded past it (models.padding:
     the 3×3 convolutions see zeros past it, TSTP leaves it out; each row needs ``min_frames`` real ones); None: every
     frame is real."""
 

@@ -9,7 +9,7 @@ length (four per octave, at least ``MIN_FRAME_BUCKET`` frames), clips of one buc
 of at most ``batch_size`` clips and ``MEL_BATCH_SAMPLES`` samples padded to a power of two (zero rows): a bucket costs
 at most 1 + log2(batch_size) programs over a whole run, whatever the number of lengths. The log-mel frames inside
 the clip are the unpadded ones (no centring), and the backbone gets each clip's true frame count: every convolution
-across time sees zeros past it and every pooling over time leaves it out (distill.padding), so each clip's embedding
+across time sees zeros past it and every pooling over time leaves it out (models.padding), so each clip's embedding
 is its unpadded one up to float rounding, not bit for bit (the masked program sums in other orders). Measured on
 random-initialised students (tests/test_student_buckets.py; max |padded - unpadded| / max |unpadded| per clip, clips
 of 1 to 144 frames in buckets of 64 to 160 frames, CPU float32): at most 4.5e-7 for MobileNetV3 and ERes2Net, 2.1e-7
@@ -27,9 +27,9 @@ import numpy as np
 
 from matpac_jax.audio.frontend import LogMelConfig, log_mel, num_frames, num_samples_for_frames
 from matpac_jax.audio.io import resample
-from matpac_jax.distill.students import make_student
 from matpac_jax.fileio import sha256_arrays
-from matpac_jax.inference import MEL_BATCH_SAMPLES, MIN_FRAME_BUCKET, TRACES, bucket
+from matpac_jax.models.buckets import MEL_BATCH_SAMPLES, MIN_FRAME_BUCKET, TRACES, bucket
+from matpac_jax.models.students import make_student
 from matpac_jax.saved_model import flatten, read_model_dir, write_model_dir
 
 _FIX = "save the student again (a distillation run writes WORKDIR/student at its end) or restore the directory"

@@ -1,6 +1,6 @@
 """A clip's padding frames, kept out of the students' computation (MobileNetV3, DyMN, ERes2Net).
 
-``Student.embed`` (distill.trained) zero-pads clips of many lengths to a few length buckets, so that a few compiled
+``Student.embed`` (models.student) zero-pads clips of many lengths to a few length buckets, so that a few compiled
 programs serve every length; each backbone then takes ``frames`` [B], the true frame count of each log-mel row, and
 follows it through its strided layers: a stride-``s`` convolution with padding ``(k - 1) // 2`` maps ``n`` frames to
 ``ceil(n / s)``, the count the unpadded clip gives, whatever the bucket. Two things keep the padding out:

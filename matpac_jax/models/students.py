@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from matpac_jax.distill import padding
-from matpac_jax.distill.dymn import DyMN
-from matpac_jax.distill.eres2net import ERes2Net  # S-SONDO's ERes2Net student
+from matpac_jax.models import padding
+from matpac_jax.models.dymn import DyMN
+from matpac_jax.models.eres2net import ERes2Net  # S-SONDO's ERes2Net student
 
 # (kernel, expanded, out, squeeze-excitation, activation, stride) per block, width 1.0 (MobileNetV3-Large)
 LARGE = (
@@ -74,7 +74,7 @@ class ConvBN(nn.Module):
 
 class SqueezeExcite(nn.Module):
     """Channel squeeze-excitation: ``x · sigmoid(fc2(relu(fc1(mean_FT(x)))))`` (fc1/fc2 biased 1×1 convolutions);
-    the mean over the real ``frames`` only (distill.padding)."""
+    the mean over the real ``frames`` only (models.padding)."""
 
     squeeze: int
 
@@ -97,7 +97,7 @@ class InvertedResidual(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> jax.Array:
         """``frames``: the true frame count of ``x`` (None: no padding); the depthwise convolution, the block's only
-        layer that mixes time steps, sees zeros past it (distill.padding)."""
+        layer that mixes time steps, sees zeros past it (models.padding)."""
         inp = x.shape[-1]
         y = x
         if self.expanded != inp:
@@ -112,7 +112,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV3(nn.Module):
     """mel [B, F, T] -> embedding [B, 6 × last channels] (960 for width 1.0). ``frames`` [B]: each row's true frame
-    count when the mel is padded past it (distill.padding: the convolutions see zeros past it, the squeeze-excitation
+    count when the mel is padded past it (models.padding: the convolutions see zeros past it, the squeeze-excitation
     and global means leave it out); None: every frame is real."""
 
     width: float = 1.0
@@ -185,7 +185,7 @@ def make_student(student, out_dim: int = 3840) -> Distiller:
         backbone = MobileNetV3(student.width)
     elif student.arch == "eres2net":
         backbone = ERes2Net(student.channels, tuple(student.blocks))
-    elif student.arch == "dymn":  # EfficientAT's DyMN: width 1.0 = dymn10, 8.64 M (distill.dymn)
+    elif student.arch == "dymn":  # EfficientAT's DyMN: width 1.0 = dymn10, 8.64 M (models.dymn)
         backbone = DyMN(student.width)
     else:
         raise ValueError(f"config.student.arch={student.arch!r}: expected one of {', '.join(ARCHS)}")

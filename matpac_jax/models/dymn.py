@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matpac_jax.distill import padding
+from matpac_jax.models import padding
 from matpac_jax.state_dict_io import StateDictMismatch
 
 # (kernel, expanded, out, activation, stride index or None) per block at width 1.0; the 4 strided positions take
@@ -183,7 +183,7 @@ class DyReLUB(nn.Module):
 class ContextGen(nn.Module):
     """Block input [B, F, T, C] -> (context h [B, H], frequency gate logits [B, F', 1, E], time gate logits
     [B, 1, T', E]). With ``frames`` (each row's true frame count), the means over time and the context's mean over
-    the frequency and time sequences leave the padding frames out (distill.padding)."""
+    the frequency and time sequences leave the padding frames out (models.padding)."""
 
     context: int
     expanded: int
@@ -236,7 +236,7 @@ class DyBlock(nn.Module):
 
 class DyMN(nn.Module):
     """mel [B, F, T] or [B, 1, F, T] -> embedding [B, 6 × last block channels] (960 for width 1.0, "dymn10").
-    ``frames`` [B]: each row's true frame count when the mel is padded past it (distill.padding: the k×k convolutions
+    ``frames`` [B]: each row's true frame count when the mel is padded past it (models.padding: the k×k convolutions
     and the context's pooling over time see zeros past it, the context means and the global mean leave it out);
     None: every frame is real."""
 
