@@ -1,4 +1,4 @@
-"""Checkpoints with an orbax CheckpointManager under ``WORKDIR/checkpoints/<step>/``, and the workdir lock.
+"""Checkpoints with an orbax CheckpointManager under ``WORKDIR/checkpoints/<step>/``.
 
 One checkpoint holds three items:
 
@@ -18,46 +18,35 @@ removed at the next start). The last ``checkpoint.keep`` are kept, plus every mu
 when that is > 0.
 
 Integrity: when every process has written its files, and before the rename that commits the checkpoint, process 0
-writes ``<step>/checksums.json`` (the step, and the size and sha256 of every file but orbax's two commit markers,
-``_CHECKPOINT_METADATA`` and ``commit_success.txt``, rewritten at the commit). A committed checkpoint therefore
-always has its manifest, whatever the moment of a kill. ``resume_step`` verifies the latest checkpoint against it
-(``config.checkpoint.verify``); a corrupt or unverifiable one (a flipped bit, a truncated or missing file, no
-manifest) is named with the reason, moved to ``WORKDIR/checkpoints-rejected/`` (nothing is deleted) and the previous
-one is tried; ``CheckpointError`` (exit 2) names every step and the fix when none is left. A checkpoint directory whose
-manifest names another step (a renamed directory) is refused with both numbers.
+writes ``<step>/checksums.json`` (``checksums``: the step, and the size and sha256 of every file but orbax's two
+commit markers). A committed checkpoint therefore always has its manifest, whatever the moment of a kill.
+``resume_step`` verifies the latest checkpoint against it (``config.checkpoint.verify``); a corrupt or unverifiable
+one (a flipped bit, a truncated or missing file, no manifest) is named with the reason, moved to
+``WORKDIR/checkpoints-rejected/`` (nothing is deleted) and the previous one is tried, process 0 deciding for the job
+(``distributed.agree``); ``CheckpointError`` (exit 2) names every step and the fix when none is left. A checkpoint
+directory whose manifest names another step (a renamed directory) is refused with both numbers.
 
 What may change between save and restore: the mesh, the device count and the sharding rules (arrays are restored
 into the target's shardings); the process count only with ``checkpoint.reset_data=True``, because grain's iterator
 state is per process (each process reads its own slice): the state is restored and the data pipeline restarts from
 the beginning of its order, so the data order differs from an uninterrupted run.
-
-The workdir lock (``WorkdirLock``): a run holds an exclusive ``flock`` on ``WORKDIR/.lock.process-<i>`` (``i`` its
-process index) for as long as it trains, with its pid, host and command written in it; a second run of the same
-process index on the same workdir fails at once naming the holder, while the processes of one job do not block each
-other. The kernel releases the lock when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import socket
 import sys
-import time
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
-from matpac_jax import fileio
+from matpac_jax import checksums, distributed
 from matpac_jax.config_lib import ConfigError
 
-MANIFEST = "checksums.json"
-MANIFEST_FORMAT = "matpac_jax checkpoint checksums"
-UNHASHED = ("_CHECKPOINT_METADATA", "commit_success.txt")  # top-level files orbax rewrites when it commits
 REJECTED = "checkpoints-rejected"  # WORKDIR/checkpoints-rejected/<step>: checkpoints that failed verification
-LOCK_NAME = ".lock.process-{}"
 
 
 class CheckpointError(ConfigError):
@@ -65,180 +54,22 @@ class CheckpointError(ConfigError):
     step, the reason and the fix. ``python -m matpac_jax.main`` prints it and exits 2."""
 
 
-class WorkdirBusyError(ConfigError):
-    """Another run holds the workdir's lock; the message names it. Exit 2."""
-
-
 def _is_grain_iterator(it) -> bool:
     return it is not None and hasattr(it, "get_state") and hasattr(it, "set_state")
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 def _remove_unfinished(directory: str) -> None:
     """Delete leftovers of saves that never finished (``<step>.orbax-checkpoint-tmp-*``) before the manager starts.
     Orbax's own clean-up runs in a background future that close() does not wait for, so it is done here, at once."""
-    if _process_index() != 0 or not os.path.isdir(directory):
+    if jax.process_index() != 0 or not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
         if ".orbax-checkpoint-tmp" in name:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-# --- Checksum manifests.
-
-
-def _hashed_files(step_dir: str) -> list[str]:
-    """Relative paths of the files a manifest covers, sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(step_dir):
-        dirnames.sort()
-        for name in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), step_dir)
-            if rel not in (MANIFEST, *UNHASHED) and fileio.TMP_MARK not in name:
-                out.append(rel)
-    return sorted(out)
-
-
-def write_manifest(step_dir: str, step: int) -> None:
-    """``step_dir/checksums.json``: the step, and the size and sha256 of every file of the checkpoint."""
-    files = {}
-    for rel in _hashed_files(step_dir):
-        full = os.path.join(step_dir, rel)
-        files[rel] = {"bytes": os.path.getsize(full), "sha256": fileio.sha256_file(full)}
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    fileio.atomic_write_json(os.path.join(step_dir, MANIFEST), manifest)
-
-
-def verify(step_dir: str) -> tuple[int | None, str | None]:
-    """(the step the manifest names, None) when every file matches ``checksums.json``; (step or None, the first
-    problem) otherwise: no or unreadable manifest, a missing file, another size, other contents."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.isfile(path):
-        if not os.path.isdir(step_dir):
-            return None, "the directory is missing"
-        return None, f"it has no {MANIFEST} (unverifiable: written by an older version, or the file was removed)"
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        step, files = int(manifest["step"]), dict(manifest["files"])
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError("unknown format")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"its {MANIFEST} is unreadable ({e})"
-    for rel, expected in sorted(files.items()):
-        full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
-            return step, f"{rel} is missing"
-        size = os.path.getsize(full)
-        if size != expected["bytes"]:
-            return step, f"{rel} has {size} bytes, {expected['bytes']} were written"
-        if fileio.sha256_file(full) != expected["sha256"]:
-            return step, f"{rel} differs from what was written (sha256 mismatch)"
-    metadata = os.path.join(step_dir, "_CHECKPOINT_METADATA")
-    try:
-        with open(metadata) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        return step, f"_CHECKPOINT_METADATA is unreadable ({e.__class__.__name__})"
-    return step, None
-
-
-# --- The workdir lock.
-
-
-class WorkdirLock:
-    """Exclusive lock of one process index of a job on a workdir (``with WorkdirLock(workdir):``).
-
-    ``WorkdirBusyError`` names the holder when another process holds it. On a filesystem without ``flock`` support
-    a warning is printed and the run goes on unlocked."""
-
-    def __init__(self, workdir: str, process_index: int | None = None):
-        index = _process_index() if process_index is None else process_index
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME.format(index))
-        self.fd: int | None = None
-
-    def acquire(self) -> WorkdirLock:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise WorkdirBusyError(
-                f"--workdir={os.path.dirname(self.path)} is in use by another run ({holder}): wait for it to end, "
-                f"stop it, or give another --workdir (lock file {self.path})"
-            ) from None
-        except OSError as e:  # e.g. a FUSE mount without locks
-            os.close(fd)
-            print(f"warning: cannot lock {self.path} ({e.strerror}): a second run on this workdir would not be "
-                  "detected", file=sys.stderr, flush=True)  # fmt: skip
-            return self
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}  # fmt: skip
-        data = (json.dumps(holder) + "\n").encode()
-        os.ftruncate(fd, 0)  # in place: replacing the file would hand a new, unlocked inode to the next run
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 1 << 16, 0).decode())
-        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its name yet"
-
-
-# --- Multi-process agreement: process 0 decides, the others read its answer (coordination service, no devices).
-
-_AGREEMENTS = [0]
-
-
-def _agree(decide, name: str):
-    """``decide()`` on process 0 -> (value, error message or None), the value JSON-able; every process returns the
-    value or raises ``CheckpointError`` with the message, so all processes resume from the same step or all stop."""
-    import jax
-
-    if jax.process_count() == 1:
-        value, error = decide()
-    else:
-        from jax._src import distributed as _distributed
-
-        client = _distributed.global_state.client
-        _AGREEMENTS[0] += 1
-        key = f"matpac_jax/{name}/{_AGREEMENTS[0]}"
-        if jax.process_index() == 0:
-            value, error = decide()
-            client.key_value_set(key, json.dumps([value, error]))
-        else:
-            value, error = json.loads(client.blocking_key_value_get(key, 3_600_000))
-    if error:
-        raise CheckpointError(error)
-    return value
-
-
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, keep_period: int = 0, async_save: bool = True,
-                 verify: bool = True):  # fmt: skip
+    def __init__(self, workdir: str, keep: int = 3, keep_period: int = 0, async_save: bool = True, verify: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.async_save, self.verify = async_save, verify
@@ -266,8 +97,7 @@ class Checkpointer:
     @classmethod
     def from_config(cls, workdir: str, config) -> Checkpointer:
         c = config.checkpoint
-        return cls(workdir, keep=c.keep, keep_period=c.keep_period, async_save=c.async_save,
-                   verify=c.verify)  # fmt: skip
+        return cls(workdir, keep=c.keep, keep_period=c.keep_period, async_save=c.async_save, verify=c.verify)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -290,7 +120,7 @@ class Checkpointer:
         """Raise ``CheckpointError`` unless checkpoint ``step`` matches its manifest (no-op with verify=False)."""
         if not self.verify or step in self._verified:
             return
-        named, problem = verify(self.step_dir(step))
+        named, problem = checksums.verify(self.step_dir(step))
         if named is not None and named != step:
             raise CheckpointError(self._renamed(step, named))
         if problem:
@@ -304,7 +134,10 @@ class Checkpointer:
         previous one is tried; ``CheckpointError`` names every step and the fix when none verifies (nothing is moved
         then), or names both steps for a directory whose manifest names another step. Process 0 decides for the
         job."""
-        step, moved = _agree(self._decide_resume_step, "resume_step")
+        decision, error = distributed.agree(self._decide_resume_step, "resume_step")
+        if error:
+            raise CheckpointError(error)
+        step, moved = decision
         if moved:
             self.manager.reload()  # on every process: their managers listed the moved steps at start
         if step is not None and self.verify:
@@ -318,7 +151,7 @@ class Checkpointer:
             return ((steps[-1] if steps else None), False), None
         rejected = []
         for step in reversed(steps):
-            named, problem = verify(self.step_dir(step))
+            named, problem = checksums.verify(self.step_dir(step))
             if named is not None and named != step:
                 return None, self._renamed(step, named)
             if problem:
@@ -327,14 +160,15 @@ class Checkpointer:
             self._verified.add(step)
             for bad, reason in rejected:
                 moved = self._reject(bad)
-                print(f"checkpoint {bad} is corrupt or unverifiable: {reason}; moved to {moved}. Resuming from the "
-                      f"previous verified checkpoint, step {step}", file=sys.stderr, flush=True)  # fmt: skip
+                note = f"checkpoint {bad} is corrupt or unverifiable: {reason}"
+                fallback = f"moved to {moved}. Resuming from the previous verified checkpoint, step {step}"
+                print(f"{note}; {fallback}", file=sys.stderr, flush=True)
             return (step, bool(rejected)), None
         detail = "; ".join(f"step {s}: {reason}" for s, reason in rejected)
         return None, (
             f"no checkpoint in {self.directory} can be verified ({detail}). If they were written by an older version "
-            f"(no {MANIFEST}), resume unverified with --config.checkpoint.verify=False; otherwise restore them from a "
-            "backup, or move the directory aside to start over"
+            f"(no {checksums.MANIFEST}), resume unverified with --config.checkpoint.verify=False; otherwise restore "
+            "them from a backup, or move the directory aside to start over"
         )
 
     def _reject(self, step: int) -> str:
@@ -368,8 +202,6 @@ class Checkpointer:
         self.check(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if _is_grain_iterator(data_iter):
-            import jax
-
             name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
             if not os.path.exists(os.path.join(self.step_dir(step), "data", name)):
                 raise ValueError(
@@ -404,7 +236,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if task_state is not None:
             items["task"] = ocp.args.JsonSave(json.loads(json.dumps(task_state)))
-        sealer = _process_index() == 0  # orbax runs the commit callback on the primary process only
+        sealer = jax.process_index() == 0  # orbax runs the commit callback on the primary process only
         if sealer:
             self._to_seal.append(step)
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -421,7 +253,7 @@ class Checkpointer:
         prefix = f"{step}.orbax-checkpoint-tmp"
         pending = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
         step_dir = os.path.join(self.directory, pending[0]) if len(pending) == 1 else self.step_dir(step)
-        write_manifest(step_dir, step)
+        checksums.write_manifest(step_dir, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -11,11 +11,20 @@ How the processes are found, first match wins:
 
 After it, ``jax.devices()`` lists every device of the job and ``jax.process_index()`` names this process; the trainer
 builds its mesh over all devices and each process feeds its slice of the global batch.
+
+Once started, the processes meet at ``barrier``s of the coordination service (no device collective) and ``agree`` on
+decisions that process 0 takes for the job (the checkpoint to resume from).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+
+import numpy as np
+
+_AGREEMENTS = itertools.count(1)  # numbers the agreements of this process: every process takes them in one order
 
 
 def cluster_args(coordinator: str = "", num_processes: int = 0, process_id: int = -1, env=None) -> dict | None:
@@ -66,6 +75,28 @@ def barrier(name: str, timeout_s: float = 900) -> None:
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as _distributed  # the runtime's client: its barrier needs no devices
+    from orbax.checkpoint import multihost  # its barrier is the distributed runtime's client's: it needs no devices
 
-    _distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
+def agree(decide, name: str, timeout_s: float = 3600):
+    """``decide()`` on process 0, its value (JSON-able) returned on every process, so that the job acts on one
+    decision: every process resumes from the same step, or all stop. Process 0 returns its value as is, the others
+    as it reads back from JSON (tuples as lists).
+
+    The other processes wait for the decision at a ``barrier`` (no device collective: a decision may take longer
+    than a collective waits), up to ``timeout_s``; the value then reaches them in two small device broadcasts, its
+    length and its JSON bytes (JAX has no public API to its coordination service's key-value store)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return decide()
+    source = jax.process_index() == 0
+    value = decide() if source else None
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if source else np.zeros(0, np.uint8)
+    barrier(f"matpac_jax/{name}/{next(_AGREEMENTS)}", timeout_s)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    data = multihost_utils.broadcast_one_to_all(data if source else np.zeros(size, np.uint8))
+    return value if source else json.loads(np.asarray(data).tobytes())

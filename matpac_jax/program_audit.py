@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import source_info_util
 
 from matpac_jax.flops import MATMUL_PRIMITIVES, as_jaxpr, eqn_matmul_flops, sub_jaxprs
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOW = (jnp.bfloat16, jnp.float16)
 _MOVES = ("gather", "scatter", "scatter-add", "scatter_add", "dynamic_slice", "dynamic_update_slice")
+_SUMMARY = re.compile(r"(?P<file>.*?):(?P<line>\d+)(?::\d+)? \((?P<function>.*)\)", re.S)  # path:line[:column] (fn)
 
 
 def where(eqn) -> str:
     """'path:line (function)' of the user code that emitted the equation, relative to the repository."""
-    try:  # private API: the audit still counts without it
-        from jax._src import source_info_util
-
-        frame = source_info_util.user_frame(eqn.source_info.traceback)
-        return f"{frame.file_name.replace(_ROOT + os.sep, '')}:{frame.start_line} ({frame.function_name})"
-    except Exception:
+    found = _SUMMARY.fullmatch(source_info_util.summarize(eqn.source_info))
+    if found is None:  # no frame outside jax
         return "(no source)"
+    return f"{found['file'].replace(_ROOT + os.sep, '')}:{found['line']} ({found['function']})"
 
 
 def size(aval) -> int:
@@ -73,5 +73,10 @@ def audit(jaxpr, batch: int, min_elements: int) -> dict:
                     walk(sub, inner)
 
     walk(as_jaxpr(jaxpr), 1)
-    return {"flops": flops, "slow_flops": slow_flops, "upcasts": upcasts, "weight_upcasts": weight_upcasts["all"],
-            "moves": moves}  # fmt: skip
+    return {
+        "flops": flops,
+        "slow_flops": slow_flops,
+        "upcasts": upcasts,
+        "weight_upcasts": weight_upcasts["all"],
+        "moves": moves,
+    }

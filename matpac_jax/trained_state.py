@@ -1,6 +1,6 @@
 """The one read of a training state outside a run: what ``load_model`` (and through it ``embed``, ``convert``,
 ``finetune.init_from``) builds a trained model from. A checkpoint is verified against its ``checksums.json`` exactly
-as a resume verifies it (``checkpoint.verify``); reading never changes a workdir."""
+as a resume verifies it (``checksums.verify``); reading never changes a workdir."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 
 import orbax.checkpoint as ocp
 
-from matpac_jax.checkpoint import MANIFEST, CheckpointError, verify
+from matpac_jax.checkpoint import CheckpointError
+from matpac_jax.checksums import MANIFEST, verify
 
 
 def is_training_run(path: str) -> bool:
@@ -49,7 +50,7 @@ def verified_step_dir(path: str, check: bool = True) -> str:
     raise CheckpointError(
         f"no checkpoint of {path} can be verified ({detail}): restore it from a backup or read an earlier "
         f"checkpoints/<step>; one written by an older version (no {MANIFEST}) is read unverified with "
-        "matpac_jax.checkpoint.read_trained_state(path, check=False)"
+        "matpac_jax.trained_state.read_trained_state(path, check=False)"
     )
 
 
