@@ -56,16 +56,9 @@ from matpac_jax.inference import Encoder, EncoderSpec
 from matpac_jax.load import load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
 from matpac_jax.published_layout import check_frontend_buffers, read_positions
-from matpac_jax.saved_model import MODEL_FILE, flatten, refuse_other_kind, unflatten
-from matpac_jax.state_dict_io import (  # noqa: F401  (re-exported: the converter's file formats)
-    ConversionError,
-    flatten_nested,
-    read_safetensors,
-    read_state_dict,
-    state_dict_path,
-    write_safetensors,
-    write_state_dict,
-)
+from matpac_jax.saved_model import MODEL_FILE, refuse_other_kind, unflatten
+from matpac_jax.state_dict_io import ConversionError, read_state_dict, state_dict_path, write_state_dict
+from matpac_jax.trees import flatten
 
 TRAINING_ONLY = re.compile(r"^(decoder\.|mcl_heads\.|cls_student_head\.|cls_head_loss\.|_ema\.|_cls_head_ema\.)")
 _BLOCK = "student_encoder.blocks.{i}."
@@ -204,8 +197,8 @@ def from_torch(
         raise ConversionError(f"cannot read the shape: {depth} blocks, pos_embed {sd['pos_embed'].shape}")
     grid_t = n_tokens // grid_f
     heads = heads or dim // 64
-    spec = EncoderSpec(dim, depth, heads, sd[f"{_BLOCK.format(i=0)}mlp.fc1.weight"].shape[0] / dim, patch, n_mels,
-                       grid_t * patch, LogMelConfig())  # fmt: skip
+    mlp_ratio = sd[f"{_BLOCK.format(i=0)}mlp.fc1.weight"].shape[0] / dim
+    spec = EncoderSpec(dim, depth, heads, mlp_ratio, patch, n_mels, grid_t * patch, LogMelConfig())
     cls_row, table, pos_note = read_positions(sd["pos_embed"], grid_f, grid_t)
     used = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
     flat = {
@@ -264,7 +257,7 @@ def _check_shapes(spec: EncoderSpec, params: dict) -> None:
 
 def to_torch(spec: EncoderSpec, params: dict) -> dict[str, np.ndarray]:
     """Our encoder (+ head / probe) -> the published key layout (numpy arrays, float32)."""
-    flat = flatten(params)
+    flat = flatten(params, leaf=np.asarray)
     grid_f, grid_t = spec.n_mels // spec.patch, spec.crop_frames // spec.patch
     pos = _pos_table(spec.dim, grid_f, grid_t)
     if "tokenizer/pos_embed" in flat:  # a stored table (models.positions / an imported one); the CLS row stays 0
@@ -402,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             for note in notes:
                 print(note)
             extra = f"; left out {len(left)} training-only keys" if left else ""
-            print(f"wrote {args.output}: ViT {spec.depth}x{spec.dim}, {spec.crop_frames}-frame chunks, "
-                  f"groups {sorted(params)}{extra}")  # fmt: skip
+            vit = f"ViT {spec.depth}x{spec.dim}, {spec.crop_frames}-frame chunks"
+            print(f"wrote {args.output}: {vit}, groups {sorted(params)}{extra}")
         else:
             check_output(state_dict_path(args.to_torch), directory=False)
             enc = load_encoder(args.checkpoint)

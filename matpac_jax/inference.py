@@ -42,7 +42,8 @@ from matpac_jax.audio.io import resample
 from matpac_jax.fileio import sha256_arrays
 from matpac_jax.models.buckets import MEL_BATCH_SAMPLES, MIN_FRAME_BUCKET, TRACES, bucket
 from matpac_jax.models.vit import Tokenizer, Transformer
-from matpac_jax.saved_model import flatten, write_model_dir
+from matpac_jax.saved_model import write_model_dir
+from matpac_jax.trees import flatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,8 @@ class EncoderSpec:
     def from_config(cls, config) -> EncoderSpec:
         e = config.model.encoder
         a = config.audio
-        return cls(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames,
-                   LogMelConfig.from_audio_config(a))  # fmt: skip
+        frontend = LogMelConfig.from_audio_config(a)
+        return cls(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames, frontend)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,15 +144,14 @@ def _sharded_encoder(mesh):
     from jax.sharding import NamedSharding, PartitionSpec
 
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    return jax.jit(_encode_chunks, static_argnums=(0, 4), in_shardings=(replicated, split, split),
-                   out_shardings=split)  # fmt: skip
+    return jax.jit(_encode_chunks, static_argnums=(0, 4), in_shardings=(replicated, split, split), out_shardings=split)
 
 
 def weights_digest(params: dict) -> str:
     """Content digest of the parameters the embeddings depend on (``tokenizer`` and ``encoder``): the same weights give
     the same digest whatever file they came from, other weights another one."""
     used = {k: params[k] for k in ("tokenizer", "encoder") if k in params}
-    return sha256_arrays(flatten(jax.device_get(used)))
+    return sha256_arrays(flatten(jax.device_get(used), leaf=np.asarray))
 
 
 def weight_template(spec: EncoderSpec, stored_positions: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
@@ -167,14 +167,7 @@ def weight_template(spec: EncoderSpec, stored_positions: bool = False) -> dict[s
         "tokenizer": jax.eval_shape(tokenizer.init, key, mel)["params"],
         "encoder": jax.eval_shape(encoder.init, key, x)["params"],
     }
-    return flatten_shapes(shapes)
-
-
-def flatten_shapes(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(flatten_shapes(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    return flatten(shapes)
 
 
 def _optional_shapes(spec: EncoderSpec, flat: dict) -> dict[str, tuple]:
@@ -209,7 +202,7 @@ class Encoder:
             parsed = EncoderSpec.from_json(spec)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}/model.json does not describe a ViT encoder ({e}): {fix}") from None
-        flat = flatten(weights)
+        flat = flatten(weights, leaf=np.asarray)
         want = {k: (v.shape, v.dtype) for k, v in weight_template(parsed, "tokenizer/pos_embed" in flat).items()}
         want |= {k: (shape, np.dtype(np.float32)) for k, shape in _optional_shapes(parsed, flat).items()}
         kept = ("predictor/", "cls_head/", "teacher/cls_head/", "center")  # pretraining groups convert writes back

@@ -1,8 +1,8 @@
 """The one saved-model format, written and read here: a directory holding
 
-- ``model.json``: ``{"format": "matpac_jax model", "version": 2, "kind": KIND, "spec": {...}}`` where ``kind`` says
-  which class reads it ('vit': ``inference.Encoder``; 'student': ``models.student.Student``) and ``spec`` is
-  everything but the weights (shape, front-end);
+- ``model.json``: ``{"format": "matpac_jax model", "version": 3, "kind": KIND, "spec": {...}, "sha256": {...}}``
+  where ``kind`` says which class reads it ('vit': ``inference.Encoder``; 'student': ``models.student.Student``) and
+  ``spec`` is everything but the weights (shape, front-end);
 - ``weights.npz``: the weights, one array per '/'-joined parameter path (NumPy's zip of ``.npy`` files, read with
   ``allow_pickle=False``).
 
@@ -31,21 +31,12 @@ import zipfile
 import numpy as np
 
 from matpac_jax.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, strict_json
+from matpac_jax.trees import flatten
 
 MODEL_FILE, WEIGHTS_FILE = "model.json", "weights.npz"
 FORMAT, VERSION = "matpac_jax model", 3  # 3: with the "sha256" digest; 2 (without) still read
 MAX_EXPANSION = 64  # uncompressed / compressed bytes of a member, beyond 1 MiB; float weights compress < 2x
 _LEGACY = ("encoder.json", "params.npz", "matpac_jax encoder")  # version 1: ViT encoders only
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -102,7 +93,7 @@ def write_model_dir(directory: str, kind: str, spec: dict, weights: dict) -> str
     """``weights`` (a nested dict of arrays on the host), then ``model.json`` with the digest of both."""
     os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **flatten(weights))
+    np.savez(buf, **flatten(weights, leaf=np.asarray))
     data = buf.getvalue()
     atomic_write_bytes(os.path.join(directory, WEIGHTS_FILE), data)
     meta = {"format": FORMAT, "version": VERSION, "kind": kind, "spec": strict_json(spec)}

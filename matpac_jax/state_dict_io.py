@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 
 from matpac_jax.fileio import atomic_write
+from matpac_jax.trees import flatten
 
 
 class StateDictMismatch(ValueError):
@@ -46,9 +47,17 @@ class ConversionError(ValueError):
 
 # safetensors dtype -> numpy dtype read from the file (little-endian); every tensor is returned as float32.
 _SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U8": "u1", "BOOL": "?",
-}  # fmt: skip
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
 _MAX_HEADER = 100 << 20  # a safetensors header larger than this is not a state dict of this model family
 
 
@@ -142,8 +151,8 @@ def _safe_globals() -> list:
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
     dtype_classes = [type(np.dtype(t)) for t in ("f8", "f4", "f2", "i8", "i4", "i2", "i1", "u1", "?")]
-    return [argparse.Namespace, np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
-            (scalar, "numpy._core.multiarray.scalar")]  # fmt: skip
+    scalars = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    return [argparse.Namespace, np.dtype, *dtype_classes, *scalars]
 
 
 def pickle_globals(data: bytes) -> list[str]:
@@ -264,18 +273,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: expected a state dict, got {type(sd).__name__}")
     if "model" in sd and isinstance(sd["model"], dict):  # a fairseq training checkpoint: the weights are in 'model'
         sd = sd["model"]
-    return flatten_nested(sd, lambda v: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v))
-
-
-def flatten_nested(sd: dict, convert=np.asarray, prefix: str = "") -> dict[str, np.ndarray]:
-    """{'_ema': {'blocks.0.x': t}} -> {'_ema.blocks.0.x': array}: the EMA teachers are nested dicts in the file."""
-    out = {}
-    for k, v in sd.items():
-        if isinstance(v, dict):
-            out.update(flatten_nested(v, convert, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = convert(v)
-    return out
+    # {'_ema': {'blocks.0.x': t}} -> {'_ema.blocks.0.x': array}: the EMA teachers are nested dicts in the file
+    return flatten(sd, ".", lambda v: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v))
 
 
 def state_dict_path(path: str) -> str:

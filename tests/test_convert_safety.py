@@ -16,8 +16,8 @@ from test_inference import HEADS, published_state_dict
 
 import matpac_jax.convert as convert
 import matpac_jax.state_dict_io as state_dict_io
-from matpac_jax.convert import ConversionError, read_safetensors, read_state_dict, write_safetensors
 from matpac_jax.fileio import TMP_MARK
+from matpac_jax.state_dict_io import ConversionError, read_safetensors, read_state_dict, write_safetensors
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 

@@ -32,9 +32,10 @@ from matpac_jax.data.tfds_source import open_split
 from matpac_jax.distill import published
 from matpac_jax.inference import Encoder
 from matpac_jax.load import load_model
-from matpac_jax.saved_model import MODEL_FILE, WEIGHTS_FILE, flatten
+from matpac_jax.saved_model import MODEL_FILE, WEIGHTS_FILE
 from matpac_jax.state_dict_io import read_state_dict
 from matpac_jax.trained_state import read_trained_state
+from matpac_jax.trees import flatten
 
 REFUSALS = (ValueError, AudioError)  # ConfigError, ConversionError, PrepareError, CheckpointError are ValueErrors
 

@@ -12,10 +12,11 @@ import reference as ref
 from helpers import ROOT, assert_close_to_scale
 from test_frontend import reference_log_mel
 
-from matpac_jax.convert import ConversionError, from_torch, read_safetensors, to_torch, write_safetensors
+from matpac_jax.convert import from_torch, to_torch
 from matpac_jax.inference import Encoder
 from matpac_jax.load import load_encoder
-from matpac_jax.saved_model import flatten
+from matpac_jax.state_dict_io import ConversionError, read_safetensors, write_safetensors
+from matpac_jax.trees import flatten
 
 DIM, DEPTH, HEADS, GRID_T, PATCH, N_MELS = 64, 2, 4, 8, 16, 80  # a small ViT: 128-frame chunks
 
@@ -284,7 +285,7 @@ def test_pt_files_keep_the_published_nesting(tmp_path):
     """.pt written like a published training checkpoint (EMA teachers as nested dicts) reads back key for key."""
     import torch
 
-    from matpac_jax.convert import read_state_dict, write_state_dict
+    from matpac_jax.state_dict_io import read_state_dict, write_state_dict
 
     spec, _, sd, _ = _training_state_dict(5)
     path = write_state_dict(str(tmp_path / "full.pt"), sd)

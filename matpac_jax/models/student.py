@@ -30,7 +30,8 @@ from matpac_jax.audio.io import resample
 from matpac_jax.fileio import sha256_arrays
 from matpac_jax.models.buckets import MEL_BATCH_SAMPLES, MIN_FRAME_BUCKET, TRACES, bucket
 from matpac_jax.models.students import make_student
-from matpac_jax.saved_model import flatten, read_model_dir, write_model_dir
+from matpac_jax.saved_model import read_model_dir, write_model_dir
+from matpac_jax.trees import flatten
 
 _FIX = "save the student again (a distillation run writes WORKDIR/student at its end) or restore the directory"
 
@@ -170,7 +171,7 @@ class Student:
         return {"kind": "student", **self.config.to_dict()}
 
     def weights_digest(self) -> str:
-        return sha256_arrays(flatten(jax.device_get(self.variables)))
+        return sha256_arrays(flatten(jax.device_get(self.variables), leaf=np.asarray))
 
     def _clips(self, wave, sample_rate: int | None) -> list[np.ndarray]:
         if isinstance(wave, list | tuple):
@@ -181,8 +182,8 @@ class Student:
             clips = [resample(c, sample_rate, self.sample_rate) for c in clips]
         for c in clips:
             if c.ndim != 1 or c.shape[0] < self.min_samples:
-                raise ValueError(f"expected 1-D clips of at least {self.min_samples} samples at {self.sample_rate} "
-                                 f"Hz, got shape {c.shape}")  # fmt: skip
+                need = f"1-D clips of at least {self.min_samples} samples at {self.sample_rate} Hz"
+                raise ValueError(f"expected {need}, got shape {c.shape}")
         return clips
 
     def _embed_all(self, clips: list[np.ndarray], batch_size: int) -> np.ndarray:
