@@ -158,12 +158,12 @@ def _report_renamed(output: str, renamed: list[tuple[str, str]]) -> None:
     moved = [(name, key) for name, key in renamed if key == output_key(name)]
     for name, key in renamed:
         if key != output_key(name):
-            print(f"renamed: {name} -> {os.path.join(output, key)}.clip.npy (same output name as another input)",
-                  file=sys.stderr)  # fmt: skip
+            renamed_to = f"{os.path.join(output, key)}.clip.npy"
+            print(f"renamed: {name} -> {renamed_to} (same output name as another input)", file=sys.stderr)
     if moved:
         name, key = moved[0]
-        print(f"note: {len(moved)} output names had '..' or a leading '/' removed to stay inside {output} "
-              f"(e.g. {name} -> {os.path.join(output, key)}.clip.npy)", file=sys.stderr)  # fmt: skip
+        note = f"note: {len(moved)} output names had '..' or a leading '/' removed to stay inside {output}"
+        print(f"{note} (e.g. {name} -> {os.path.join(output, key)}.clip.npy)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,8 +108,8 @@ def cached_embeddings(encoder, task, checkpoint: str, cache: str | None, log=Non
         return x
     x = embed_task(encoder, task)
     if cache:
-        atomic_save_npz(cache, clip=x, files=np.array(task.files), checkpoint=np.array(os.path.abspath(checkpoint)),
-                        **{f"key_{k}": np.array(v) for k, v in key.items()})  # fmt: skip
+        origin, stored_key = np.array(os.path.abspath(checkpoint)), {f"key_{k}": np.array(v) for k, v in key.items()}
+        atomic_save_npz(cache, clip=x, files=np.array(task.files), checkpoint=origin, **stored_key)
     return x
 
 

@@ -46,8 +46,8 @@ CATEGORIES = (MATMUL, ATTENTION, ELEMENTWISE, GATHER, COPY, LOG_MEL, OPTIMIZER, 
 
 # jax.named_scope names used in the steps -> their category (matched as a whole word of an op's op_name metadata)
 SCOPES = {"log_mel_frontend": LOG_MEL, "optimizer_update": OPTIMIZER, "ema_update": OPTIMIZER, "nonfinite_guard": GUARD}
-_LAYOUT_OPS = {"parameter", "constant", "copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice",
-               "concatenate", "pad", "broadcast", "tuple", "get-tuple-element", "copy-start", "copy-done"}  # fmt: skip
+_LAYOUT_OPS = {"parameter", "constant", "copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice"}
+_LAYOUT_OPS |= {"concatenate", "pad", "broadcast", "tuple", "get-tuple-element", "copy-start", "copy-done"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"(?<![\w.\-\[])([a-z][a-z0-9\-]*)\(")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")

@@ -18,8 +18,15 @@ import sys
 
 from matpac_jax import fileio
 
-COLUMNS = [("openmic", "OpenMIC"), ("nsynth", "NSynth"), ("gtzan", "GTZAN"), ("mtt", "MTT"), ("fsd50k", "FSD50K"),
-           ("esc50", "ESC-50"), ("us8k", "US8K")]  # fmt: skip
+COLUMNS = [
+    ("openmic", "OpenMIC"),
+    ("nsynth", "NSynth"),
+    ("gtzan", "GTZAN"),
+    ("mtt", "MTT"),
+    ("fsd50k", "FSD50K"),
+    ("esc50", "ESC-50"),
+    ("us8k", "US8K"),
+]
 PUBLISHED = {"openmic": 85.6, "nsynth": 76.8, "gtzan": 87.6, "mtt": 40.8, "fsd50k": 56.1, "esc50": 93.1, "us8k": 89.7}
 
 

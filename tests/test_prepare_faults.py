@@ -16,7 +16,7 @@ from matpac_jax.audio import io as audio_io
 from matpac_jax.audio.io import AudioError, load_audio, resample
 from matpac_jax.data import shard_writer as prep  # where the shards are decoded and written
 from matpac_jax.data.pipeline import expand_files, pretrain_dataset
-from matpac_jax.data.prepare import KILL_SHARD_ENV, PrepareError, main, prepare
+from matpac_jax.data.prepare import PrepareError, main, prepare
 from matpac_jax.data.records import (
     ClipRecord,
     audioset_key,
@@ -27,6 +27,7 @@ from matpac_jax.data.records import (
     shard_name,
     write_shard,
 )
+from matpac_jax.data.shard_writer import KILL_SHARD_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

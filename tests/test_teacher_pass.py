@@ -14,17 +14,8 @@ from test_inference import HEADS, published_state_dict
 from matpac_jax.audio.io import from_int16, to_int16
 from matpac_jax.convert import from_torch
 from matpac_jax.data.records import ClipRecord, encode_record, read_shard, shard_name, write_shard
-from matpac_jax.distill.teacher_pass import (
-    check_complete,
-    decode_embedding,
-    decode_frames,
-    encode_embedding,
-    fit_clip,
-    fit_length,
-    load_embeddings,
-    output_name,
-    teacher_pass,
-)
+from matpac_jax.distill.corpus import decode_embedding, decode_frames, encode_embedding, load_embeddings
+from matpac_jax.distill.teacher_pass import check_complete, fit_clip, fit_length, output_name, teacher_pass
 from matpac_jax.inference import Encoder
 from matpac_jax.load import load_encoder
 

@@ -213,8 +213,9 @@ def demo_embeddings(model, splits, rate: int) -> tuple[np.ndarray, np.ndarray, i
     return x, np.concatenate([train["labels"], test["labels"]]), len(train["labels"])
 
 
-def write_records(output: str, num_train: int, num_test: int, seconds: float, seed: int, sample_rate: int,
-                  num_shards: int = 2) -> list[str]:  # fmt: skip
+def write_records(
+    output: str, num_train: int, num_test: int, seconds: float, seed: int, sample_rate: int, num_shards: int = 2
+) -> list[str]:
     """The training split of ``demo_splits(num_train, num_test, seconds, seed, sample_rate)`` as pcm16 record shards
     (labels included); returns the shard paths."""
     train, _ = demo_splits(num_train, num_test, seconds, seed, sample_rate)
@@ -229,8 +230,9 @@ def write_records(output: str, num_train: int, num_test: int, seconds: float, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m matpac_jax.data.demo", description="Write the demo corpus's "
-                                 "training split as record shards.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m matpac_jax.data.demo", description="Write the demo corpus's training split as record shards."
+    )
     ap.add_argument("--output", required=True)
     ap.add_argument("--num-train", type=int, default=800)
     ap.add_argument("--num-test", type=int, default=800)

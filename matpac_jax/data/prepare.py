@@ -59,15 +59,14 @@ from tqdm import tqdm
 from matpac_jax.audio.io import MAX_RATE, MIN_RATE
 from matpac_jax.data.audioset_classes import LABEL_ORDER
 from matpac_jax.data.records import CODECS, COMPRESSIONS, shard_name
-from matpac_jax.data.shard_writer import (  # noqa: F401  (KILL_SHARD_ENV re-exported: the fault-injection switch)
-    KILL_SHARD_ENV,
+from matpac_jax.data.shard_writer import (
     build_shard,
     clip_fingerprint,
     json_safe,
     load_sidecar,
     run_parallel,
 )
-from matpac_jax.data.sources import AUDIO_EXTENSIONS, Clip, PrepareError, _collect, _shown  # noqa: F401  (re-exported)
+from matpac_jax.data.sources import PrepareError, _collect, _shown
 from matpac_jax.fileio import TMP_MARK, atomic_write_json, unwritable_reason
 
 MANIFEST_VERSION = 1
@@ -113,9 +112,10 @@ def _foreign_shards(output: str, planned: list[str]) -> list[str]:
         return []
     keep = {os.path.basename(p) for p in planned}
     return sorted(
-        n for n in os.listdir(output) if n.endswith(".arrayrecord") and n not in keep
-        and os.path.isfile(os.path.join(output, n))
-    )  # fmt: skip
+        n
+        for n in os.listdir(output)
+        if n.endswith(".arrayrecord") and n not in keep and os.path.isfile(os.path.join(output, n))
+    )
 
 
 def _check_settings(num_shards, workers, codec, compression, min_seconds, max_seconds, sample_rate) -> None:

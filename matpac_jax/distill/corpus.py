@@ -183,14 +183,29 @@ def target_stats(output: str, chunk: int = 65_536, log=print) -> tuple[np.ndarra
     return data["mean"], data["std"]
 
 
-def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096, log=print, inits: int = 1,
-            epochs: float = 0.0) -> dict:  # fmt: skip
+def cluster(
+    output: str,
+    k: int = 50,
+    seed: int = 0,
+    steps: int = 200,
+    batch: int = 4096,
+    log=print,
+    inits: int = 1,
+    epochs: float = 0.0,
+) -> dict:
     """k-means (distill.kmeans.fit_kmeans) of ``embeddings.npy`` into ``clusters.npz``; returns its arrays. Recomputed
     when the embeddings or any k-means setting changed or the file is unreadable."""
     path = os.path.join(output, "clusters.npz")
     _, x = consolidate(output, log)
-    want = {"source": _embeddings_token(output), "k": k, "seed": seed, "steps": steps, "batch": batch,
-            "inits": inits, "epochs": float(epochs)}  # fmt: skip
+    want = {
+        "source": _embeddings_token(output),
+        "k": k,
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        "inits": inits,
+        "epochs": float(epochs),
+    }
     if (data := _load_npz(path, want, log, "k-means")) is None:
         t0 = time.perf_counter()
         r = fit_kmeans(x, k, seed=seed, steps=steps, batch=batch, inits=inits, epochs=epochs)
@@ -198,7 +213,7 @@ def cluster(output: str, k: int = 50, seed: int = 0, steps: int = 200, batch: in
         atomic_save_npz(path, **data, **want)
         sizes = r["sizes"]
         took = time.perf_counter() - t0
-        log(f"k-means: {k} clusters of {len(x)} embeddings in {took:.1f} s; sizes min {sizes.min()} median "
-            f"{int(np.median(sizes))} max {sizes.max()}, {int((sizes == 0).sum())} empty")  # fmt: skip
+        spread = f"min {sizes.min()} median {int(np.median(sizes))} max {sizes.max()}, {int((sizes == 0).sum())} empty"
+        log(f"k-means: {k} clusters of {len(x)} embeddings in {took:.1f} s; sizes {spread}")
         data |= {name: np.asarray(v) for name, v in want.items()}
     return data

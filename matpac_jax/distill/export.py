@@ -146,8 +146,9 @@ def export_onnx(
     path = os.fspath(path)
     name = os.path.splitext(os.path.basename(path))[0]
     with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13's Flax conv plugin prints debug lines
-        model = jax2onnx.to_onnx(fn, specs, model_name=name, opset=opset, input_names=input_names,
-                                 output_names=output_names)  # fmt: skip
+        model = jax2onnx.to_onnx(
+            fn, specs, model_name=name, opset=opset, input_names=input_names, output_names=output_names
+        )
     jax.clear_caches()  # traces cached during the conversion hold jax2onnx's stand-in primitives: never reuse them
     del model.graph.value_info[:]  # stale after jax2onnx's transpose folding (module docstring)
     used = _used_names(model.graph)
@@ -260,7 +261,7 @@ def export_report(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: export a trained student directory (:func:`load_student`) with its own front-end."""
+    """CLI: export a trained student model directory (``Student.load``) with its own front-end."""
     ap = argparse.ArgumentParser(description="Export a trained S-SONDO student (wave -> embedding) to ONNX.")
     ap.add_argument("student_dir", help="a student model directory (WORKDIR/student of a distillation run)")
     ap.add_argument("output", help="the .onnx file to write")
@@ -271,8 +272,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     student = Student.load(args.student_dir)
     model, variables, cfg = student.backbone, jax.device_get(student.variables), student.frontend
     samples = int(round(args.seconds * cfg.sample_rate))
-    report = export_report(model, variables, args.output, cfg=cfg, batch=args.batch, num_samples=samples,
-                           repeats=args.repeats)  # fmt: skip
+    report = export_report(
+        model, variables, args.output, cfg=cfg, batch=args.batch, num_samples=samples, repeats=args.repeats
+    )
     for key, value in report.items():
         print(f"{key}: {value}")
     return report

@@ -78,8 +78,16 @@ def assign(x: np.ndarray, centres: np.ndarray, batch: int = 8192) -> np.ndarray:
     return assign_with_distances(x, centres, batch)[0]
 
 
-def fit_kmeans(x: np.ndarray, k: int = 50, seed: int = 0, steps: int = 200, batch: int = 4096,
-               init_sample: int = 20_000, inits: int = 1, epochs: float = 0.0) -> dict:  # fmt: skip
+def fit_kmeans(
+    x: np.ndarray,
+    k: int = 50,
+    seed: int = 0,
+    steps: int = 200,
+    batch: int = 4096,
+    init_sample: int = 20_000,
+    inits: int = 1,
+    epochs: float = 0.0,
+) -> dict:
     """{'centroids' [k, D] float32, 'assignments' [N] int32, 'sizes' [k] int64, 'inertia' (mean squared distance)}.
 
     ``inits`` k-means++ initialisations, each on its own random sample of ``init_sample`` rows, the best by inertia
@@ -90,8 +98,9 @@ def fit_kmeans(x: np.ndarray, k: int = 50, seed: int = 0, steps: int = 200, batc
     if k < 1 or len(x) < k:
         raise ValueError(f"k={k} clusters need at least k embeddings, got {len(x)}")
     if inits < 1 or epochs < 0 or steps < 0 or batch < 1:
-        raise ValueError(f"k-means needs inits >= 1, epochs >= 0, steps >= 0, batch >= 1; got {inits}, {epochs}, "
-                         f"{steps}, {batch}")  # fmt: skip
+        raise ValueError(
+            f"k-means needs inits >= 1, epochs >= 0, steps >= 0, batch >= 1; got {inits}, {epochs}, {steps}, {batch}"
+        )
     rng = np.random.default_rng(seed)
     size = min(init_sample, len(x))
     best, best_inertia = None, np.inf

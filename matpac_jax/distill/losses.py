@@ -64,8 +64,9 @@ def distill_loss(name: str, student: jax.Array, teacher: jax.Array, **kwargs) ->
     return jnp.mean(LOSSES[name](student, teacher, **kwargs))
 
 
-def mixup_loss(name: str, student: jax.Array, teacher_a: jax.Array, teacher_b: jax.Array, lam: jax.Array,
-               **kwargs) -> jax.Array:  # fmt: skip
+def mixup_loss(
+    name: str, student: jax.Array, teacher_a: jax.Array, teacher_b: jax.Array, lam: jax.Array, **kwargs
+) -> jax.Array:
     """Batch mean of λ·L(s, t_a) + (1 − λ)·L(s, t_b); ``lam`` [B] or a scalar (the mixing weight of clip a)."""
     if name not in LOSSES:
         raise ValueError(f"unknown distillation loss {name!r}: choose one of {', '.join(LOSSES)}")

@@ -44,16 +44,13 @@ from matpac_jax.audio.io import from_int16, resample
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.pipeline import expand_files  # a glob, or a prepare output / manifest: its exact shards
 from matpac_jax.data.records import check_shard, decode_header, decode_pcm, read_shard, write_shard
-from matpac_jax.distill.corpus import (  # noqa: F401  (re-exported: the pass's records and derived files)
+from matpac_jax.distill.corpus import (
     DTYPES,
     _read_json,
     cluster,
     consolidate,
     decode_embedding,
-    decode_frames,
     encode_embedding,
-    load_embeddings,
-    source_digest,
     target_stats,
 )
 from matpac_jax.fileio import atomic_write_json, sha256_bytes
@@ -205,15 +202,25 @@ def teacher_pass(
             rebuilt += 1
         encoded, keys = _embed_shard(encoder, inputs[i], seconds, batch, dtype, frames)
         write_shard(target, encoded)
-        side = want | {"format": SIDECAR_FORMAT, "clips": len(keys), "input_path": os.path.abspath(inputs[i]),
-                       "checkpoint": os.path.abspath(checkpoint)}  # fmt: skip
+        side = want | {
+            "format": SIDECAR_FORMAT,
+            "clips": len(keys),
+            "input_path": os.path.abspath(inputs[i]),
+            "checkpoint": os.path.abspath(checkpoint),
+        }
         atomic_write_json(target + ".json", side)
         built, clips = built + 1, clips + len(keys)
         log(f"teacher pass: {os.path.basename(target)} ({len(keys)} clips)")
     elapsed = time.perf_counter() - t0
     report = check_complete(inputs, output)
-    report |= {"clips": clips, "seconds": elapsed, "clips_per_s": clips / max(elapsed, 1e-9), "built": built,
-               "skipped": skipped, "rebuilt": rebuilt}  # fmt: skip
+    report |= {
+        "clips": clips,
+        "seconds": elapsed,
+        "clips_per_s": clips / max(elapsed, 1e-9),
+        "built": built,
+        "skipped": skipped,
+        "rebuilt": rebuilt,
+    }
     return report
 
 
@@ -233,15 +240,19 @@ def check_complete(inputs: list[str], output: str) -> dict:
 
 
 def report_line(r: dict) -> str:
-    return (f"teacher pass: {r['clips']} clips in {r['seconds']:.1f} s ({r['clips_per_s']:.1f} clips/s); "
-            f"{r['built']} shards built ({r.get('rebuilt', 0)} stale ones recomputed), {r['skipped']} already "
-            "done")  # fmt: skip
+    return (
+        f"teacher pass: {r['clips']} clips in {r['seconds']:.1f} s ({r['clips_per_s']:.1f} clips/s); "
+        f"{r['built']} shards built ({r.get('rebuilt', 0)} stale ones recomputed), {r['skipped']} already "
+        "done"
+    )
 
 
 def incomplete_message(r: dict) -> str | None:
     if r["missing"] or r["extra"] or r["duplicates"]:
-        return (f"incomplete: missing {r['missing'][:10]} ({len(r['missing'])}), extra {r['extra'][:10]}, "
-                f"duplicates {r['duplicates'][:10]}")  # fmt: skip
+        return (
+            f"incomplete: missing {r['missing'][:10]} ({len(r['missing'])}), extra {r['extra'][:10]}, "
+            f"duplicates {r['duplicates'][:10]}"
+        )
     return None
 
 
@@ -255,9 +266,9 @@ def run_from_config(config, workdir: str) -> int:
     if not config.teacher.checkpoint or not config.data.train:
         raise ConfigError("the teacher pass needs --config.teacher.checkpoint=DIR and --config.data.train='GLOB'")
     try:
-        r = teacher_pass(config.data.train, config.teacher.checkpoint, workdir, config.audio.seconds, t.batch,
-                         t.dtype, jax.process_index(), jax.process_count(), frames=t.frames,
-                         clusters=t.clusters)  # fmt: skip
+        processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+        settings = {"batch": t.batch, "dtype": t.dtype, "frames": t.frames, "clusters": t.clusters, **processes}
+        r = teacher_pass(config.data.train, config.teacher.checkpoint, workdir, config.audio.seconds, **settings)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if jax.process_index() != 0:
@@ -271,8 +282,8 @@ def run_from_config(config, workdir: str) -> int:
     target_stats(workdir)
     print(f"{len(keys)} embeddings of dimension {x.shape[1]} ({x.dtype}) in {os.path.join(workdir, 'embeddings.npy')}")
     if t.clusters:
-        cluster(workdir, t.clusters, seed=config.seed, steps=t.kmeans_steps, batch=t.kmeans_batch,
-                inits=t.kmeans_inits, epochs=t.kmeans_epochs)  # fmt: skip
+        kmeans = {"steps": t.kmeans_steps, "batch": t.kmeans_batch, "inits": t.kmeans_inits, "epochs": t.kmeans_epochs}
+        cluster(workdir, t.clusters, seed=config.seed, **kmeans)
     return 0
 
 
@@ -290,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     try:
-        r = teacher_pass(args.records, args.checkpoint, args.output, args.seconds, args.batch, args.dtype,
-                         jax.process_index(), jax.process_count(), frames=args.frames,
-                         clusters=args.clusters)  # fmt: skip
+        processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+        settings = {"batch": args.batch, "dtype": args.dtype, "frames": args.frames, "clusters": args.clusters}
+        r = teacher_pass(args.records, args.checkpoint, args.output, args.seconds, **settings, **processes)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

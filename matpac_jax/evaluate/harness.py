@@ -271,8 +271,15 @@ def evaluate_task(task, x: np.ndarray, seeds=(0, 1, 2), **kwargs) -> dict:
         valid_idx = valid if len(valid) else None
         runs += [r | {"fold": 0} for r in probe_split(x, labels, train, test, valid_idx=valid_idx, **common)]
     mean, half = confidence_interval([r["test"] for r in runs])
-    return {"task": task.name, "metric": task.metric, "mean": mean, "ci95": half, "runs": runs,
-            "num_clips": int(len(labels)), "seeds": list(seeds)}  # fmt: skip
+    return {
+        "task": task.name,
+        "metric": task.metric,
+        "mean": mean,
+        "ci95": half,
+        "runs": runs,
+        "num_clips": int(len(labels)),
+        "seeds": list(seeds),
+    }
 
 
 def probe_with_ci(
@@ -280,9 +287,8 @@ def probe_with_ci(
 ) -> dict:
     """Single-label probe with rows ``[:n_train]`` for training (20 % of them for validation) and the rest for test,
     one run per seed: {'mean', 'ci95' (Student-t half-width), 'runs'}."""
-    runs = probe_split(
-        x, labels, np.arange(n_train), np.arange(n_train, len(labels)), multilabel=False, num_classes=num_classes,
-        seeds=seeds, val_fraction=0.2, max_steps=max_steps, eval_every=20,
-    )  # fmt: skip
+    train, test = np.arange(n_train), np.arange(n_train, len(labels))
+    settings = {"seeds": seeds, "val_fraction": 0.2, "max_steps": max_steps, "eval_every": 20}
+    runs = probe_split(x, labels, train, test, multilabel=False, num_classes=num_classes, **settings)
     mean, half = confidence_interval([r["test"] for r in runs])
     return {"mean": mean, "ci95": half, "runs": runs}

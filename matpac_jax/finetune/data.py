@@ -219,9 +219,8 @@ def train_input(config, workdir: str):
     if f.balanced:
         draws = int(f.draws_per_epoch)
         order = LabelWeightedEpochs(labels, c.seed, draws) if draws else LabelWeightedIndices(labels, seed=c.seed)
-    dataset = pretrain_dataset(paths, global_batch=c.data.batch_size, crop_samples=crop_samples(c), seed=c.seed,
-                               short_clips="pad", workers=c.data.workers, num_classes=f.num_classes,
-                               order=order)  # fmt: skip
+    batches = {"global_batch": c.data.batch_size, "crop_samples": crop_samples(c), "seed": c.seed, "short_clips": "pad"}
+    dataset = pretrain_dataset(paths, **batches, workers=c.data.workers, num_classes=f.num_classes, order=order)
     return dataset, None
 
 

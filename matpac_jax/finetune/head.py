@@ -82,8 +82,8 @@ class AudioSetHead(nn.Module):
         else:
             mu, v = mean.value, var.value
         x = (x - mu) * jax.lax.rsqrt(v + self.epsilon)
-        linear = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
-                          bias_init=nn.initializers.zeros, name="linear")  # fmt: skip
+        init = {"kernel_init": nn.initializers.normal(0.01), "bias_init": nn.initializers.zeros}
+        linear = nn.Dense(self.num_classes, **init, name="linear")
         return linear(x)
 
 

@@ -69,8 +69,8 @@ def stored_positions(config) -> bool:
 def encoder_spec(config) -> EncoderSpec:
     """The fine-tuned model's spec as a loaded ViT (its chunk length is the fine-tuning input length)."""
     e, a = config.model.encoder, config.audio
-    return EncoderSpec(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames,
-                       LogMelConfig.from_audio_config(a))  # fmt: skip
+    frontend = LogMelConfig.from_audio_config(a)
+    return EncoderSpec(e.dim, e.depth, e.heads, e.mlp_ratio, config.model.patch, a.n_mels, a.crop_frames, frontend)
 
 
 def as_encoder(config, params: dict, batch_stats: dict) -> Encoder:

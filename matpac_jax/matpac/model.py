@@ -124,8 +124,15 @@ class MatpacModel:
     def tokenize(self, params: dict, mel: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.tokenizer.apply({"params": params["tokenizer"]}, mel)
 
-    def forward(self, student: dict, teacher: dict, mel: jax.Array, rng: jax.Array, mask_ratio: float,
-                ids: tuple[jax.Array, jax.Array] | None = None) -> dict:  # fmt: skip
+    def forward(
+        self,
+        student: dict,
+        teacher: dict,
+        mel: jax.Array,
+        rng: jax.Array,
+        mask_ratio: float,
+        ids: tuple[jax.Array, jax.Array] | None = None,
+    ) -> dict:
         """One masked-prediction pass on log-mel crops mel [B, F, T]; masks drawn from ``rng``, or given as
         ``ids = (ids_keep [B, Nv], ids_mask [B, Nm])`` (gradient accumulation slices one batch's masks).
 

@@ -72,14 +72,15 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-def block_shapes(width: float = 1.0, strides=(2, 2, 2, 2), context_ratio: int = 4, min_context: int = 32,
-                 max_context: int = 128) -> list[dict]:  # fmt: skip
+def block_shapes(
+    width: float = 1.0, strides=(2, 2, 2, 2), context_ratio: int = 4, min_context: int = 32, max_context: int = 128
+) -> list[dict]:
     """Per block: ``in, kernel, expanded, out, context, act, stride`` at ``width`` (EfficientAT's config rules)."""
     out, c_in = [], make_divisible(16 * width)
     for k, e, o, act, si in SETTING:
         e, o = make_divisible(e * width), make_divisible(o * width)
-        ctx = int(np.clip(make_divisible(e // context_ratio), make_divisible(min_context * width),
-                          make_divisible(max_context * width)))  # fmt: skip
+        low, high = make_divisible(min_context * width), make_divisible(max_context * width)
+        ctx = int(np.clip(make_divisible(e // context_ratio), low, high))
         out.append(dict(cin=c_in, kernel=k, exp=e, out=o, ctx=ctx, act=act, stride=1 if si is None else strides[si]))
         c_in = o
     return out
@@ -112,8 +113,8 @@ class ConvBNAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         p = (self.kernel - 1) // 2
-        x = nn.Conv(self.features, (self.kernel,) * 2, (self.stride,) * 2, padding=((p, p), (p, p)), use_bias=False,
-                    name="conv")(x)  # fmt: skip
+        window = {"kernel_size": (self.kernel,) * 2, "strides": (self.stride,) * 2, "padding": ((p, p), (p, p))}
+        x = nn.Conv(self.features, **window, use_bias=False, name="conv")(x)
         return nn.hard_swish(_bn(train, "bn")(x))
 
 
@@ -132,15 +133,17 @@ class DynamicConv(nn.Module):
     def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
         cin = x.shape[-1]
         shape = (self.k, self.kernel, self.kernel, cin // self.groups, self.features)
-        kernels = self.param("kernels", nn.initializers.variance_scaling(2.0, "fan_out", "normal", -2, -1,
-                                                                           batch_axis=(0,)), shape)  # fmt: skip
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal", -2, -1, batch_axis=(0,))
+        kernels = self.param("kernels", init, shape)
         att = jax.nn.softmax(nn.Dense(self.k, name="residuals")(h) / self.temperature, axis=-1)  # [B, K]
         w = jnp.einsum("bk,khwio->bhwio", att, kernels.astype(x.dtype))
         if self.kernel == 1 and self.stride == 1 and self.groups == 1:
             return jnp.einsum("bfti,bio->bfto", x, w[:, 0, 0])
         if self.groups != cin or cin != self.features:
-            raise ValueError(f"DynamicConv: {self.kernel}x{self.kernel} kernels are depthwise only (DyMN's), got "
-                             f"groups={self.groups} for {cin} -> {self.features} channels")  # fmt: skip
+            raise ValueError(
+                f"DynamicConv: {self.kernel}x{self.kernel} kernels are depthwise only (DyMN's), got "
+                f"groups={self.groups} for {cin} -> {self.features} channels"
+            )
         return depthwise_per_example(x, w[:, :, :, 0, :], self.stride)
 
 
@@ -262,9 +265,10 @@ class DyMN(nn.Module):
         mel = padding.zero_padding(mel, frames)
         x = ConvBNAct(make_divisible(16 * self.width), 3, 2, name="in_c")(mel[..., None], train)
         frames = padding.strided(frames, 2)
+        dynamic = (self.dyconv_k, self.dyrelu_m, self.temperature)
         for i, b in enumerate(self.blocks()):
-            x = DyBlock(b["kernel"], b["exp"], b["out"], b["ctx"], b["act"], b["stride"], self.dyconv_k,
-                        self.dyrelu_m, self.temperature, name=f"layers_{i}")(x, train, frames)  # fmt: skip
+            shape = (b["kernel"], b["exp"], b["out"], b["ctx"], b["act"], b["stride"])
+            x = DyBlock(*shape, *dynamic, name=f"layers_{i}")(x, train, frames)
             frames = padding.strided(frames, b["stride"])
         x = ConvBNAct(6 * x.shape[-1], 1, name="out_c")(x, train)
         return padding.mean(x, (1, 2), frames, time_axis=2)
@@ -282,10 +286,12 @@ def _linear_w(w):  # torch Linear [out, in] -> flax [in, out]
 
 
 def _bn_keys(prefix: str, path: tuple) -> list:
-    return [(f"{prefix}.weight", "params", (*path, "scale"), None),
-            (f"{prefix}.bias", "params", (*path, "bias"), None),
-            (f"{prefix}.running_mean", "batch_stats", (*path, "mean"), None),
-            (f"{prefix}.running_var", "batch_stats", (*path, "var"), None)]  # fmt: skip
+    return [
+        (f"{prefix}.weight", "params", (*path, "scale"), None),
+        (f"{prefix}.bias", "params", (*path, "bias"), None),
+        (f"{prefix}.running_mean", "batch_stats", (*path, "mean"), None),
+        (f"{prefix}.running_var", "batch_stats", (*path, "var"), None),
+    ]
 
 
 def _dynconv_keys(prefix: str, path: tuple, shape: tuple) -> list:
@@ -294,9 +300,11 @@ def _dynconv_keys(prefix: str, path: tuple, shape: tuple) -> list:
     def kernels(w):  # [1, 1, K, out·in·kh·kw], each row one [out, in, kh, kw] kernel
         return np.transpose(np.reshape(w, (k, cout, cin, kh, kw)), (0, 3, 4, 2, 1))
 
-    return [(f"{prefix}.weight", "params", (*path, "kernels"), kernels),
-            (f"{prefix}.residuals.0.weight", "params", (*path, "residuals", "kernel"), _linear_w),
-            (f"{prefix}.residuals.0.bias", "params", (*path, "residuals", "bias"), None)]  # fmt: skip
+    return [
+        (f"{prefix}.weight", "params", (*path, "kernels"), kernels),
+        (f"{prefix}.residuals.0.weight", "params", (*path, "residuals", "kernel"), _linear_w),
+        (f"{prefix}.residuals.0.bias", "params", (*path, "residuals", "bias"), None),
+    ]
 
 
 def _key_map(model: DyMN) -> list:
@@ -305,22 +313,31 @@ def _key_map(model: DyMN) -> list:
     for i, b in enumerate(model.blocks()):
         t, f = f"layers.{i}", f"layers_{i}"
         cg = (f, "context_gen")
-        out += [(f"{t}.context_gen.joint_conv.weight", "params", (*cg, "joint_conv", "kernel"), _conv_w),
-                *_bn_keys(f"{t}.context_gen.joint_norm", (*cg, "joint_norm"))]  # fmt: skip
+        out += [
+            (f"{t}.context_gen.joint_conv.weight", "params", (*cg, "joint_conv", "kernel"), _conv_w),
+            *_bn_keys(f"{t}.context_gen.joint_norm", (*cg, "joint_norm")),
+        ]
         for conv in ("conv_f", "conv_t"):
-            out += [(f"{t}.context_gen.{conv}.weight", "params", (*cg, conv, "kernel"), _conv_w),
-                    (f"{t}.context_gen.{conv}.bias", "params", (*cg, conv, "bias"), None)]  # fmt: skip
+            out += [
+                (f"{t}.context_gen.{conv}.weight", "params", (*cg, conv, "kernel"), _conv_w),
+                (f"{t}.context_gen.{conv}.bias", "params", (*cg, conv, "bias"), None),
+            ]
         kk = model.dyconv_k
         if b["exp"] != b["cin"]:
-            out += [*_dynconv_keys(f"{t}.exp_conv", (f, "exp_conv"), (kk, 1, 1, b["cin"], b["exp"])),
-                    *_bn_keys(f"{t}.exp_norm", (f, "exp_norm"))]  # fmt: skip
-        out += [*_dynconv_keys(f"{t}.depth_conv", (f, "depth_conv"), (kk, b["kernel"], b["kernel"], 1, b["exp"])),
-                *_bn_keys(f"{t}.depth_norm", (f, "depth_norm")),
-                (f"{t}.depth_act.coef_net.0.weight", "params", (f, "depth_act", "coef_net", "kernel"), _linear_w),
-                (f"{t}.depth_act.coef_net.0.bias", "params", (f, "depth_act", "coef_net", "bias"), None),
-                (f"{t}.depth_act.lambdas", None, None, None), (f"{t}.depth_act.init_v", None, None, None),
-                *_dynconv_keys(f"{t}.proj_conv", (f, "proj_conv"), (kk, 1, 1, b["exp"], b["out"])),
-                *_bn_keys(f"{t}.proj_norm", (f, "proj_norm"))]  # fmt: skip
+            out += [
+                *_dynconv_keys(f"{t}.exp_conv", (f, "exp_conv"), (kk, 1, 1, b["cin"], b["exp"])),
+                *_bn_keys(f"{t}.exp_norm", (f, "exp_norm")),
+            ]
+        out += [
+            *_dynconv_keys(f"{t}.depth_conv", (f, "depth_conv"), (kk, b["kernel"], b["kernel"], 1, b["exp"])),
+            *_bn_keys(f"{t}.depth_norm", (f, "depth_norm")),
+            (f"{t}.depth_act.coef_net.0.weight", "params", (f, "depth_act", "coef_net", "kernel"), _linear_w),
+            (f"{t}.depth_act.coef_net.0.bias", "params", (f, "depth_act", "coef_net", "bias"), None),
+            (f"{t}.depth_act.lambdas", None, None, None),
+            (f"{t}.depth_act.init_v", None, None, None),
+            *_dynconv_keys(f"{t}.proj_conv", (f, "proj_conv"), (kk, 1, 1, b["exp"], b["out"])),
+            *_bn_keys(f"{t}.proj_norm", (f, "proj_norm")),
+        ]
     return out + [
         ("out_c.0.weight", "params", ("out_c", "conv", "kernel"), _conv_w),
         *_bn_keys("out_c.1", ("out_c", "bn")),
@@ -342,8 +359,8 @@ def _set(tree: dict, path: tuple, value) -> None:
 def abstract_variables(model: DyMN) -> dict:
     """Shapes of ``model``'s variables (``jax.eval_shape``: nothing is computed or compiled); cached per
     architecture."""
-    return _abstract_variables(model.width, tuple(model.strides), model.temperature, model.context_ratio,
-                               model.min_context, model.max_context, model.dyconv_k, model.dyrelu_m)  # fmt: skip
+    context, dynamic = (model.context_ratio, model.min_context, model.max_context), (model.dyconv_k, model.dyrelu_m)
+    return _abstract_variables(model.width, tuple(model.strides), model.temperature, *context, *dynamic)
 
 
 @functools.lru_cache(maxsize=8)
@@ -352,9 +369,17 @@ def _abstract_variables(*arch) -> dict:
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64), jnp.float32)))
 
 
-def from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.0, strides=(2, 2, 2, 2),
-                          temperature: float = 30.0, context_ratio: int = 4, min_context: int = 32,
-                          max_context: int = 128, dyconv_k: int = 4, dyrelu_m: int = 2) -> dict:  # fmt: skip
+def from_torch_state_dict(
+    sd: dict[str, np.ndarray],
+    width: float = 1.0,
+    strides=(2, 2, 2, 2),
+    temperature: float = 30.0,
+    context_ratio: int = 4,
+    min_context: int = 32,
+    max_context: int = 128,
+    dyconv_k: int = 4,
+    dyrelu_m: int = 2,
+) -> dict:
     """EfficientAT DyMN state dict (the ``dymn10_im.pt`` key layout, arrays as numpy) -> ``{'params',
     'batch_stats'}`` of ``DyMN`` with these attributes, float32. An S-SONDO DyMN student's backbone has the same
     keys (its DyMN has no classifier).

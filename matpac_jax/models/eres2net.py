@@ -78,9 +78,9 @@ def _conv(features: int, kernel: int, stride: int = 1, bias_fan_in: int = 0, nam
     """A PyTorch ``Conv2d`` with padding ``kernel // 2``: no bias unless ``bias_fan_in`` (its initialisation bound)."""
     pad = kernel // 2
     bias_init = _uniform(1.0 / math.sqrt(bias_fan_in)) if bias_fan_in else nn.initializers.zeros
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=bias_fan_in > 0, kernel_init=_TORCH_KERNEL_INIT, bias_init=bias_init,
-                   name=name)  # fmt: skip
+    window = {"kernel_size": (kernel, kernel), "strides": (stride, stride), "padding": ((pad, pad), (pad, pad))}
+    init = {"use_bias": bias_fan_in > 0, "kernel_init": _TORCH_KERNEL_INIT, "bias_init": bias_init}
+    return nn.Conv(features, **window, **init, name=name)
 
 
 def clipped_relu(x: jax.Array) -> jax.Array:
@@ -165,17 +165,19 @@ class ERes2Net(nn.Module):
         if mel.ndim != 3:
             raise ValueError(f"ERes2Net takes log-mels [batch, mels, frames], got shape {tuple(mel.shape)}")
         if len(self.blocks) not in (4, 5) or min(self.blocks) < 1:
-            raise ValueError(f"ERes2Net blocks={tuple(self.blocks)}: give 5 stage depths (S-SONDO, e.g. 3, 4, 6, 3, 3) "
-                             "or 4 (3D-Speaker), each at least 1")  # fmt: skip
+            depths = "5 stage depths (S-SONDO, e.g. 3, 4, 6, 3, 3) or 4 (3D-Speaker), each at least 1"
+            raise ValueError(f"ERes2Net blocks={tuple(self.blocks)}: give {depths}")
         if self.channels < 4:
             raise ValueError(f"ERes2Net channels={self.channels}: use at least 4 (AFF's inner width is channels // 4)")
         frames = mel.shape[2]
         for _ in range(len(self.blocks) - 1):
             frames = (frames + 1) // 2
         if frames < 2:
-            raise ValueError(f"ERes2Net: a clip of {mel.shape[2]} frames leaves {frames} after the network's "
-                             f"{2 ** (len(self.blocks) - 1)}x downsampling; TSTP's standard deviation needs 2: "
-                             f"give at least {2 ** (len(self.blocks) - 1) + 1} frames")  # fmt: skip
+            factor = 2 ** (len(self.blocks) - 1)
+            raise ValueError(
+                f"ERes2Net: a clip of {mel.shape[2]} frames leaves {frames} after the network's {factor}x "
+                f"downsampling; TSTP's standard deviation needs 2: give at least {factor + 1} frames"
+            )
 
     @nn.compact
     def __call__(self, mel: jax.Array, train: bool = False, frames: jax.Array | None = None) -> jax.Array:
@@ -255,8 +257,9 @@ def from_torch_state_dict(
     unknown += [k for k in backbone if k not in expected]
     missing = [k for k in expected if k not in backbone]
     if unknown or missing:
-        raise StateDictMismatch(what, unknown, missing, detail="the release's training_config names the "
-                                "architecture: student_model m_channels -> channels, num_blocks -> blocks")  # fmt: skip
+        mapping = "student_model m_channels -> channels, num_blocks -> blocks"
+        detail = f"the release's training_config names the architecture: {mapping}"
+        raise StateDictMismatch(what, unknown, missing, detail=detail)
     flat: dict[str, dict] = {"params": {}, "batch_stats": {}}
     wrong = []
     for key, (collection, path, shape) in expected.items():

@@ -66,8 +66,8 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         pad = (self.kernel - 1) // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding=((pad, pad),) * 2,
-                    feature_group_count=self.groups, use_bias=False, name="conv")(x)  # fmt: skip
+        window = {"kernel_size": (self.kernel,) * 2, "strides": (self.stride,) * 2, "padding": ((pad, pad),) * 2}
+        x = nn.Conv(self.features, **window, feature_group_count=self.groups, use_bias=False, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name="bn")(x)
         return _ACT[self.act](x) if self.act else x
 
@@ -124,8 +124,8 @@ class MobileNetV3(nn.Module):
         x = ConvBN(make_divisible(16 * self.width), 3, 2, act="hardswish", name="stem")(x, train)
         frames = padding.strided(frames, 2)
         for i, (k, e, o, se, act, s) in enumerate(LARGE):
-            x = InvertedResidual(k, make_divisible(e * self.width), make_divisible(o * self.width), se, act, s,
-                                 name=f"block_{i}")(x, train, frames)  # fmt: skip
+            expanded, out = make_divisible(e * self.width), make_divisible(o * self.width)
+            x = InvertedResidual(k, expanded, out, se, act, s, name=f"block_{i}")(x, train, frames)
             frames = padding.strided(frames, s)
         x = ConvBN(6 * x.shape[-1], 1, act="hardswish", name="last")(x, train)
         return padding.mean(x, (1, 2), frames, time_axis=2)
