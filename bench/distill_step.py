@@ -42,7 +42,7 @@ def measure(config, steps: int, warmup: int) -> dict:
     b, n = config.data.batch_size, int(round(config.audio.seconds * config.audio.sample_rate))
     task = DistillTask(config, "/nonexistent")
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    init_fn, step, _ = compile_program(task.build(TaskInput(None, {"target_dim": 3840})), mesh)
+    init_fn, step, _ = compile_program(task.build(TaskInput(None, {"target_dim": 3840})), mesh, config)
     rng = np.random.default_rng(0)
     batch = {
         "audio": jnp.asarray(rng.integers(-3000, 3000, (b, n)), jnp.int16),

@@ -36,7 +36,7 @@ def run(variant: str, dtype: str, steps: int, init_from: str = "") -> tuple[list
         task = make_task(c, workdir)
         data = task.make_input()
         mesh = parallel.make_mesh({"data": 1})
-        init_fn, step_fn, _ = compile_program(task.build(data), mesh)
+        init_fn, step_fn, _ = compile_program(task.build(data), mesh, c)
         state = init_fn(jax.random.key(c.seed))
         losses = []
         for step in range(steps):

@@ -107,7 +107,7 @@ def prepare_step(config) -> PreparedStep:
         config.distill.targets = "raw"
         config.student.init_from = config.student.init_from or "none"  # speed does not depend on the start
     program = make_task(config, "/nonexistent").build(TaskInput(None, info))
-    init_fn, train_step, abstract = compile_program(program, mesh)
+    init_fn, train_step, abstract = compile_program(program, mesh, config)
     host = random_batch(config)
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
     rng = jax.random.key(0)

@@ -44,7 +44,7 @@ def optim(**settings) -> dict:
             lr=1e-3,  # peak, at reference_batch
             lr_scaling="none",  # 'linear' / 'sqrt': scale lr from reference_batch to data.batch_size
             reference_batch=256,
-            accum_steps=1,  # gradient accumulation (pretraining): the batch in A micro-batches, one update
+            accum_steps=1,  # gradient accumulation (every method): the batch in A micro-batches, one update
             b1=0.9,
             b2=0.999,
             eps=1e-8,
@@ -57,7 +57,7 @@ def optim(**settings) -> dict:
             ramp_down_steps=0,
             final_lr_factor=0.01,
             clip_norm=1.0,
-            layer_decay=1.0,  # < 1: MAE's layer-wise lr decay, lr x decay^(depth + 1 - layer) (train.layer_decay)
+            layer_decay=1.0,  # < 1: MAE's layer-wise lr decay, lr x decay^(depth + 1 - layer) (models.layer_decay: a ViT's layers)
         )
         | settings
     )

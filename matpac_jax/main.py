@@ -2,8 +2,8 @@
 
 Flags only. ``--coordinator``, ``--num_processes``, ``--process_id`` start a multi-process job (distributed.py; TPU
 pods and SLURM are detected). ``config.task`` picks the work: 'pretrain' (MATPAC / MATPAC++), 'distill' (S-SONDO
-students) and 'finetune' (AudioSet fine-tuning) run the one trainer (matpac_jax.tasks, train.loop.train_and_evaluate);
-'teacher_pass' runs the S-SONDO teacher-embedding pass and its k-means into WORKDIR
+students) and 'finetune' (AudioSet fine-tuning) run the one trainer (matpac_jax.tasks builds the task and hands it
+to train.loop.train_and_evaluate); 'teacher_pass' runs the S-SONDO teacher-embedding pass and its k-means into WORKDIR
 (distill.teacher_pass.run_from_config). Exit status: 0 when the run finished or was preempted (SIGTERM: it saved and
 says where it resumes), 3 when it stopped on a non-finite update (WORKDIR/
 nonfinite_report.json; with config.nonfinite='skip', after config.nonfinite_max_skips in a row), 2 for an error found
@@ -103,13 +103,13 @@ def main(argv) -> None:
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     from matpac_jax.config_lib import ConfigError
-    from matpac_jax.train.loop import train_and_evaluate
+    from matpac_jax.tasks import train_and_evaluate
     from matpac_jax.train.metrics_log import NonFiniteError
 
     try:
         if config.task == "teacher_pass":
-            from matpac_jax.checkpoint import WorkdirLock
             from matpac_jax.distill.teacher_pass import run_from_config
+            from matpac_jax.workdir_lock import WorkdirLock
 
             with WorkdirLock(_WORKDIR.value):
                 status = run_from_config(config, _WORKDIR.value)

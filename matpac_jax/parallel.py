@@ -24,21 +24,16 @@ LOGICAL_TO_MESH = {
     "heads": "tensor",
 }
 
-# Parameter path (regex on 'a/b/c') -> logical axis per dimension. First match wins; unmatched leaves (biases,
-# norms, tokens, the step counter) are replicated. Optimizer moments share their parameter's path suffix, so they
-# are sharded like the parameter.
+# Parameter path (regex on 'a/b/c') -> logical axis per dimension: the shared models' (the ViT of models.vit). A
+# method adds the rules of its own layers (StepProgram.sharding_rules), tried first. First match wins; unmatched
+# leaves (biases, norms, tokens, the step counter) are replicated. Optimizer moments share their parameter's path
+# suffix, so they are sharded like the parameter.
 PARAM_RULES = (
     (r"attn/qkv/kernel$", ("embed", "heads")),
     (r"attn/proj/kernel$", ("heads", "embed")),
     (r"mlp/fc1/kernel$", ("embed", "mlp")),
     (r"mlp/fc2/kernel$", ("mlp", "embed")),
     (r"tokenizer/proj/kernel$", (None, None, None, "embed")),
-    (r"predictor/embed/kernel$", ("embed", None)),
-    (r"predictor/heads_\d+/kernel$", (None, "embed")),
-    (r"cls_head/mlp_0/kernel$", ("embed", "mlp")),
-    (r"cls_head/mlp_2/kernel$", ("mlp", "embed")),
-    (r"cls_head/mlp_4/kernel$", ("embed", None)),
-    (r"cls_head/weight_v$", (None, "embed")),
 )
 
 
@@ -103,17 +98,17 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def spec_for(name: str, shape: tuple, mesh: Mesh) -> P:
-    for pattern, logical in PARAM_RULES:
+def spec_for(name: str, shape: tuple, mesh: Mesh, rules: tuple = ()) -> P:
+    for pattern, logical in (*rules, *PARAM_RULES):
         if re.search(pattern, name) and len(logical) == len(shape):
             return logical_to_spec(logical, shape, mesh)
     return P()
 
 
-def state_shardings(tree, mesh: Mesh):
-    """NamedSharding for every leaf of a (possibly abstract) pytree, by the rules table."""
+def state_shardings(tree, mesh: Mesh, rules: tuple = ()):
+    """NamedSharding for every leaf of a (possibly abstract) pytree, by ``rules`` (a method's), then the table."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(path_name(path), tuple(np.shape(x)), mesh)), tree
+        lambda path, x: NamedSharding(mesh, spec_for(path_name(path), tuple(np.shape(x)), mesh, rules)), tree
     )
 
 

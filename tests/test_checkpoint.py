@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import load_config, smoke_config
 
-from matpac_jax import parallel
+from matpac_jax import parallel, tasks
 from matpac_jax.checkpoint import Checkpointer
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.matpac import task as pretrain
@@ -124,7 +124,7 @@ def _smoke(steps=6, **overrides):
 def test_nonfinite_stop_writes_a_report_and_no_new_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "batch_iterator", _nan_at(2))  # the update to step 3 sees NaN
     with pytest.raises(NonFiniteError, match="step 3: non-finite loss=nan") as e:
-        loop.train_and_evaluate(_smoke(), str(tmp_path))
+        tasks.train_and_evaluate(_smoke(), str(tmp_path))
     assert "nonfinite=skip" in str(e.value)
     report = json.loads((tmp_path / "nonfinite_report.json").read_text())
     assert report["step"] == 3 and "loss" in report["nonfinite"] and report["nonfinite_inputs"] > 0
@@ -133,7 +133,7 @@ def test_nonfinite_stop_writes_a_report_and_no_new_checkpoint(tmp_path, monkeypa
 
 def test_nonfinite_skip_skips_the_update_and_finishes(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "batch_iterator", _nan_at(2))
-    result = loop.train_and_evaluate(_smoke(nonfinite="skip"), str(tmp_path))
+    result = tasks.train_and_evaluate(_smoke(nonfinite="skip"), str(tmp_path))
     assert result["final_metrics"]["step"] == 6 and np.isfinite(result["final_metrics"]["loss"])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["nonfinite"] for m in lines] == [0, 0, 1, 0, 0, 0]
@@ -165,7 +165,7 @@ def _tb_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_metrics_tensorboard_and_profile(tmp_path):
-    result = loop.train_and_evaluate(_smoke(steps=4, profile_steps=(1, 3)), str(tmp_path))
+    result = tasks.train_and_evaluate(_smoke(steps=4, profile_steps=(1, 3)), str(tmp_path))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     for m in lines:
@@ -200,13 +200,13 @@ def test_config_errors_fail_before_compute(tmp_path, change, message):
     config = load_config()
     change(config)
     with pytest.raises(ConfigError, match=message):
-        loop.train_and_evaluate(config, str(tmp_path / "run"))
+        tasks.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_unwritable_workdir_fails_before_compute(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match="is not writable .*give a writable directory"):
-        loop.train_and_evaluate(load_config(), str(tmp_path / "a_file" / "run"))
+        tasks.train_and_evaluate(load_config(), str(tmp_path / "a_file" / "run"))
     with pytest.raises(ConfigError, match="is a URL"):
-        loop.train_and_evaluate(load_config(), "gs://bucket/run")
+        tasks.train_and_evaluate(load_config(), "gs://bucket/run")

@@ -15,8 +15,7 @@ from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.audioset_classes import read_audioset_classes
 from matpac_jax.data.prepare import prepare
 from matpac_jax.data.records import decode_record, read_shard, shard_name
-from matpac_jax.tasks import make_task
-from matpac_jax.train.loop import train_and_evaluate
+from matpac_jax.tasks import make_task, train_and_evaluate
 
 # (index, mid, display_name) in a class_labels_indices.csv's own order. As in AudioSet, index 0 is Speech and the
 # smallest mid is Firecracker's, so index order and mid order agree nowhere that matters here.

@@ -127,7 +127,9 @@ def _build(config):
     task = DistillTask(config, "/nonexistent")
     data = task.make_input()
     mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
-    init_fn, step_fn, _ = compile_program(task.build(data), mesh)  # the trainer's program: guard, shardings, donation
+    init_fn, step_fn, _ = compile_program(
+        task.build(data), mesh, config
+    )  # the trainer's program: guard, shardings, donation
     return task, iter(data.source), init_fn, step_fn
 
 
@@ -186,7 +188,7 @@ def test_bfloat16_compute_keeps_float32_state_and_follows_the_float32_step(corpu
 
 
 def test_standardised_targets_are_the_teacher_embeddings_z_scored_over_the_corpus(corpus):
-    from matpac_jax.distill.step import make_distill_step, normalize_targets
+    from matpac_jax.distill.step import make_program, normalize_targets
 
     mean, std = target_stats(corpus["teacher"])
     ref = corpus["emb"].astype(np.float64)
@@ -198,13 +200,13 @@ def test_standardised_targets_are_the_teacher_embeddings_z_scored_over_the_corpu
     np.testing.assert_allclose(normalize_targets(t, "center", (mean, std)), t - ref.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(normalize_targets(t, "raw", None), t)
     with pytest.raises(ValueError, match="config.distill.targets='whiten'"):
-        make_distill_step(None, _config(corpus, targets="whiten"), None, None, None)
+        make_program(None, _config(corpus, targets="whiten"), (1, 8, 8))
 
 
 def test_distill_run_resumes_exactly_and_writes_the_student(corpus, tmp_path):
     from matpac_jax.load import load_model
     from matpac_jax.models.student import Student
-    from matpac_jax.train.loop import train_and_evaluate
+    from matpac_jax.tasks import train_and_evaluate
 
     straight = train_and_evaluate(_config(corpus, mixup=0.3), str(tmp_path / "a"))
     part = train_and_evaluate(_config(corpus, steps=3, mixup=0.3), str(tmp_path / "b"))
@@ -241,11 +243,11 @@ def test_recipe_students_include_dymn10_and_need_their_imagenet_start_or_none():
     for arg, name in ((None, "mn10_im.pt"), ("student=dymn10", "dymn10_im.pt")):
         c = load_config("ssondo.py", arg)
         with pytest.raises(ConfigError, match=rf"config.student.init_from .*{name}.*init_from=none"):
-            DistillTask(c, "/nonexistent")
+            DistillTask(c, "/nonexistent").check()
         c.student.init_from = "none"
-        DistillTask(c, "/nonexistent")  # accepted: from scratch on purpose
+        DistillTask(c, "/nonexistent").check()  # accepted: from scratch on purpose
     for arg in ("student=eres2net", "smoke", "demo", "demo,student=mn10"):
-        DistillTask(load_config("ssondo.py", arg), "/nonexistent")
+        DistillTask(load_config("ssondo.py", arg), "/nonexistent").check()
     c = load_config("ssondo.py", "smoke")
     c.distill.targets = "raw"  # no corpus statistics to read
     smoke = DistillTask(c, "/nonexistent")

@@ -14,7 +14,7 @@ from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.records import ClipRecord, encode_record, shard_name, write_shard
 from matpac_jax.finetune import data as ft_data
 from matpac_jax.finetune.metrics import bootstrap_ci, evaluate_scores
-from matpac_jax.train.loop import train_and_evaluate
+from matpac_jax.tasks import train_and_evaluate
 
 CLASSES = 8  # the smoke recipe's head
 

@@ -19,8 +19,7 @@ from matpac_jax.finetune.data import crop_samples, eval_clips, record_labels
 from matpac_jax.finetune.model import FinetuneModel, as_encoder
 from matpac_jax.load import load_encoder
 from matpac_jax.models.vit import sincos_pos_embed_2d
-from matpac_jax.tasks import make_task
-from matpac_jax.train.loop import train_and_evaluate
+from matpac_jax.tasks import make_task, train_and_evaluate
 from matpac_jax.train.program import compile_program
 
 
@@ -102,7 +101,7 @@ def test_init_from_loads_the_encoder_and_refuses_another_shape_before_compute(tm
     saved = as_encoder(c, v["params"], v["batch_stats"]).save(str(tmp_path / "enc"))
     c.finetune.init_from = saved
     task = make_task(c, str(tmp_path / "w"))
-    init_fn, _, abstract = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}))
+    init_fn, _, abstract = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}), c)
     state = jax.device_get(init_fn(jax.random.key(0)))  # another seed: only the loaded weights can match
     pos = state.params["tokenizer"].pop("pos_embed")  # the encoder's positions, kept (same length: unchanged)
     np.testing.assert_array_equal(pos, sincos_pos_embed_2d(64, 5, c.audio.crop_frames // 16, cls_row=False))
@@ -131,7 +130,7 @@ def test_frozen_encoder_trains_the_head_only(tmp_path):
     task = make_task(c, str(tmp_path))
     data = task.make_input()
     mesh = parallel.make_mesh({"data": 1})
-    init_fn, step_fn, _ = compile_program(task.build(data), mesh)
+    init_fn, step_fn, _ = compile_program(task.build(data), mesh, c)
     state = init_fn(jax.random.key(0))
     before = jax.device_get(state.params)
     for step in range(2):  # the lr warms up from 0 at step 0
@@ -162,7 +161,7 @@ def test_finetuning_beyond_the_pretraining_length_resamples_the_positions_as_m2d
     task = make_task(c, str(tmp_path / "w"))
     data = task.make_input()
     mesh = parallel.make_mesh({"data": 1})
-    init_fn, step_fn, _ = compile_program(task.build(data), mesh)
+    init_fn, step_fn, _ = compile_program(task.build(data), mesh, c)
     state = init_fn(jax.random.key(0))
     start = jax.device_get(state.params["tokenizer"])
     grid = np.moveaxis(sincos_pos_embed_2d(64, 5, 8, cls_row=False).reshape(5, 8, 64), -1, 0)
@@ -188,7 +187,7 @@ def test_sincos_positions_are_a_named_choice_and_never_drop_a_stored_table(tmp_p
     c = load_config("finetune_as.py", "smoke")
     c.finetune.init_from, c.finetune.positions, c.mesh = _shorter_encoder(tmp_path), "sincos", {"data": 1}
     task = make_task(c, str(tmp_path / "w"))
-    init_fn, _, _ = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}))
+    init_fn, _, _ = compile_program(task.build(task.make_input()), parallel.make_mesh({"data": 1}), c)
     assert "pos_embed" not in jax.device_get(init_fn(jax.random.key(0))).params["tokenizer"]  # the exact sin-cos
     c.finetune.positions = "interpolated"
     with pytest.raises(ConfigError, match="config.finetune.positions='interpolated': expected one of"):

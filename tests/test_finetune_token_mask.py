@@ -11,7 +11,7 @@ from helpers import assert_close_to_scale, load_config
 from matpac_jax.finetune import token_mask
 from matpac_jax.finetune.data import crop_samples
 from matpac_jax.finetune.model import FinetuneModel
-from matpac_jax.finetune.step import make_finetune_step
+from matpac_jax.finetune.step import make_program
 
 F, T, R = 5, 62, 0.5  # the 992-frame grid of the recipes
 
@@ -113,9 +113,7 @@ def test_training_is_masked_and_evaluation_is_not():
     """m2d/runtime_audio.py:331: mask_ratio = training_mask if self.training else 0. The training step's loss
     depends on the masking; evaluation (train=False, no ``keep``) equals the model on every token, whatever the
     ratio."""
-    from matpac_jax.audio.frontend import LogMelConfig
-    from matpac_jax.finetune.step import create_finetune_state
-    from matpac_jax.train.optim import lr_schedule, make_optimizer
+    from matpac_jax.train.program import make_step, optimizer, with_optimizer
 
     losses = {}
     for ratio in (0.0, 0.5):
@@ -123,11 +121,11 @@ def test_training_is_masked_and_evaluation_is_not():
         c.finetune.mixup, c.finetune.freq_mask, c.finetune.time_mask = 0.0, 0, 0  # only the token masking varies
         model = FinetuneModel.from_config(c)
         shape = (4, 80, c.audio.crop_frames)
-        params_shape = jax.eval_shape(lambda m=model, s=shape: m.init(jax.random.key(0), jnp.zeros(s))["params"])
-        tx = make_optimizer(c.optim, c.total_steps, params_shape, 4)
-        state = create_finetune_state(model, tx, jax.random.key(0), shape)
-        frontend = LogMelConfig.from_audio_config(c.audio)
-        step = jax.jit(make_finetune_step(model, c, tx, frontend, lr_schedule(c.optim, c.total_steps, 4)))
+        c.data.batch_size = 4
+        program = make_program(model, c, shape)
+        tx, lr = optimizer(program, c)  # the trainer's optimizer and step
+        state = with_optimizer(program.init, program.params_field, tx)(jax.random.key(0))
+        step = jax.jit(make_step(program, tx, lr))
         audio = jax.random.normal(jax.random.key(3), (4, 16_000 * 2)) * 0.1
         batch = {"audio": audio[:, : crop_samples(c)], "targets": jnp.eye(8)[:4]}
         losses[ratio] = [float(step(state, batch, jax.random.key(s))[1]["loss"]) for s in range(2)]

@@ -122,3 +122,38 @@ def test_function_level_imports_only_where_they_must_load_late():
             if not (own_ok or third_ok):
                 bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
     assert not bad, "function-level imports to move to the top of their module:\n" + "\n".join(bad)
+
+
+METHODS = ("matpac_jax.matpac", "matpac_jax.distill", "matpac_jax.finetune")
+ABOVE_THE_METHODS = {"matpac_jax.tasks", "matpac_jax.main"}  # they pick a method and hand it down
+
+
+def package_of(module: str) -> str:
+    """The package-level unit of a module: matpac_jax.<first part>."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_generic_layers_import_no_method():
+    """train/, config_lib, parallel, load, checkpoint, inference, models/, data/, ... import no method package:
+    ``tasks`` (or ``main``) builds the task and passes it down; a method imports the generic layers, never the
+    reverse, and no method imports another."""
+    bad = []
+    for m, targets in sorted(own_graph().items()):
+        if m in ABOVE_THE_METHODS:
+            continue
+        mine = package_of(m) if m.startswith(METHODS) else None
+        for t in sorted(targets):
+            if t in ABOVE_THE_METHODS or (t.startswith(METHODS) and package_of(t) != mine):
+                bad.append(f"{m} imports {t}")
+    assert not bad, "imports that reach up into a method:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle_between_packages():
+    graph: dict[str, set[str]] = {}
+    for m, targets in own_graph().items():
+        graph.setdefault(package_of(m), set()).update(package_of(t) for t in targets if package_of(t) != package_of(m))
+    for targets in list(graph.values()):
+        for t in targets:
+            graph.setdefault(t, set())
+    found = cycles(graph)
+    assert not found, "package-level import cycles: " + "; ".join(" <-> ".join(c) for c in found)

@@ -10,13 +10,9 @@ import pytest
 from helpers import assert_close_to_scale
 
 from matpac_jax.finetune.head import AudioSetHead
+from matpac_jax.models.layer_decay import encoder_depth, layer_scales, weight_decay_mask
 from matpac_jax.models.vit import Tokenizer, Transformer
-from matpac_jax.train.layer_decay import (
-    encoder_depth,
-    layer_scales,
-    scale_by_layer,
-    weight_decay_mask,
-)
+from matpac_jax.train.optim import scale_by_layer
 
 DIM, DEPTH, DECAY = 16, 2, 0.5
 BLOCK_LEAVES = [f"{layer}/{leaf}" for layer, leaves in [("norm1", "scale bias"), ("attn/qkv", "kernel bias"),

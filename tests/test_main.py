@@ -95,7 +95,7 @@ def test_smoke_run_trains_checkpoints_and_ends_with_the_probe_line(tmp_path):
 
 
 def test_missing_training_data_fails_before_any_compilation(tmp_path):
-    from matpac_jax.train.loop import train_and_evaluate
+    from matpac_jax.tasks import train_and_evaluate
 
     config = load_config("pp.py", None)
     config.data.train = str(tmp_path / "nothing-*.arrayrecord")
@@ -130,7 +130,7 @@ def test_records_run_resumes_with_the_same_data_order(tmp_path):
     from matpac_jax import parallel
     from matpac_jax.checkpoint import Checkpointer
     from matpac_jax.matpac.task import build
-    from matpac_jax.train.loop import train_and_evaluate
+    from matpac_jax.tasks import train_and_evaluate
 
     write_demo_shards(tmp_path / "data")
     config = records_config(tmp_path / "data")

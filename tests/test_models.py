@@ -422,7 +422,8 @@ def test_every_attention_choice_that_runs_here_computes_the_same_blocks():
 
 
 def test_an_unknown_attention_implementation_fails_before_compute():
-    from matpac_jax.config_lib import ConfigError, check_config
+    from matpac_jax.config_lib import ConfigError
+    from matpac_jax.tasks import check_config
 
     config = load_config()
     config.model.attn_impl = "flash"

@@ -89,14 +89,15 @@ def test_unknown_optimizer_in_a_run_config_is_a_config_error_before_compute(tmp_
     from helpers import load_config
 
     from matpac_jax.config_lib import ConfigError
+    from matpac_jax.tasks import make_task
     from matpac_jax.train.loop import check_run
 
     config = load_config("pp.py", "smoke")
     config.optim.optimizer = "adagrad"
     with pytest.raises(ConfigError, match="config.optim: config.optim.optimizer='adagrad'"):
-        check_run(config, str(tmp_path))
+        check_run(config, str(tmp_path), make_task(config, str(tmp_path)))
     config.optim.optimizer, config.optim.lr_scaling = "lamb", "linear"
-    check_run(config, str(tmp_path))  # accepted
+    check_run(config, str(tmp_path), make_task(config, str(tmp_path)))  # accepted
 
 
 def _fairseq_adam_numpy(o, params, grads, lr_fn, mask):

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from helpers import ROOT, load_config, smoke_config
 
-from matpac_jax import checkpoint as ckpt_lib
-from matpac_jax import parallel, trained_state
-from matpac_jax.checkpoint import Checkpointer, CheckpointError, WorkdirBusyError, WorkdirLock
+from matpac_jax import checksums, parallel, tasks, trained_state
+from matpac_jax.checkpoint import Checkpointer, CheckpointError
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.matpac import task as pretrain
 from matpac_jax.train import loop
 from matpac_jax.train.metrics_log import TIMING_KEYS, NonFiniteError
+from matpac_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
 def _smoke(steps=4, **overrides):
@@ -55,7 +55,7 @@ def _no_memory_report():
 def finished(tmp_path_factory, _no_memory_report):
     """A finished 4-step smoke run (checkpoints 2 and 4); tests work on copies (``_copy``)."""
     workdir = tmp_path_factory.mktemp("safety") / "run"
-    loop.train_and_evaluate(_smoke(), str(workdir))
+    tasks.train_and_evaluate(_smoke(), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["2", "4"]
     return workdir
 
@@ -88,7 +88,7 @@ def test_a_second_run_on_a_locked_workdir_fails_before_touching_it(tmp_path):
     (workdir / "metrics.jsonl").write_text('{"step": 9}\n')  # another run's metrics, past any checkpoint
     with WorkdirLock(str(workdir)):
         with pytest.raises(WorkdirBusyError, match=rf"in use by another run \(pid {os.getpid()} on "):
-            loop.train_and_evaluate(_smoke(), str(workdir))
+            tasks.train_and_evaluate(_smoke(), str(workdir))
         assert (workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1").is_dir()
         assert (workdir / "metrics.jsonl").read_text() == '{"step": 9}\n'
         WorkdirLock(str(workdir), process_index=1).acquire().release()  # another process of the same job: free
@@ -130,10 +130,9 @@ def test_the_step_keeps_the_state_when_the_update_turns_it_non_finite():
 def test_the_distillation_step_keeps_the_state_when_the_update_turns_it_non_finite():
     import flax.linen as nn
 
-    from matpac_jax.distill.step import create_distill_state, make_distill_step
-    from matpac_jax.matpac.task import frontend_config
-    from matpac_jax.train.optim import lr_schedule, make_optimizer
-    from matpac_jax.train.program import guarded
+    from matpac_jax import parallel
+    from matpac_jax.distill.step import make_program
+    from matpac_jax.train.program import compile_program
 
     class Tiny(nn.Module):  # BatchNorm + two layers: the step's contract, compiled in a moment
         @nn.compact
@@ -146,12 +145,10 @@ def test_the_distillation_step_keeps_the_state_when_the_update_turns_it_non_fini
     config.optim.lr = float("nan")  # past check_config: the guard must hold on its own
     config.distill.targets = "raw"
     model, mel_shape = Tiny(), (1, config.audio.n_mels, 8)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
-    tx = make_optimizer(config.optim, config.total_steps, params, config.data.batch_size)
     samples = int(config.audio.seconds * config.audio.sample_rate)
-    state = create_distill_state(model, tx, jax.random.key(0), mel_shape)
-    step = jax.jit(guarded(make_distill_step(model, config, tx, frontend_config(config),
-                                             lr_schedule(config.optim, config.total_steps))))  # fmt: skip
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    init, step, _ = compile_program(make_program(model, config, mel_shape), mesh, config)  # the trainer's guard
+    state = init(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"audio": jnp.asarray(rng.integers(-3000, 3000, (4, samples)), jnp.int16),
              "target": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}  # fmt: skip
@@ -168,7 +165,7 @@ def test_skip_stops_after_max_consecutive_skips_with_finite_checkpoints_and_a_st
         {"audio": np.full_like(b["audio"], np.nan)} for b in original(source, first)))  # fmt: skip
     config = _smoke(nonfinite="skip", nonfinite_max_skips=3)  # 4 steps: the step the other tests compile
     with pytest.raises(NonFiniteError, match=r"steps 1\.\.3: 3 non-finite updates in a row") as e:
-        loop.train_and_evaluate(config, str(tmp_path))
+        tasks.train_and_evaluate(config, str(tmp_path))
     assert "nonfinite_max_skips=3" in str(e.value)
 
     def no_constants(name):
@@ -190,20 +187,20 @@ def test_skip_stops_after_max_consecutive_skips_with_finite_checkpoints_and_a_st
 
 def test_the_checksum_manifest_is_written_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
     seen = []
-    original = ckpt_lib.write_manifest
+    original = checksums.write_manifest
 
     def write_manifest(d, step):
         seen.append((os.path.basename(d), os.path.isdir(tmp_path / "checkpoints" / str(step))))
         return original(d, step)
 
-    monkeypatch.setattr(ckpt_lib, "write_manifest", write_manifest)
+    monkeypatch.setattr(checksums, "write_manifest", write_manifest)
     for step, async_save in ((1, True), (2, False)):
         c = Checkpointer(str(tmp_path), async_save=async_save)
         c.save(step, {"x": jnp.arange(3.0)}, load_config())
         c.close()
     assert [(".orbax-checkpoint-tmp" in name, committed) for name, committed in seen] == [(True, False)] * 2
     for step in (1, 2):
-        assert ckpt_lib.verify(str(tmp_path / "checkpoints" / str(step))) == (step, None)
+        assert checksums.verify(str(tmp_path / "checkpoints" / str(step))) == (step, None)
 
 
 def test_a_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_and_ends_identical(finished, tmp_path,
@@ -213,7 +210,7 @@ def test_a_flipped_bit_in_the_latest_checkpoint_falls_back_to_the_previous_and_e
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x10
     open(path, "wb").write(bytes(data))
-    result = loop.train_and_evaluate(_smoke(), str(workdir))
+    result = tasks.train_and_evaluate(_smoke(), str(workdir))
     err = capsys.readouterr().err
     rel = os.path.relpath(path, workdir / "checkpoints" / "4")
     assert f"checkpoint 4 is corrupt or unverifiable: {rel} differs from what was written" in err
@@ -271,7 +268,7 @@ def test_no_verifiable_checkpoint_is_an_error_naming_each_step_and_moves_nothing
     for step in ("2", "4"):
         os.remove(workdir / "checkpoints" / step / "checksums.json")  # as written by an older version
     with pytest.raises(CheckpointError, match=r"step 4: it has no checksums.json.*step 2: .*verify=False"):
-        loop.train_and_evaluate(_smoke(), str(workdir))
+        tasks.train_and_evaluate(_smoke(), str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert _resume_step(workdir, verify=False) == 4  # the escape hatch: resume unverified
 
@@ -300,9 +297,9 @@ def test_resume_with_another_model_or_fewer_steps_is_refused_naming_the_keys(fin
     config.model.encoder.dim = 128
     config.optim.lr = 1e-3
     with pytest.raises(ConfigError, match=r"config.model.encoder.dim: saved 64, now 128; config.optim.lr: saved"):
-        loop.train_and_evaluate(config, str(workdir))
+        tasks.train_and_evaluate(config, str(workdir))
     with pytest.raises(ConfigError, match=r"config.total_steps=3 is below the step of the latest checkpoint, 4"):
-        loop.train_and_evaluate(_smoke(steps=3), str(workdir))
+        tasks.train_and_evaluate(_smoke(steps=3), str(workdir))
     assert _metrics(workdir) == _metrics(finished)  # nothing was written
 
 
@@ -349,14 +346,14 @@ def test_bad_values_fail_before_compute_naming_the_key(tmp_path, key, value, mes
         node = node[p]
     node[leaf] = value
     with pytest.raises(ConfigError, match=message):
-        loop.check_run(config, str(tmp_path))
+        loop.check_run(config, str(tmp_path), tasks.make_task(config, str(tmp_path)))
 
 
 def test_distillation_values_fail_before_compute_naming_the_key(tmp_path):
     config = load_config("ssondo.py", "smoke")
     config.distill.temperature = float("inf")
     with pytest.raises(ConfigError, match=r"config.distill.temperature=inf: expected a finite number > 0"):
-        loop.check_run(config, str(tmp_path))
+        loop.check_run(config, str(tmp_path), tasks.make_task(config, str(tmp_path)))
 
 
 # --- A full disk.
@@ -384,10 +381,10 @@ def test_a_full_disk_stops_the_run_with_its_own_error_and_the_rerun_resumes(fini
         m.setattr(MetricsLog, "flush", full)
         m.setattr(MetricsLog, "close", closed)
         with pytest.raises(OSError) as e:
-            loop.train_and_evaluate(_smoke(), str(workdir))
+            tasks.train_and_evaluate(_smoke(), str(workdir))
     assert e.value.errno == errno.ENOSPC
     assert "closing MetricsLog failed too: ValueError: I/O operation on closed file" in capsys.readouterr().err
     message = disk_full_message(e.value, str(workdir))
     assert f"writing {workdir}/metrics.jsonl (No space left on device)" in message and "rerun the same" in message
-    loop.train_and_evaluate(_smoke(), str(workdir))
+    tasks.train_and_evaluate(_smoke(), str(workdir))
     assert _metrics(workdir) == _metrics(finished)

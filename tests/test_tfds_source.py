@@ -15,11 +15,12 @@ import soundfile as sf
 from helpers import load_config
 
 from matpac_jax.audio.io import from_int16, load_audio, to_int16
-from matpac_jax.config_lib import ConfigError, check_config
+from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.pipeline import pretrain_dataset, train_input
 from matpac_jax.data.tfds_audio import make_builder
 from matpac_jax.data.tfds_source import TfdsAudioSource
 from matpac_jax.evaluate.datasets import load_task
+from matpac_jax.tasks import check_config
 
 SR, CROP = 16000, 3000
 SPLITS = ["train"] * 6 + ["validation"] * 2 + ["test"] * 2

@@ -1,5 +1,7 @@
 """The pretraining step: EMA order, center update, loss composition, optimizer recipe, learning."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 from helpers import load_config
 
-from matpac_jax import parallel
+from matpac_jax import parallel, tasks
 from matpac_jax.matpac import task as pretrain
 from matpac_jax.train.optim import (
     clip_by_global_norm,
@@ -280,19 +282,22 @@ def test_batch_spec_is_what_the_input_yields(tmp_path):
     from helpers import smoke_config
 
     from matpac_jax.matpac import step as matpac_step
-    from matpac_jax.train import loop
 
     traced = []
-    real = matpac_step.make_train_step
+    real = matpac_step.make_program
 
     def counting(*args, **kwargs):
-        fn = real(*args, **kwargs)
-        return lambda state, batch, rng: (traced.append({k: (v.shape, v.dtype) for k, v in batch.items()}),
-                                          fn(state, batch, rng))[1]  # fmt: skip
+        program = real(*args, **kwargs)
+
+        def prepare(state, batch, rng):
+            traced.append({k: (v.shape, v.dtype) for k, v in batch.items()})
+            return program.prepare(state, batch, rng)
+
+        return dataclasses.replace(program, prepare=prepare)
 
     config = smoke_config(3)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pretrain, "make_train_step", counting)
-        loop.train_and_evaluate(config, str(tmp_path / "run"))
+        mp.setattr(pretrain, "make_program", counting)
+        tasks.train_and_evaluate(config, str(tmp_path / "run"))
     batch = pretrain.PretrainTask(config, "/nonexistent").make_input().source(0)
     assert traced and all(t == {k: (v.shape, v.dtype) for k, v in batch.items()} for t in traced), traced

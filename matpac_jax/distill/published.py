@@ -40,19 +40,23 @@ import ml_collections as mlc
 import numpy as np
 from flax import traverse_util
 
-from matpac_jax import convert, parallel
+from matpac_jax import convert
 from matpac_jax.config_lib import ConfigError, load_config_file
 from matpac_jax.convert import ConversionError, check_output
 from matpac_jax.models import dymn, eres2net
 from matpac_jax.models.student import Student, save_student
 from matpac_jax.models.students import LARGE, MobileNetV3, count_params, make_divisible
 from matpac_jax.saved_model import refuse_other_kind
-from matpac_jax.state_dict_io import StateDictMismatch  # noqa: F401  (raised here, defined with the file formats)
+from matpac_jax.state_dict_io import StateDictMismatch
 
 # --- EfficientAT's mn backbone (models/mn/model.py MN.features, block_types.py InvertedResidual).
 
-_BN = (("weight", "params", "scale"), ("bias", "params", "bias"), ("running_mean", "batch_stats", "mean"),
-       ("running_var", "batch_stats", "var"))  # fmt: skip
+_BN = (
+    ("weight", "params", "scale"),
+    ("bias", "params", "bias"),
+    ("running_mean", "batch_stats", "mean"),
+    ("running_var", "batch_stats", "var"),
+)
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -83,8 +87,8 @@ def mobilenet_key_map(width: float = 1.0) -> dict[str, tuple[str, str, object]]:
         for j, layer in enumerate(layers):
             if layer == "se":
                 for fc in ("fc1", "fc2"):
-                    out[f"{prefix}.{j}.conc_se_layers.0.{fc}.weight"] = ("params", f"block_{i}/se/{fc}/kernel",
-                                                                         _linear_as_1x1)  # fmt: skip
+                    kernel = f"block_{i}/se/{fc}/kernel"
+                    out[f"{prefix}.{j}.conc_se_layers.0.{fc}.weight"] = ("params", kernel, _linear_as_1x1)
                     out[f"{prefix}.{j}.conc_se_layers.0.{fc}.bias"] = ("params", f"block_{i}/se/{fc}/bias", None)
             else:
                 conv_bn(f"{prefix}.{j}", f"block_{i}/{layer}")
@@ -98,8 +102,10 @@ def _template(module, n_mels: int = 64, frames: int = 64) -> dict[str, tuple[str
     import jax.numpy as jnp
 
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, n_mels, frames))))
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
-            for path, v in jax.tree_util.tree_leaves_with_path(shapes)}  # fmt: skip
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
+        for path, v in jax.tree_util.tree_leaves_with_path(shapes)
+    }
 
 
 def mobilenet_from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.0) -> dict:
@@ -130,8 +136,12 @@ def mobilenet_from_torch_state_dict(sd: dict[str, np.ndarray], width: float = 1.
 
 # --- Layouts: EfficientAT (features.* + classifier.*) or S-SONDO's Lightning checkpoint (student_model.*).
 
-HEAD_KEYS = {"mlp.0.weight": ("fc1", "kernel"), "mlp.0.bias": ("fc1", "bias"), "mlp.3.weight": ("fc2", "kernel"),
-             "mlp.3.bias": ("fc2", "bias")}  # fmt: skip
+HEAD_KEYS = {
+    "mlp.0.weight": ("fc1", "kernel"),
+    "mlp.0.bias": ("fc1", "bias"),
+    "mlp.3.weight": ("fc2", "kernel"),
+    "mlp.3.bias": ("fc2", "bias"),
+}
 
 
 def split_published(sd: dict[str, np.ndarray]) -> dict:
@@ -148,8 +158,13 @@ def split_published(sd: dict[str, np.ndarray]) -> dict:
     if not ssondo:
         dropped = sorted(k for k in sd if k.startswith("classifier."))  # EfficientAT's classifier (mn10_im.pt)
         backbone = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-        return {"layout": "plain", "backbone": backbone, "head": None, "dropped": dropped,
-                "training_config": training_config}  # fmt: skip
+        return {
+            "layout": "plain",
+            "backbone": backbone,
+            "head": None,
+            "dropped": dropped,
+            "training_config": training_config,
+        }
     prefix = ssondo[0]
     body, head_prefix = f"{prefix}model.", f"{prefix}classification_head."
     unknown = [k for k in sd if not k.startswith((body, head_prefix))]
@@ -157,9 +172,9 @@ def split_published(sd: dict[str, np.ndarray]) -> dict:
     unknown += [head_prefix + k for k in head if k not in HEAD_KEYS]
     missing = [head_prefix + k for k in HEAD_KEYS if k not in head]
     if unknown or missing:
-        raise StateDictMismatch("S-SONDO student checkpoint", unknown, missing,
-                                "expected the backbone under 'student_model.model.' and the projection head "
-                                "'student_model.classification_head.mlp.{0,3}.{weight,bias}'")  # fmt: skip
+        head_keys = "'student_model.classification_head.mlp.{0,3}.{weight,bias}'"
+        detail = f"expected the backbone under 'student_model.model.' and the projection head {head_keys}"
+        raise StateDictMismatch("S-SONDO student checkpoint", unknown, missing, detail)
     backbone = {k[len(body) :]: v for k, v in sd.items() if k.startswith(body)}
     return {"layout": "ssondo", "backbone": backbone, "head": head, "dropped": [], "training_config": training_config}
 
@@ -218,8 +233,9 @@ def _load(path: str, student_config) -> tuple[dict, dict]:
     arch = student_config.arch
     name = _config_value(parts["training_config"], "student_model.model_name")
     if name is not None and _arch_of_model_name(str(name)) != arch:
-        raise ValueError(f"{path} holds an S-SONDO {name!r} student ({_arch_of_model_name(str(name))}), not "
-                         f"{arch}: set config.student.arch / --arch accordingly")  # fmt: skip
+        held = _arch_of_model_name(str(name))
+        fix = "set config.student.arch / --arch accordingly"
+        raise ValueError(f"{path} holds an S-SONDO {name!r} student ({held}), not {arch}: {fix}")
     try:
         backbone = backbone_from_torch(arch, parts["backbone"], student_config)
     except StateDictMismatch as e:
@@ -276,51 +292,41 @@ def _number(get, key: str, zero_ok: bool = False) -> float:
 
 
 def _shapes(tree) -> dict[str, tuple]:
-    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(v))
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(v))
+        for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
-def initialise_from(init_fn, student_config, abstract):
-    """``init_fn`` (rng -> DistillState; ``abstract``: its sharded shapes) whose backbone (and projection head, when
-    the file has one of the same shapes) start from ``student_config.init_from``'s weights. The file is read and its
-    shapes checked against the state ``abstract`` now, before anything runs: a ``ConfigError`` names the file and the
-    mismatching keys."""
+def initialise_from(student_config, abstract) -> dict:
+    """The weights ``student_config.init_from`` holds, as the part of a DistillState they replace
+    (``StepProgram.initial_weights``; train.initial_weights checks every shape against ``abstract`` and places
+    them): the backbone's parameters and BatchNorm statistics, and the projection head when the file has one of this
+    run's shapes. A file that cannot be read is a ``ConfigError`` naming it."""
     path = student_config.init_from
     try:
         loaded = load_student_weights(path, student_config)
     except (ConversionError, ValueError) as e:
         raise ConfigError(f"config.student.init_from={path}: {e}") from None
-    groups = [("params", "backbone"), ("batch_stats", "backbone")]
+    weights = {collection: {"backbone": loaded[collection]["backbone"]} for collection in ("params", "batch_stats")}
     head = loaded["params"].get("head")
     if head is not None and _shapes(head) == _shapes(abstract.params["head"]):
-        groups.append(("params", "head"))
+        weights["params"]["head"] = head
     elif head is not None:
-        print(f"{path}: its projection head {_shapes(head)} does not fit this run's "
-              f"{_shapes(abstract.params['head'])}: the head starts from scratch", flush=True)  # fmt: skip
-    for collection, group in groups:
-        have, want = _shapes(loaded[collection][group]), _shapes(getattr(abstract, collection)[group])
-        if have != want:
-            diff = sorted(f"{k}: file {have.get(k)} vs student {want.get(k)}" for k in set(have) | set(want)
-                          if have.get(k) != want.get(k))  # fmt: skip
-            raise ConfigError(f"config.student.init_from={path}: {collection}/{group} does not fit the student: {diff}")
-
-    def init(rng):
-        state = init_fn(rng)
-        new = {"params": dict(state.params), "batch_stats": dict(state.batch_stats)}
-        for collection, group in groups:
-            shardings = jax.tree.map(lambda a: a.sharding, getattr(abstract, collection)[group])
-            new[collection][group] = parallel.place(loaded[collection][group], shardings)
-        return state.replace(params=new["params"], batch_stats=new["batch_stats"])
-
-    return init
+        have, want = _shapes(head), _shapes(abstract.params["head"])
+        print(f"{path}: its projection head {have} does not fit this run's {want}: the head starts from scratch")
+    return weights
 
 
 # --- CLI: a published file -> a student directory (models.student.save_student's format).
 
-ARCHS = {"mn10": dict(arch="mobilenet", width=1.0), "dymn10": dict(arch="dymn", width=1.0),
-         "eres2net": dict(arch="eres2net")}  # fmt: skip
-_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                       "ssondo.py")  # fmt: skip
+ARCHS = {
+    "mn10": dict(arch="mobilenet", width=1.0),
+    "dymn10": dict(arch="dymn", width=1.0),
+    "eres2net": dict(arch="eres2net"),
+}
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_RECIPE = os.path.join(_REPO, "configs", "ssondo.py")
 
 
 def student_config_for(arch: str, config_path: str = _RECIPE):
@@ -336,8 +342,9 @@ def student_config_for(arch: str, config_path: str = _RECIPE):
 
 
 def convert_to_student(path: str, arch: str, output: str, config_path: str = _RECIPE) -> dict:
-    """Write ``output`` as ``save_student`` does (backbone params and BatchNorm statistics + student.json with the
-    recipe's front-end, or the checkpoint's own when it records one) and load it back with ``Student.load``."""
+    """Write ``output`` as ``save_student`` does (a model directory: ``weights.npz`` with the backbone's params and
+    BatchNorm statistics, ``model.json`` with kind 'student' and the recipe's student and front-end sections, the
+    front-end the checkpoint's own when it records one) and load it back with ``Student.load``."""
     check_output(output, directory=True)
     refuse_other_kind(output, "student")
     config = student_config_for(arch, config_path)
@@ -345,12 +352,12 @@ def convert_to_student(path: str, arch: str, output: str, config_path: str = _RE
     audio = frontend_of(parts["training_config"])
     if audio is not None:
         config.audio.update(audio)
-    state = SimpleNamespace(step=0, params={"backbone": variables["params"]["backbone"]},
-                            batch_stats={"backbone": variables["batch_stats"]["backbone"]})  # fmt: skip
+    backbone = {collection: {"backbone": variables[collection]["backbone"]} for collection in ("params", "batch_stats")}
+    state = SimpleNamespace(step=0, **backbone)
     save_student(output, config, state)
     student = Student.load(output)  # the directory reads back as a student
-    return {"directory": output, "arch": arch, "params": count_params(student.variables["params"]),
-            "dropped": parts["dropped"], "layout": parts["layout"]}  # fmt: skip
+    params = count_params(student.variables["params"])
+    return {"directory": output, "arch": arch, "params": params, "dropped": parts["dropped"], "layout": parts["layout"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dropped = f"; dropped {len(out['dropped'])} classifier keys" if out["dropped"] else ""
-    print(f"wrote {out['directory']}: {out['arch']} backbone ({out['layout']} layout), {out['params']:,} parameters"
-          f"{dropped}")  # fmt: skip
+    written = f"{out['arch']} backbone ({out['layout']} layout), {out['params']:,} parameters"
+    print(f"wrote {out['directory']}: {written}{dropped}")
     return 0
 
 

@@ -9,31 +9,56 @@ teacher's embeddings side by side on the demo's labelled split (evaluate.harness
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from matpac_jax.audio.frontend import LogMelConfig, num_frames
-from matpac_jax.config_lib import ConfigError
+from matpac_jax.config_lib import NON_NEGATIVE, POSITIVE, UNIT_HALF_OPEN, ConfigError, check_numbers
 from matpac_jax.data.demo import demo_embeddings, demo_splits
 from matpac_jax.distill.corpus import target_stats
 from matpac_jax.distill.data import distill_dataset
 from matpac_jax.distill.published import initialise_from
-from matpac_jax.distill.step import create_distill_state, make_distill_step
+from matpac_jax.distill.step import COMPUTE_DTYPES, make_program
 from matpac_jax.evaluate.harness import probe_with_ci
 from matpac_jax.load import load_model
 from matpac_jax.models.student import Student, save_student
 from matpac_jax.models.students import count_params, make_student
-from matpac_jax.train.optim import lr_schedule, make_optimizer
-from matpac_jax.train.task import StepProgram, TaskInput
+from matpac_jax.train.task import State, StepProgram, TaskInput
 
 SCRATCH = "none"  # config.student.init_from: start a student that has ImageNet weights from scratch on purpose
 IMAGENET_START = {"mobilenet": "mn", "dymn": "dymn"}  # EfficientAT's {prefix}{width x 10:02d}_im.pt
 
 
-def check_start(student) -> None:
+DISTILL_CHECKS = {
+    "distill.temperature": POSITIVE,
+    "distill.mixup": NON_NEGATIVE,
+    "student.width": POSITIVE,
+    "student.dropout": UNIT_HALF_OPEN,
+    "audio.seconds": POSITIVE,
+}
+
+
+def check_distill(config: ConfigDict) -> None:
+    """ConfigError naming the key: the loss and student settings, the input (the teacher pass's record shards), the
+    student's start."""
+    check_numbers(config, DISTILL_CHECKS)
+    if config.data.source != "records":
+        raise ConfigError(
+            f"config.data.source={config.data.source!r}: distillation reads the teacher pass's record shards "
+            "(data.source='records')"
+        )
+    if config.student.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"config.student.dtype={config.student.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    check_start(config.student)
+
+
+def check_start(student: ConfigDict) -> None:
     """mn / dymn students start from EfficientAT's ImageNet weights, as every published S-SONDO run (configs/ssondo.py
     docstring): refuse, before anything is computed, a run that names neither them nor ``none``."""
     if student.arch in IMAGENET_START and not student.init_from:
@@ -51,12 +76,17 @@ class DistillTask:
 
     console_metrics = (("cos_to_teacher", "cos to teacher"),)
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir
-        check_start(config.student)
-        self.frontend = LogMelConfig.from_audio_config(config.audio)
-        self.samples = int(round(config.audio.seconds * config.audio.sample_rate))
-        self.tokens_per_sample = num_frames(self.samples, self.frontend)  # log-mel frames per clip
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Log-mel frames per clip."""
+        a = self.config.audio
+        return num_frames(int(round(a.seconds * a.sample_rate)), LogMelConfig.from_audio_config(a))
+
+    def check(self) -> None:
+        check_distill(self.config)
 
     def make_input(self) -> TaskInput:
         c = self.config
@@ -72,7 +102,7 @@ class DistillTask:
         emb = np.load(os.path.join(c.teacher.embeddings, "embeddings.npy"), mmap_mode="r")
         return TaskInput(ds, {"target_dim": emb.shape[1]})
 
-    def periodic_probe(self):
+    def periodic_probe(self) -> Callable[[int, State, Any], None]:
         if self.config.probe.every:
             raise ConfigError("config.probe.every: periodic probes are for pretraining; distillation probes at the end")
         return lambda step, state, tb: None
@@ -80,21 +110,15 @@ class DistillTask:
     def build(self, data: TaskInput) -> StepProgram:
         c = self.config
         self.model = make_student(c.student, data.info["target_dim"])
-        mel_shape = (1, c.audio.n_mels, self.tokens_per_sample)
-        params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
-        tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
         stats = None if c.distill.targets == "raw" else target_stats(c.teacher.embeddings)
-        lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
-        published = None
-        if c.student.init_from not in ("", SCRATCH):  # published weights (EfficientAT / S-SONDO), checked at build
-            published = lambda init_fn, abstract: initialise_from(init_fn, c.student, abstract)  # noqa: E731
-        return StepProgram(
-            init=lambda rng: create_distill_state(self.model, tx, rng, mel_shape),
-            step=make_distill_step(self.model, c, tx, self.frontend, lr, stats),
-            initial_weights=published,
-        )
+        program = make_program(self.model, c, (1, c.audio.n_mels, self.tokens_per_sample), stats)
+        if c.student.init_from in ("", SCRATCH):
+            return program
+        source = f"config.student.init_from={c.student.init_from}"  # published weights (EfficientAT / S-SONDO)
+        weights = lambda abstract: initialise_from(c.student, abstract)  # noqa: E731
+        return dataclasses.replace(program, initial_weights=weights, init_from=source)
 
-    def closing(self, state) -> dict | None:
+    def closing(self, state: State) -> dict | None:
         directory = os.path.join(self.workdir, "student")
         if jax.process_index() == 0:
             save_student(directory, self.config, state)
@@ -104,7 +128,7 @@ class DistillTask:
         return probe_side_by_side(self.config, Student.load(directory))
 
 
-def probe_side_by_side(config, student: Student) -> dict:
+def probe_side_by_side(config: ConfigDict, student: Student) -> dict:
     """Linear probes of the student's, the initial student's and the teacher's clip embeddings on the demo's
     labelled split (the harness, ``config.probe.seeds`` seeds): {'student', 'init', 'teacher'} and their '_ci95'.
     All three are loaded models (``load_model``'s interface), embedded by the same path as the probe CLI's."""
@@ -112,10 +136,12 @@ def probe_side_by_side(config, student: Student) -> dict:
     splits = demo_splits(d.num_train, d.num_test, d.seconds, d.seed, sample_rate=d.sample_rate)
     train = splits[0]
     initial = Student(student.config, Student.initial_variables(student.config, c.seed))
-    models = {"student": student, "init": initial, "teacher": load_model(c.teacher.checkpoint)}
-    x, labels = {}, None
+    models: dict[str, Any] = {"student": student, "init": initial, "teacher": load_model(c.teacher.checkpoint)}
+    x: dict[str, np.ndarray] = {}
+    labels: np.ndarray | None = None
     for name, m in models.items():
         x[name], labels, _ = demo_embeddings(m, splits, d.sample_rate)
+    assert labels is not None  # set by the first model
     params = {name: count_params(m.variables["params"] if name != "teacher" else m.params)
               for name, m in models.items()}  # fmt: skip
     seeds = tuple(range(c.seed, c.seed + c.probe.seeds))

@@ -22,51 +22,74 @@ restored state when ``best.json`` disagrees with the checkpoint: a kill at any m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+from ml_collections import ConfigDict
 
-from matpac_jax import parallel
 from matpac_jax.audio.frontend import LogMelConfig, log_mel
-from matpac_jax.config_lib import ConfigError
+from matpac_jax.config_lib import NON_NEGATIVE, ConfigError, check_int, check_number
 from matpac_jax.fileio import atomic_write_json, atomic_write_text, strict_json
 from matpac_jax.finetune.data import eval_clips, train_input
 from matpac_jax.finetune.head import head_variables_from_encoder
 from matpac_jax.finetune.metrics import bootstrap_ci, classes_without_positive, evaluate_scores
 from matpac_jax.finetune.model import FinetuneModel, as_encoder, stored_positions
-from matpac_jax.finetune.step import create_finetune_state, make_finetune_step
+from matpac_jax.finetune.step import make_program
 from matpac_jax.inference import Encoder
 from matpac_jax.load import load_model
+from matpac_jax.models.layer_decay import vit_layer_ids
 from matpac_jax.models.positions import m2d_positions
-from matpac_jax.models.vit import sincos_pos_embed_2d
-from matpac_jax.train.optim import lr_schedule, make_optimizer
-from matpac_jax.train.task import StepProgram, TaskInput
+from matpac_jax.models.vit import check_vit_config, sincos_pos_embed_2d
+from matpac_jax.train.task import Params, State, StepProgram, TaskInput
 
 EVAL_BATCH = 32
 
 
-def frozen_encoder(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
-    """``tx`` whose updates of everything but the head are zero (weight decay included): the frozen-encoder
-    baseline."""
-    return optax.chain(tx, optax.masked(optax.set_to_zero(), {k: k != "head" for k in params}))
+POSITIONS = ("pretrained", "sincos")  # finetune/model.py: the encoder's table moved as m2d does, or sin-cos
 
 
-def frozen_positions(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
-    """``tx`` whose update of ``tokenizer/pos_embed`` is zero (weight decay and momentum included): the positions are
-    constants as in m2d (``requires_grad=False``); their gradient is zero already (``Tokenizer``'s stop_gradient)."""
-    mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: tuple(getattr(k, "key", k) for k in path) == ("tokenizer", "pos_embed"), params
-    )
-    return optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
+def frozen_mask(config: ConfigDict, params: Params) -> Any:
+    """True where a parameter gets no update: everything but the head for the frozen-encoder baseline
+    (``finetune.freeze_encoder``); ``tokenizer/pos_embed`` when the positions are stored (constants as in m2d,
+    ``requires_grad=False``; their gradient is zero already: ``Tokenizer``'s stop_gradient)."""
+    freeze_encoder, positions = bool(config.finetune.freeze_encoder), stored_positions(config)
+
+    def frozen(path: tuple, _: Any) -> bool:
+        names = tuple(getattr(k, "key", k) for k in path)
+        return (freeze_encoder and names[0] != "head") or (positions and names == ("tokenizer", "pos_embed"))
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
 
 
-def pretrained(config) -> Encoder | None:
+def check_finetune(config: ConfigDict) -> None:
+    """ConfigError naming the key: the ViT, the head and augmentation settings, the labelled input."""
+    check_vit_config(config)
+    f = config.finetune
+    check_int(config, "finetune.num_classes", 1)
+    for key in ("freq_mask", "time_mask", "time_shift", "eval_every", "bootstrap"):
+        check_int(config, f"finetune.{key}", 0)
+    check_number(config, "finetune.mixup", *NON_NEGATIVE)
+    if f.positions not in POSITIONS:
+        raise ConfigError(f"config.finetune.positions={f.positions!r}: expected one of {POSITIONS}")
+    if config.data.source not in ("records", "demo"):
+        raise ConfigError(f"config.data.source={config.data.source!r}: fine-tuning reads labelled 'records' or 'demo'")
+    if config.data.source == "records" and not (config.data.train and f.eval):
+        raise ConfigError(
+            "fine-tuning on records needs --config.data.train=SHARDS and --config.finetune.eval=SHARDS (the "
+            "evaluation set, read in full)"
+        )
+    if config.data.batch_size < 2:
+        raise ConfigError("config.data.batch_size must be >= 2: the head's BatchNorm uses the batch's statistics")
+
+
+def pretrained(config: ConfigDict) -> Encoder | None:
     """The encoder ``config.finetune.init_from`` names, checked to fit the model: ConfigError naming what differs."""
     path = config.finetune.init_from
     if not path:
@@ -91,7 +114,7 @@ def pretrained(config) -> Encoder | None:
     return enc
 
 
-def pretrained_positions(enc: Encoder, config) -> np.ndarray:
+def pretrained_positions(enc: Encoder, config: ConfigDict) -> np.ndarray:
     """The encoder's position table [F·T0, D] (its stored one, else the sin-cos table of its grid) brought to the
     fine-tuning grid [F·T, D] as m2d does (models.positions: bicubic resampling when longer, cut when shorter)."""
     s, grid_f = enc.spec, config.audio.n_mels // config.model.patch
@@ -102,24 +125,29 @@ def pretrained_positions(enc: Encoder, config) -> np.ndarray:
 
 
 class FinetuneTask:
-    console_metrics = ()
+    console_metrics: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir
-        a = config.audio
-        self.tokens_per_sample = (a.n_mels // config.model.patch) * (a.crop_frames // config.model.patch)
-        self.model = FinetuneModel.from_config(config)
-        self.frontend = LogMelConfig.from_audio_config(a)
-        self.splits = None
+        self.splits: Any = None
         self.history: list[dict] = []  # {'step', metric: value} of every periodic evaluation, as in eval.jsonl
         self.best: dict = {"mAP": -1.0}  # {'step', metric: value} of the best one so far, as in best.json
-        self._scored = None  # (step, logits, targets) of the latest evaluation: the closing's CI reuses them
+        # (step, logits, targets) of the latest evaluation: the closing's CI reuses them
+        self._scored: tuple[int, np.ndarray, np.ndarray] | None = None
         self._flagged = False  # classes without a positive in the evaluation set: said once
         self._scores = jax.jit(
             lambda params, stats, audio: self.model.apply(
                 {"params": params, "batch_stats": stats}, log_mel(audio, self.frontend), train=False
             )
         )
+
+    @property
+    def tokens_per_sample(self) -> int:
+        a, patch = self.config.audio, self.config.model.patch
+        return (a.n_mels // patch) * (a.crop_frames // patch)
+
+    def check(self) -> None:
+        check_finetune(self.config)
 
     def make_input(self) -> TaskInput:
         source, self.splits = train_input(self.config, self.workdir)
@@ -129,50 +157,33 @@ class FinetuneTask:
     def build(self, data: TaskInput) -> StepProgram:
         del data
         c = self.config
-        mel_shape = (2, c.audio.n_mels, c.audio.crop_frames)
-        params_shape = jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros(mel_shape))["params"])
-        tx = make_optimizer(c.optim, c.total_steps, params_shape, c.data.batch_size)
-        if c.finetune.freeze_encoder:
-            tx = frozen_encoder(tx, params_shape)
-        if stored_positions(c):
-            tx = frozen_positions(tx, params_shape)
-        lr = lr_schedule(c.optim, c.total_steps, c.data.batch_size)
-        enc = pretrained(c)
-        return StepProgram(
-            init=lambda rng: create_finetune_state(self.model, tx, rng, mel_shape),
-            step=make_finetune_step(self.model, c, tx, self.frontend, lr),
-            initial_weights=None if enc is None else lambda init_fn, abstract: self._from(enc, init_fn, abstract),
+        self.model = FinetuneModel.from_config(c)
+        self.frontend = LogMelConfig.from_audio_config(c.audio)
+        frozen = lambda params: frozen_mask(c, params)  # noqa: E731
+        program = make_program(self.model, c, (2, c.audio.n_mels, c.audio.crop_frames), frozen, vit_layer_ids)
+        enc = pretrained(c)  # read and checked against the config now, before anything is compiled
+        if enc is None:
+            return program
+        source = f"config.finetune.init_from={c.finetune.init_from}"
+        return dataclasses.replace(
+            program, initial_weights=lambda abstract: self._weights(enc, abstract), init_from=source
         )
 
-    def _from(self, enc: Encoder, init_fn, abstract):
-        """``init_fn`` with the encoder's weights (and its AudioSet head, when it has one of this shape)."""
-        weights = {k: enc.params[k] for k in ("tokenizer", "encoder")}
+    def _weights(self, enc: Encoder, abstract: State) -> dict:
+        """The stored encoder's weights (and its AudioSet head, when it has one of this shape), as part of the state
+        (train.initial_weights places them)."""
+        params = {k: enc.params[k] for k in ("tokenizer", "encoder")}
         if stored_positions(self.config):  # m2d's positions for this crop (runtime_audio.py:153-166), never trained
-            weights["tokenizer"] = dict(weights["tokenizer"]) | {"pos_embed": pretrained_positions(enc, self.config)}
+            params["tokenizer"] = dict(params["tokenizer"]) | {"pos_embed": pretrained_positions(enc, self.config)}
         head = enc.params.get("head")
-        if head is not None and np.shape(head["bias"]) == abstract.params["head"]["linear"]["bias"].shape:
-            head = head_variables_from_encoder(head)
-        else:
-            head = None
-
-        def put(tree, like):  # host arrays -> the state's dtypes and shardings
-            return parallel.place(jax.tree.map(lambda a, s: np.asarray(a, s.dtype), tree, like),
-                                  jax.tree.map(lambda s: s.sharding, like))  # fmt: skip
-
-        def init(rng):
-            state = init_fn(rng)
-            params = dict(state.params) | {k: put(weights[k], abstract.params[k]) for k in weights}
-            stats = state.batch_stats
-            if head is not None:
-                params["head"] = put(head["params"], abstract.params["head"])
-                stats = {"head": put(head["batch_stats"], abstract.batch_stats["head"])}
-            return state.replace(params=params, batch_stats=stats)
-
-        return init
+        if head is None or np.shape(head["bias"]) != abstract.params["head"]["linear"]["bias"].shape:
+            return {"params": params}
+        head = head_variables_from_encoder(head)
+        return {"params": params | {"head": head["params"]}, "batch_stats": {"head": head["batch_stats"]}}
 
     # --- Evaluation.
 
-    def scores(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, params: Params, batch_stats: dict) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, C] and targets [N, C] of the whole evaluation set (every process's share, gathered)."""
         targets = self.eval_set.targets
         out = []
@@ -187,7 +198,7 @@ class FinetuneTask:
             logits, targets = (np.concatenate(list(multihost_utils.process_allgather(x))) for x in (logits, targets))
         return logits, targets
 
-    def evaluate(self, state, ci: bool = False) -> dict:
+    def evaluate(self, state: State, ci: bool = False) -> dict:
         step = int(jax.device_get(state.step))
         if self._scored is not None and self._scored[0] == step:
             logits, targets = self._scored[1:]
@@ -207,10 +218,10 @@ class FinetuneTask:
             return bootstrap_ci(logits, targets, n_resamples=self.config.finetune.bootstrap, seed=self.config.seed)
         return evaluate_scores(logits, targets)
 
-    def periodic_probe(self):
+    def periodic_probe(self) -> Callable[[int, State, Any], None]:
         every, last = int(self.config.finetune.eval_every), int(self.config.total_steps)
 
-        def run(step: int, state, tb) -> None:
+        def run(step: int, state: State, tb: Any) -> None:
             if step != last and (not every or step % every):
                 return
             result = self.evaluate(state)
@@ -231,7 +242,7 @@ class FinetuneTask:
     def evaluation_state(self) -> dict:
         return {"history": self.history, "best": self.best}
 
-    def restore_evaluation(self, saved: dict | None, step: int, state) -> None:
+    def restore_evaluation(self, saved: dict | None, step: int, state: State) -> None:
         """The history and the best of checkpoint ``step``; ``eval.jsonl`` rewritten from them, ``best/`` rebuilt
         from ``state`` when ``best.json`` disagrees (a kill after the checkpoint of a new best, before or while its
         model was written). A checkpoint without the item (an older version) takes the files as they are."""
@@ -259,7 +270,7 @@ class FinetuneTask:
                 flush=True,
             )
 
-    def evaluation_committed(self, step: int, state) -> None:
+    def evaluation_committed(self, step: int, state: State) -> None:
         if self.best.get("step") == step and jax.process_index() == 0:
             self._write_best(state)
 
@@ -270,7 +281,7 @@ class FinetuneTask:
         lines = "".join(json.dumps(x) + "\n" for x in self.history)
         atomic_write_text(self._path("eval.jsonl"), lines)
 
-    def _write_best(self, state) -> None:
+    def _write_best(self, state: State) -> None:
         """The model to WORKDIR/best, then its figures to best.json: best.json names a whole model."""
         as_encoder(self.config, state.params, state.batch_stats).save(self._path("best"))
         atomic_write_json(self._path("best.json"), self.best)
@@ -295,7 +306,7 @@ class FinetuneTask:
         except (OSError, ValueError):
             return {"mAP": -1.0}
 
-    def closing(self, state) -> dict:
+    def closing(self, state: State) -> dict:
         result = self.evaluate(state, ci=True)  # the last step's periodic evaluation's scores, with a CI
         step = int(jax.device_get(state.step))
         if jax.process_index() == 0:

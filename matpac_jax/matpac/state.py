@@ -17,12 +17,13 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(model, rng: jax.Array) -> TrainState:
+    """The initial state; ``opt_state`` is the trainer's to fill (train.program)."""
     student, teacher = model.init(rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         student=student,
         teacher=teacher,
         center=jnp.zeros((model.cls_head.num_prototypes,), jnp.float32),
-        opt_state=tx.init(student),
+        opt_state=None,
     )

@@ -5,51 +5,47 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from ml_collections import ConfigDict
 
 from matpac_jax.audio.frontend import LogMelConfig, num_samples_for_frames
 from matpac_jax.config_lib import ConfigError
 from matpac_jax.data.demo import demo_embeddings, demo_splits
 from matpac_jax.data.in_memory import CropBatcher
 from matpac_jax.data.pipeline import pretrain_dataset, train_input
+from matpac_jax.evaluate.datasets import Task as ProbeTask
 from matpac_jax.evaluate.datasets import load_task
 from matpac_jax.evaluate.harness import evaluate_task, probe_with_ci
 from matpac_jax.inference import Encoder, EncoderSpec
+from matpac_jax.matpac.checks import check_pretrain
 from matpac_jax.matpac.model import MatpacModel
-from matpac_jax.matpac.state import create_train_state
-from matpac_jax.matpac.step import make_train_step
+from matpac_jax.matpac.step import make_program
 from matpac_jax.probe import embed_task
-from matpac_jax.train.optim import lr_schedule, make_optimizer
 from matpac_jax.train.program import compile_program
-from matpac_jax.train.task import StepProgram, TaskInput
+from matpac_jax.train.task import State, StepProgram, TaskInput
 
 
-def frontend_config(config) -> LogMelConfig:
+def frontend_config(config: ConfigDict) -> LogMelConfig:
     return LogMelConfig.from_audio_config(config.audio)
 
 
-def step_program(config, model: MatpacModel) -> StepProgram:
-    """The pure init and step of MATPAC / MATPAC++ for a config."""
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0))[0])
-    tx = make_optimizer(config.optim, config.total_steps, params_shape, config.data.batch_size)
-    lr = lr_schedule(config.optim, config.total_steps, config.data.batch_size)
-    return StepProgram(init=lambda rng: create_train_state(model, tx, rng),
-                       step=make_train_step(model, config, tx, frontend_config(config), lr))  # fmt: skip
-
-
-def build(config, mesh):
+def build(
+    config: ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[MatpacModel, Callable[[jax.Array], State], Callable, Any]:
     """Model, jitted sharded init and step (train.program) and the sharded abstract state for a config on a mesh."""
     model = MatpacModel.from_config(config)
-    init_fn, train_step, abstract = compile_program(step_program(config, model), mesh)
+    init_fn, train_step, abstract = compile_program(make_program(model, config), mesh, config)
     return model, init_fn, train_step, abstract
 
 
-def crop_samples(config) -> int:
+def crop_samples(config: ConfigDict) -> int:
     return num_samples_for_frames(config.audio.crop_frames, frontend_config(config))
 
 
-def make_input(config):
+def make_input(config: ConfigDict) -> tuple[Any, tuple[dict, dict] | None]:
     """(source, demo splits). The demo source is a step-indexed in-memory batcher; 'records' and 'tfds' a grain
     dataset."""
     crop = crop_samples(config)
@@ -70,24 +66,24 @@ def make_input(config):
     raise ValueError(f"config.data.source must be 'demo', 'records' or 'tfds', got {config.data.source!r}")
 
 
-def tokens_per_sample(config) -> int:
+def tokens_per_sample(config: ConfigDict) -> int:
     """Encoder tokens (patches) per crop: (mel bins / patch) x (frames / patch)."""
     return (config.audio.n_mels // config.model.patch) * (config.audio.crop_frames // config.model.patch)
 
 
-def encoder_of(config, student: dict) -> Encoder:
+def encoder_of(config: ConfigDict, student: dict) -> Encoder:
     """The student encoder of a state as a loaded model (``load_model``'s interface)."""
     params = jax.device_get(student)
     return Encoder(EncoderSpec.from_config(config), {k: params[k] for k in ("tokenizer", "encoder")})
 
 
-def _probe_demo(config, params, splits, seeds) -> dict:
+def _probe_demo(config: ConfigDict, params: dict, splits: tuple[dict, dict], seeds: tuple[int, ...]) -> dict:
     """The harness (evaluate.harness) on the demo's labelled split: {'mean', 'ci95', 'runs'}."""
     x, labels, n_train = demo_embeddings(encoder_of(config, params), splits, config.audio.sample_rate)
     return probe_with_ci(x, labels, n_train, len(splits[0]["class_names"]), seeds, config.probe.steps)
 
 
-def closing_probe(config, model, student, splits) -> dict:
+def closing_probe(config: ConfigDict, model: MatpacModel, student: dict, splits: tuple[dict, dict]) -> dict:
     """Linear probes (the evaluation harness, ``config.probe.seeds`` seeds) of the learned and of the initial encoder
     on the demo's held-out labelled split. The initial encoder is re-created from the seed (initialisation is
     deterministic), so a resumed run compares against the same starting point."""
@@ -107,10 +103,10 @@ class PeriodicProbe:
     (demo input) and on ``config.probe.datasets`` ((adapter, root) pairs of evaluate.datasets).
     Results go to WORKDIR/probe.jsonl, TensorBoard (probe/<task>) and the console."""
 
-    def __init__(self, config, splits, workdir: str):
+    def __init__(self, config: ConfigDict, splits: tuple[dict, dict] | None, workdir: str) -> None:
         self.config, self.splits = config, splits
         self.every = int(config.probe.every)
-        self.tasks = []
+        self.tasks: list[ProbeTask] = []
         if self.every:
             for item in config.probe.datasets:
                 if not (isinstance(item, tuple | list) and len(item) == 2):
@@ -118,10 +114,10 @@ class PeriodicProbe:
                 self.tasks.append(load_task(*item))
         self.path = os.path.join(workdir, "probe.jsonl")
 
-    def __call__(self, step: int, student, tb=None) -> None:
+    def __call__(self, step: int, student: dict, tb: Any = None) -> None:
         if not self.every or step % self.every:
             return
-        results = {}
+        results: dict[str, float] = {}
         if self.splits is not None:
             results["demo"] = _probe_demo(self.config, student, self.splits, (self.config.seed,))["mean"]
         if self.tasks:
@@ -143,16 +139,22 @@ class PretrainTask:
 
     console_metrics = (("loss_pred", "pred"), ("loss_cls", "cls"))
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir
-        self.splits = None
-        self.tokens_per_sample = tokens_per_sample(config)
+        self.splits: tuple[dict, dict] | None = None
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return tokens_per_sample(self.config)
+
+    def check(self) -> None:
+        check_pretrain(self.config)
 
     def make_input(self) -> TaskInput:
         source, self.splits = make_input(self.config)
         return TaskInput(source)
 
-    def periodic_probe(self):
+    def periodic_probe(self) -> Callable[[int, State, Any], None]:
         try:
             probe = PeriodicProbe(self.config, self.splits, self.workdir)
         except (OSError, ValueError) as e:
@@ -162,9 +164,10 @@ class PretrainTask:
     def build(self, data: TaskInput) -> StepProgram:
         del data  # the crops' shape is the config's
         self.model = MatpacModel.from_config(self.config)
-        return step_program(self.config, self.model)
+        return make_program(self.model, self.config)
 
-    def closing(self, state) -> dict | None:
+    def closing(self, state: State) -> dict | None:
         if not self.config.probe.enabled:
             return None
-        return closing_probe(self.config, self.model, state.student, self.splits)
+        # splits: None unless config.data.source is 'demo' (the closing probe is the demo's)
+        return closing_probe(self.config, self.model, state.student, self.splits)  # type: ignore[arg-type]

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from matpac_jax.config_lib import POSITIVE, ConfigError, check_int, check_number
+
 xavier = nn.initializers.xavier_uniform()
 LN_EPS = 1e-6
 
@@ -290,3 +292,31 @@ class Transformer(nn.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x, ys = jax.lax.scan(body, x, stacked)
         return x, ([ys[i] for i in range(self.depth)] if return_layers else [])
+
+
+def check_vit_config(config) -> None:
+    """ConfigError naming the key when ``config.model`` / ``config.audio`` cannot make a ViT: the patch, mel bins and
+    crop a multiple of it, widths divisible by the heads (``encoder`` and, where present, ``predictor``), a known
+    attention implementation."""
+    m, a = config.model, config.audio
+    if m.attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"config.model.attn_impl={m.attn_impl!r}: choose one of {', '.join(map(repr, ATTN_IMPLS))}")
+    check_int(config, "model.patch", 1)
+    for key in ("n_mels", "crop_frames"):
+        if a[key] < m.patch or a[key] % m.patch:
+            raise ConfigError(
+                f"config.audio.{key}={a[key]}: must be a positive multiple of config.model.patch={m.patch} (the "
+                "log-mel is cut into patch x patch tokens)"
+            )
+    for trunk in ("encoder", "predictor"):
+        if trunk not in m:
+            continue
+        for key in ("dim", "depth", "heads"):
+            check_int(config, f"model.{trunk}.{key}", 1)
+        t = m[trunk]
+        if t.dim % t.heads:
+            raise ConfigError(
+                f"config.model.{trunk}.heads={t.heads} does not divide config.model.{trunk}.dim={t.dim}: choose a "
+                "divisor of the width"
+            )
+        check_number(config, f"model.{trunk}.mlp_ratio", *POSITIVE)

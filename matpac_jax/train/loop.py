@@ -5,10 +5,11 @@ early config checks -> workdir lock -> mesh -> input -> resume point (latest ver
 (metrics fetched one step late so the host never stalls the device; the periodic probe, then checkpoints every N
 steps, after an evaluation that changed the task's evaluation state, on SIGTERM and at the end) -> closing probe
 
-A task supplies what differs between methods (train.task.Task; ``config.task`` picks one from matpac_jax.tasks:
-'pretrain', MATPAC / MATPAC++; 'distill', S-SONDO): its input, its pure init and step, its probes. The loop jits the
-step with the mesh's shardings, donation and the non-finite guard (train.program); the batch's shapes, for the memory
-report and the FLOP count, are those of the first batch the input gives.
+A task supplies what differs between methods (train.task.Task, handed down by the caller: ``matpac_jax.tasks`` picks
+one by ``config.task``; this module imports no method): its checks, its input, its pure init and step functions, its
+probes. The loop makes the step of them with the optimizer, gradient accumulation, the mesh's shardings, donation and
+the non-finite guard (train.program); the batch's shapes, for the memory report and the FLOP count, are those of the
+first batch the input gives.
 """
 
 from __future__ import annotations
@@ -18,23 +19,26 @@ import itertools
 import os
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import jax
+from ml_collections import ConfigDict
 
-from matpac_jax import distributed, parallel
-from matpac_jax.checkpoint import Checkpointer, WorkdirLock
-from matpac_jax.config_lib import ConfigError, check_config, resume_differences
+from matpac_jax import config_lib, distributed, parallel
+from matpac_jax.checkpoint import Checkpointer
+from matpac_jax.config_lib import ConfigError, resume_differences
 from matpac_jax.flops import count_matmul_flops, peak_flops
-from matpac_jax.tasks import make_task
 from matpac_jax.train.metrics_log import MetricsLog, without_timings
 from matpac_jax.train.optim import make_optimizer
 from matpac_jax.train.preemption import PreemptionWatch
 from matpac_jax.train.prefetch import DevicePrefetch
 from matpac_jax.train.program import NONFINITE_ACTIONS, compile_program
-from matpac_jax.train.task import CheckpointedEvaluation, Task
+from matpac_jax.train.task import CheckpointedEvaluation, State, Task
+from matpac_jax.workdir_lock import WorkdirLock
 
 
-def batch_iterator(source, first_step: int):
+def batch_iterator(source: Any, first_step: int) -> Iterator[Any]:
     """Host batches from `first_step` on.
 
     The demo batcher is indexed by step, so a resumed run sees exactly the batches of an uninterrupted one; a grain
@@ -45,7 +49,7 @@ def batch_iterator(source, first_step: int):
     return iter(source)
 
 
-def close_after_error(*resources) -> None:
+def close_after_error(*resources: Any) -> None:
     """Close ``resources`` while an error stops the run: a failure to close (a full disk fails the metrics file's
     last flush as well, and a writer whose file is gone says "handle is closed") is noted on stderr and never
     replaces the error that stopped the run (a run on a full disk ended with that misleading line)."""
@@ -56,7 +60,7 @@ def close_after_error(*resources) -> None:
             print(f"while stopping, closing {type(r).__name__} failed too: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def parse_profile_steps(value) -> tuple[int, int] | None:
+def parse_profile_steps(value: Any) -> tuple[int, int] | None:
     """``config.profile_steps``: () (off) or (a, b) with 0 <= a < b: trace steps a .. b-1."""
     if not value:
         return None
@@ -66,23 +70,12 @@ def parse_profile_steps(value) -> tuple[int, int] | None:
     return int(value[0]), int(value[1])
 
 
-def check_run(config, workdir: str) -> None:
-    """Config and environment errors that must surface before any data is read or anything is compiled."""
-    if "://" in workdir:
-        raise ConfigError(
-            f"--workdir={workdir} is a URL: the workdir must be a filesystem path (mount buckets, e.g. with gcsfuse)"
-        )
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror}): give a writable directory") from e
+def check_config(config: ConfigDict) -> None:
+    """The config errors every method shares (``config_lib.check_config``: sizes, mesh, optimizer settings,
+    front-end; the checkpoint and logging cadence; the schedule), before any data is read or anything is compiled."""
     if config.nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"config.nonfinite={config.nonfinite!r}: expected one of {', '.join(NONFINITE_ACTIONS)}")
-    check_config(config)
+    config_lib.check_config(config)
     c = config.checkpoint
     if c.every < 1 or c.keep < 1 or c.keep_period < 0:
         raise ConfigError(
@@ -102,7 +95,26 @@ def check_run(config, workdir: str) -> None:
         raise ConfigError(f"config.optim: {e}") from None
 
 
-def compiled_memory(train_step, abstract, batch_spec) -> dict | None:
+def check_run(config: ConfigDict, workdir: str, task: Task) -> None:
+    """Config and environment errors that must surface before any data is read or anything is compiled: the
+    workdir, the shared config, the method's own (``task.check``)."""
+    if "://" in workdir:
+        raise ConfigError(
+            f"--workdir={workdir} is a URL: the workdir must be a filesystem path (mount buckets, e.g. with gcsfuse)"
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror}): give a writable directory") from e
+    check_config(config)
+    task.check()
+
+
+def compiled_memory(train_step: Any, abstract: Any, batch_spec: Any) -> dict | None:
     """Per-device bytes of the compiled step (XLA's ``memory_analysis`` of an ahead-of-time compilation):
     {'arguments', 'outputs', 'temporaries', 'donated', 'total'}; None where the backend has no analysis."""
     try:
@@ -111,7 +123,7 @@ def compiled_memory(train_step, abstract, batch_spec) -> dict | None:
         return None
 
 
-def memory_of(compiled) -> dict | None:
+def memory_of(compiled: Any) -> dict | None:
     """``compiled_memory``'s figures of an already compiled program."""
     try:
         m = compiled.memory_analysis()
@@ -125,7 +137,7 @@ def memory_of(compiled) -> dict | None:
     return out
 
 
-def memory_report(train_step, abstract, batch_spec) -> str | None:
+def memory_report(train_step: Any, abstract: Any, batch_spec: Any) -> str | None:
     """The compiled step's device memory, printed before the first step: an out-of-memory configuration shows here,
     before any data is read. The jitted step compiles again at its first call (a hit in the persistent compilation
     cache)."""
@@ -145,7 +157,7 @@ class Profiler:
         self.directory = os.path.join(workdir, "profile")
         self.active = False
 
-    def before_step(self, step: int, state) -> None:
+    def before_step(self, step: int, state: State) -> None:
         if self.window is None:
             return
         if step == self.window[0] and not self.active:
@@ -155,17 +167,18 @@ class Profiler:
         elif step == self.window[1] and self.active:
             self.stop(state)
 
-    def stop(self, state) -> None:
+    def stop(self, state: State) -> None:
         if self.active:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             self.active = False
             if jax.process_index() == 0:
+                assert self.window is not None  # active only inside the window
                 a, b = self.window
                 print(f"profile of steps {a}..{b - 1} written to {self.directory}", flush=True)
 
 
-def resume_point(ckpt: Checkpointer, config) -> int:
+def resume_point(ckpt: Checkpointer, config: ConfigDict) -> int:
     """The step to resume from (0: a fresh run), checked before anything is built: ``total_steps`` must reach the
     latest checkpoint, the checkpoint must verify (``Checkpointer.resume_step`` falls back to the previous verified
     one), and the config that saved it may differ only in keys that may change on resume
@@ -198,7 +211,7 @@ class EvaluationState:
         self.task = task if isinstance(task, CheckpointedEvaluation) else None
         self.saved: dict | None = None  # the state as the latest checkpoint holds it
 
-    def restore(self, ckpt: Checkpointer, step: int, state) -> None:
+    def restore(self, ckpt: Checkpointer, step: int, state: State) -> None:
         if self.task is not None:
             self.saved = ckpt.saved_task_state(step) if step else None
             self.task.restore_evaluation(self.saved, step, state)
@@ -213,26 +226,26 @@ class EvaluationState:
         self.saved = copy.deepcopy(self.task.evaluation_state())  # a copy: the task goes on changing its own
         return self.saved
 
-    def committed(self, ckpt: Checkpointer, step: int, state) -> None:
+    def committed(self, ckpt: Checkpointer, step: int, state: State) -> None:
         if self.task is not None:
             ckpt.wait()  # the save's commit: what the task writes now is never ahead of the checkpoints
             self.task.evaluation_committed(step, state)
 
 
-def train_and_evaluate(config, workdir: str, task: Task | None = None) -> dict:
-    """Train (or resume) to ``config.total_steps``; returns {'final_metrics', 'preempted'[, 'probe']}. ``task``:
-    the method (default: ``config.task``'s, matpac_jax.tasks).
+def train_and_evaluate(config: ConfigDict, workdir: str, task: Task) -> dict:
+    """Train ``task``'s method (or resume it) to ``config.total_steps``; returns {'final_metrics', 'preempted'[,
+    'probe']}.
 
-    The workdir is locked for the whole run (checkpoint.WorkdirLock: a second run on it fails at once, naming this
+    The workdir is locked for the whole run (workdir_lock.WorkdirLock: a second run on it fails at once, naming this
     one). Raises ``NonFiniteError`` (config.nonfinite='stop', or more than ``config.nonfinite_max_skips`` consecutive
     skipped updates) after writing WORKDIR/nonfinite_report.json.
     """
-    check_run(config, workdir)
+    check_run(config, workdir, task)
     with WorkdirLock(workdir):
         return _train_locked(config, workdir, task)
 
 
-def _train_locked(config, workdir: str, task: Task | None) -> dict:
+def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
     # --- Mesh.
     try:
         mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -248,7 +261,6 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
         )
 
     # --- Input (first: a data error should surface before any compilation and before the workdir is written).
-    task = make_task(config, workdir) if task is None else task
     try:
         data = task.make_input()
     except ValueError as e:
@@ -263,7 +275,7 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
         batches = batch_iterator(data.source, first)
 
         # --- Model, optimizer, state.
-        init_fn, train_step, abstract = compile_program(task.build(data), mesh)
+        init_fn, train_step, abstract = compile_program(task.build(data), mesh, config)
         if first:
             data_iter = None if config.checkpoint.reset_data else batches
             state = ckpt.restore(abstract, step=first, data_iter=data_iter)
@@ -309,7 +321,8 @@ def _train_locked(config, workdir: str, task: Task | None) -> dict:
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
                 t_fill = time.perf_counter()
                 inputs.fill()  # the next batches, read and transferred while the device computes this step
-                if metrics["loss"].is_ready():  # the step ended before the input did: the device may have waited
+                # the step ended before the input did: the device may have waited (is_ready: not in jax.Array's stub)
+                if metrics["loss"].is_ready():  # type: ignore[attr-defined]
                     data_wait += time.perf_counter() - t_fill
                 log.push(step + 1, metrics, t_start, data_wait)
                 periodic_probe(step + 1, state, log.tb)  # before the checkpoint: an evaluation lands in it

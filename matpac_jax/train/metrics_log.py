@@ -7,7 +7,7 @@ the device it just fed. Host timings are added per step:
 - ``data_wait_s``: of that, the time spent getting the batch from the input pipeline onto the devices;
 - ``samples_per_s``, ``tokens_per_s`` (encoder tokens), and ``mfu`` when the device peak and step FLOPs are known.
 
-A non-finite step (``metrics['nonfinite']``: a NaN/Inf loss, gradient norm or updated state, see train/step.py; the
+A non-finite step (``metrics['nonfinite']``: a NaN/Inf loss, gradient norm or updated state, see train/program.py; the
 state then keeps its previous values, so checkpoints only ever hold finite states) either stops the run
 (``config.nonfinite='stop'``: ``nonfinite_report.json``, strict JSON, names the step and the quantities,
 ``NonFiniteError`` is raised) or is logged and skipped; ``config.nonfinite_max_skips`` consecutive skips stop the run
@@ -22,8 +22,10 @@ import json
 import math
 import os
 import time
+from typing import Any, TextIO
 
 import jax
+from ml_collections import ConfigDict
 
 from matpac_jax import fileio
 
@@ -58,13 +60,13 @@ class MetricsLog:
     def __init__(
         self,
         workdir: str,
-        config,
+        config: ConfigDict,
         first_step: int,
         tokens_per_sample: int,
         flops_per_step: float | None = None,
         peak_flops: float | None = None,
         console: tuple[tuple[str, str], ...] = (),
-    ):
+    ) -> None:
         """``console``: the task's (metric, short name) pairs shown on the console line after the loss; with the loss
         and the gradient norm, the metrics a non-finite report checks and names."""
         self.config, self.first_step = config, first_step
@@ -83,7 +85,8 @@ class MetricsLog:
         self.skipped = 0
         self.consecutive = 0  # non-finite steps in a row (config.nonfinite='skip')
         self.max_skips = int(config.nonfinite_max_skips)
-        self.file = self.tb = None
+        self.file: TextIO | None = None
+        self.tb: Any = None  # a tensorboardX SummaryWriter on the writing process
         if self.writer:
             path = os.path.join(workdir, "metrics.jsonl")
             truncate_after(path, first_step)
@@ -104,7 +107,7 @@ class MetricsLog:
             pending, self.pending = self.pending, None
             self._emit(*pending, step_time_s=time.perf_counter() - pending[2])
 
-    def _emit(self, step: int, metrics, t_start: float, data_wait_s: float, step_time_s: float) -> None:
+    def _emit(self, step: int, metrics: dict, t_start: float, data_wait_s: float, step_time_s: float) -> None:
         del t_start
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         m["step"] = step
@@ -120,6 +123,7 @@ class MetricsLog:
             self.waited += data_wait_s
         self.emitted += 1
         if self.writer:
+            assert self.file is not None
             self.file.write(json.dumps(m) + "\n")
             self.file.flush()
             for k, v in m.items():
@@ -137,8 +141,8 @@ class MetricsLog:
         bad = {k: m[k] for k in self.guarded if k in m and not math.isfinite(m[k])}
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
         if m.get("nonfinite_state", 0.0) > 0:
-            bad["state"] = "the updated parameters, optimizer moments, EMA teacher or center held NaN/Inf"
-            what = ", ".join(filter(None, (what, "updated state (parameters / optimizer / teacher / center)")))
+            bad["state"] = "the updated state (parameters, optimizer moments or the method's own values) held NaN/Inf"
+            what = ", ".join(filter(None, (what, "updated state (parameters / optimizer / the method's values)")))
         inputs = int(m.get("nonfinite_inputs", 0))
         if inputs:
             what += f"; the batch held {inputs} non-finite audio samples"
@@ -185,6 +189,7 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.writer:
+            assert self.file is not None
             self.file.close()
             self.tb.close()
 

@@ -5,7 +5,8 @@
   torch Adam; weight_decay 0 is Adam), 'lamb' (AdamW direction with a per-tensor trust ratio ‖p‖ / ‖u‖, for large
   batches), 'lars' (SGD with momentum ``b1`` and a per-tensor trust ratio) or 'sgd' (torch's SGD with momentum
   ``b1``: m2d's AudioSet fine-tuning);
-- ``config.optim.layer_decay`` < 1: MAE's layer-wise decay of the lr over a ViT's depth (train.layer_decay);
+- ``config.optim.layer_decay`` < 1: MAE's layer-wise decay of the lr over the layers the method names (a ViT's:
+  models.layer_decay); parameters the method freezes get no update at all (weight decay and momentum included);
 - gradients are first clipped to a global norm ``clip_norm`` as fairseq and torch do: scaled by
   min(1, clip_norm / (‖g‖ + 1e-6));
 - ``config.optim.schedule``: 'warmup_cosine' (SPEC §4, pretraining), 'warmup_ramp_down' (EfficientAT's, S-SONDO) or
@@ -17,20 +18,19 @@
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from matpac_jax.train.layer_decay import encoder_depth, layer_scales, scale_by_layer
+from ml_collections import ConfigDict
 
 SCHEDULES = ("warmup_cosine", "warmup_ramp_down", "timm_cosine")
 OPTIMIZERS = ("adamw_fairseq", "adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
-def peak_lr(optim, batch_size: int | None = None) -> float:
+def peak_lr(optim: ConfigDict, batch_size: int | None = None) -> float:
     """``optim.lr`` scaled from ``optim.reference_batch`` to ``batch_size`` by ``optim.lr_scaling``."""
     rule = optim.lr_scaling
     if rule not in LR_SCALINGS:
@@ -49,7 +49,7 @@ def warmup_ramp_down(lr: float, warmup: int, ramp_start: int, ramp_steps: int, f
     """EfficientAT's ``exp_warmup_linear_down`` in steps: lr × exp(−5 (1 − max(t, 1) / warmup)²) while t < warmup,
     then lr until ``ramp_start``, then linear to ``final × lr`` over ``ramp_steps``, then constant."""
 
-    def schedule(step):
+    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         t = jnp.asarray(step, jnp.float32)
         phase = 1.0 - jnp.maximum(t, 1.0) / max(warmup, 1)
         up = jnp.where(t < warmup, jnp.exp(-5.0 * phase * phase), 1.0)
@@ -71,7 +71,7 @@ def timm_cosine(lr: float, warmup: int, total: int, lr_min: float) -> optax.Sche
     at the lr set after update k − 1, t = (k − 1) / epoch_iters, and update 0 at ``warmup_lr_init`` = 0
     (timm cosine_lr.py:75-77). With t in steps, W = ``warmup`` and T = ``total``, the epoch length cancels."""
 
-    def schedule(count):
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         t = jnp.maximum(jnp.asarray(count, jnp.float32) - 1.0, 0.0)  # the lr set after the previous update
         up = lr * t / max(warmup, 1)
         down = lr_min + 0.5 * (lr - lr_min) * (1.0 + jnp.cos(jnp.pi * t / total))
@@ -80,7 +80,7 @@ def timm_cosine(lr: float, warmup: int, total: int, lr_min: float) -> optax.Sche
     return schedule
 
 
-def lr_schedule(optim, total_steps: int, batch_size: int | None = None) -> optax.Schedule:
+def lr_schedule(optim: ConfigDict, total_steps: int, batch_size: int | None = None) -> optax.Schedule:
     """'warmup_cosine': linear warm-up 0 -> lr over warmup_steps, then half-cosine to 0 at total_steps.
     'warmup_ramp_down': ``warmup_ramp_down`` with optim.ramp_down_start, ramp_down_steps, final_lr_factor.
     'timm_cosine': ``timm_cosine`` over total_steps with optim.warmup_steps and optim.lr_min."""
@@ -98,10 +98,10 @@ def lr_schedule(optim, total_steps: int, batch_size: int | None = None) -> optax
     raise ValueError(f"config.optim.schedule={name!r}: expected one of {', '.join(SCHEDULES)}")
 
 
-def decay_mask(params, exclude_bias_norm_tokens: bool):
-    """True where weight decay applies. Reference: every trainable parameter."""
+def decay_mask(params: Any, exclude_bias_norm_tokens: bool) -> Any:
+    """True where weight decay applies: every trained parameter, or all but biases, norm scales and learned tokens."""
 
-    def keep(path, _):
+    def keep(path: tuple, _: Any) -> bool:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         return not (exclude_bias_norm_tokens and _NO_DECAY.search(name))
 
@@ -109,7 +109,7 @@ def decay_mask(params, exclude_bias_norm_tokens: bool):
 
 
 class ScaleByFairseqAdamState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax's name for the step count; shadows tuple.count
     mu: optax.Updates
     nu: optax.Updates
 
@@ -120,12 +120,14 @@ def scale_by_fairseq_adam(b1: float, b2: float, eps: float) -> optax.GradientTra
     eps sits on the raw √v, before the bias correction; optax's ``scale_by_adam`` puts it on √v̂, which differs by
     up to ~40 % of an update over the first ~100 steps at eps = 1e-6, b2 = 0.95. Moments in float32."""
 
-    def init(params):
+    def init(params: optax.Params) -> ScaleByFairseqAdamState:
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
         mu, nu = jax.tree.map(zeros, params), jax.tree.map(zeros, params)
         return ScaleByFairseqAdamState(jnp.zeros((), jnp.int32), mu, nu)
 
-    def update(updates, state, params=None):
+    def update(
+        updates: optax.Updates, state: ScaleByFairseqAdamState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByFairseqAdamState]:
         del params
         mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(jnp.float32), state.mu, updates)
         nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, updates)
@@ -142,7 +144,9 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTra
     """g · min(1, max_norm / (‖g‖ + eps)): fairseq's ``clip_grad_norm_`` (fairseq/utils.py:392-395) and torch's
     ``clip_grad_norm_``; optax's ``clip_by_global_norm`` omits the eps."""
 
-    def update(updates, state, params=None):
+    def update(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
         del params
         coef = jnp.minimum(1.0, max_norm / (optax.tree_utils.tree_norm(updates) + eps))
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
@@ -150,32 +154,60 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTra
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(optim, total_steps: int, params, batch_size: int | None = None) -> optax.GradientTransformation:
+def scale_by_layer(scales: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by its layer scale (a pytree like the updates, e.g. from
+    ``models.layer_decay.layer_scales``)."""
+
+    def update(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        scaled = lambda u, s: u if isinstance(s, float) and s == 1.0 else (u * s).astype(u.dtype)  # noqa: E731
+        return jax.tree.map(scaled, updates, scales), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _direction(optim: ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+    """``config.optim.optimizer``'s update (after clipping, before the layer scales)."""
+    name, wd = optim.optimizer, optim.weight_decay
+    adam = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=wd, mask=mask)
+    if name == "adamw_fairseq":
+        fairseq = scale_by_fairseq_adam(optim.b1, optim.b2, optim.eps)
+        return optax.chain(fairseq, optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(schedule))
+    if name == "adamw":
+        return optax.adamw(schedule, **adam)
+    if name == "lamb":
+        return optax.lamb(schedule, **adam)
+    if name == "sgd":  # torch SGD: momentum b1 on (gradient + weight decay · p); m2d's fine-tuning (timm Lars, wd 0)
+        return optax.chain(optax.add_decayed_weights(wd, mask), optax.sgd(schedule, momentum=optim.b1))
+    if name == "lars":
+        lars = dict(weight_decay=wd, weight_decay_mask=mask, trust_ratio_mask=mask, momentum=optim.b1)
+        return optax.lars(schedule, **lars)
+    raise ValueError(f"config.optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(
+    optim: ConfigDict,
+    total_steps: int,
+    params: Any,
+    batch_size: int | None = None,
+    frozen: Any = None,
+    layer_ids: tuple[Any, int] | None = None,
+) -> optax.GradientTransformation:
+    """The one optimizer of every method: clipping, ``config.optim.optimizer``, the layer-wise lr decay.
+
+    ``params``: the trained parameters (or their shapes); ``frozen``: a tree like them of bools, True where a
+    parameter gets no update; ``layer_ids``: (a tree like them of layer ids, depth) for ``optim.layer_decay`` < 1
+    (``StepProgram.frozen`` and ``layer_ids``: what the method says of its parameters)."""
     schedule = lr_schedule(optim, total_steps, batch_size)
     mask = decay_mask(params, optim.wd_exclude_bias_norm_tokens)
-    name = optim.optimizer
-    if name == "adamw_fairseq":
-        inner = optax.chain(
-            scale_by_fairseq_adam(optim.b1, optim.b2, optim.eps),
-            optax.add_decayed_weights(optim.weight_decay, mask),
-            optax.scale_by_learning_rate(schedule),
-        )
-    elif name == "adamw":
-        inner = optax.adamw(
-            schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=mask
-        )
-    elif name == "lamb":
-        inner = optax.lamb(
-            schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=mask
-        )
-    elif name == "sgd":  # torch SGD: momentum b1 on (gradient + weight decay · p); m2d's fine-tuning (timm Lars, wd 0)
-        inner = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), optax.sgd(schedule, momentum=optim.b1))
-    elif name == "lars":
-        inner = optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=mask, trust_ratio_mask=mask,
-                           momentum=optim.b1)  # fmt: skip
-    else:
-        raise ValueError(f"config.optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    tx = optax.chain(clip_by_global_norm(optim.clip_norm), inner)
-    if optim.layer_decay != 1.0 and params:  # MAE's layer-wise lr decay (train.layer_decay); 1.0 = off
-        tx = optax.chain(tx, scale_by_layer(layer_scales(params, encoder_depth(params), optim.layer_decay)))
+    tx = optax.chain(clip_by_global_norm(optim.clip_norm), _direction(optim, schedule, mask))
+    if optim.layer_decay != 1.0 and params:  # MAE's layer-wise lr decay; 1.0 = off
+        if layer_ids is None:
+            raise ValueError(f"layer_decay={optim.layer_decay}: this method names no layers; set it to 1.0")
+        ids, depth = layer_ids
+        tx = optax.chain(tx, scale_by_layer(jax.tree.map(lambda i: optim.layer_decay ** (depth + 1 - i), ids)))
+    if frozen is not None:
+        tx = optax.chain(tx, optax.masked(optax.set_to_zero(), frozen))
     return tx

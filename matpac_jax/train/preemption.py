@@ -11,6 +11,8 @@ save while the others step on, so with several processes only the sync point cou
 from __future__ import annotations
 
 import signal
+from types import FrameType
+from typing import Any
 
 import jax
 
@@ -21,9 +23,9 @@ class PreemptionWatch:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
         self.signals = signals
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: the handler to put back
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
         del frame
         self.received = signum
 
@@ -32,7 +34,7 @@ class PreemptionWatch:
             self._previous[s] = signal.signal(s, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
 

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import collections
 import json
+from typing import Any
+
+import jax
 
 from matpac_jax import parallel
 
 
 class DevicePrefetch:
-    def __init__(self, iterator, mesh, size: int = 2):
+    def __init__(self, iterator: Any, mesh: jax.sharding.Mesh, size: int = 2):
         self.iterator, self.mesh, self.size = iterator, mesh, max(int(size), 1)
         self.stateful = hasattr(iterator, "get_state")
         self.buffer: collections.deque = collections.deque()  # (state before the batch, device batch)
 
-    def __iter__(self):
+    def __iter__(self) -> DevicePrefetch:
         return self
 
     def fill(self) -> None:
