@@ -57,7 +57,7 @@ def optim(**settings) -> dict:
             ramp_down_steps=0,
             final_lr_factor=0.01,
             clip_norm=1.0,
-            layer_decay=1.0,  # < 1: MAE's layer-wise lr decay, lr x decay^(depth + 1 - layer) (models.layer_decay: a ViT's layers)
+            layer_decay=1.0,  # < 1: MAE's layer-wise lr decay, lr x decay^(depth + 1 - layer) (models.layer_decay)
         )
         | settings
     )
