@@ -292,3 +292,6 @@ def test_config_check_rejects_bad_sources_before_compute():
         check_config(c)
     c.data.tfds_name = "tiny_tones"
     check_config(c)
+    c.probe.enabled = True  # the closing probe is the demo's: refused before compute, not after training
+    with pytest.raises(ConfigError, match=r"config.probe.enabled=True with config.data.source='tfds'"):
+        check_config(c)

@@ -44,6 +44,12 @@ def check_pretrain(config) -> None:
             "config.data.tfds_name is empty: with config.data.source='tfds' name the prepared dataset, e.g. "
             "--config.data.tfds_name=my_audio:1.0.0 --config.data.tfds_data_dir=/data/tfds"
         )
+    if config.probe.enabled and source != "demo":
+        raise ConfigError(
+            f"config.probe.enabled=True with config.data.source={source!r}: the closing probe is the demo's labelled "
+            "split; set --config.probe.enabled=False, or probe real datasets during training with "
+            "--config.probe.every=N and --config.probe.datasets"
+        )
     check_vit_config(config)
     for key in ("mcl_heads", "cls_head.hidden", "cls_head.bottleneck", "cls_head.prototypes"):
         check_int(config, f"model.{key}", 1)

@@ -169,5 +169,5 @@ class PretrainTask:
     def closing(self, state: State) -> dict | None:
         if not self.config.probe.enabled:
             return None
-        # splits: None unless config.data.source is 'demo' (the closing probe is the demo's)
-        return closing_probe(self.config, self.model, state.student, self.splits)  # type: ignore[arg-type]
+        assert self.splits is not None  # probe.enabled needs the demo input (check_pretrain)
+        return closing_probe(self.config, self.model, state.student, self.splits)
