@@ -1,0 +1,427 @@
+"""SLURM for real: a one-node cluster on this machine (munged, slurmctld and slurmd of Debian's slurm packages, with a
+slurm.conf written here: no systemd, no cgroups, every file under a temporary folder) runs launch/slurm.sbatch as 2
+tasks x 4 simulated CPU devices. JAX finds the job from SLURM's environment alone (SLURM_JOB_ID, SLURM_STEP_NODELIST,
+SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; coordinator on the first node, port job id % 4096 + 61440): nothing else
+tells the two processes about each other, and the run's mesh (dcn_data=2 x data=4) needs the devices of both. Its
+metrics and checkpoints match 1 process x 8 devices. Slow: under a 3-minute time limit, SLURM signals the job before
+its limit, the processes save, the script requeues the job, and over its reruns it ends bit-identical to a job that
+ran through.
+
+The cluster needs the Debian packages slurmctld, slurmd, slurm-client and munge (.ci/run installs them); without them
+these tests skip, saying so. The script's own logic (interpreter, flags, GPUs, the requeue on the warning signal) is
+tested without SLURM too, against stand-ins for srun, scancel and scontrol.
+"""
+
+import getpass
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import ROOT, load_config
+from test_multiprocess import ARGS, _last_metrics
+
+from matpac_jax import parallel
+from matpac_jax.checkpoint import Checkpointer
+from matpac_jax.matpac import task as pretrain
+from matpac_jax.train.metrics_log import TIMING_KEYS
+
+PACKAGES = "slurmctld slurmd slurm-client munge"
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
+MESH = ["--config.mesh.data=4", "--config.mesh.dcn_data=2"]  # hybrid: each task one "slice" of 4 devices
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+JAX_PORTS = 61440  # JAX's SLURM detection: the coordinator listens on job id % 4096 + 61440 (clusters/slurm_cluster.py)
+
+SLURM_CONF = """\
+ClusterName=matpac
+MailProg=/bin/true
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser={user}
+SlurmdUser={user}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire: also how long a requeued job waits before it starts again (120 s by default)
+AuthInfo=socket={dir}/munge.socket,cred_expire=10
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+KillWait=30
+OverTimeLimit=0
+MinJobAge=3600
+FirstJobId={first_job_id}
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_job_id() -> int:
+    """A first job id whose next 16 jobs find their JAX coordinator port free (other clusters may run beside)."""
+    rng = random.Random()
+    for _ in range(200):
+        offset = rng.randrange(4096 - 16)
+        if all(_port_free(JAX_PORTS + offset + i) for i in range(16)):
+            return 4096 * rng.randrange(1, 200) + offset
+    raise RuntimeError(f"no 16 free ports in [{JAX_PORTS}, 65535] for JAX's coordinator")
+
+
+class Cluster:
+    """The daemons of a one-node cluster under ``root``, and the jobs submitted to it."""
+
+    def __init__(self, root, tools: dict[str, str]):
+        self.root, self.tools = root, tools
+        self.daemons: dict[str, subprocess.Popen] = {}
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"):
+            env.pop(k, None)  # only SLURM's environment says who is who
+        env["PATH"] = os.pathsep.join([os.path.dirname(tools["sbatch"]), env.get("PATH", "")])
+        self.env = dict(env, SLURM_CONF=str(self.conf))
+
+    def start(self) -> None:
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir()
+        key = self.root / "munge.key"
+        key.write_bytes(os.urandom(128))
+        key.chmod(0o400)
+        ports = [_free_port()]
+        while (port := _free_port()) == ports[0]:
+            pass
+        ports.append(port)
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                user=getpass.getuser(),
+                ctld_port=ports[0],
+                slurmd_port=ports[1],
+                dir=self.root,
+                first_job_id=_first_job_id(),
+                cpus=max(2, os.cpu_count() or 1),  # config_overrides: 2 tasks of one CPU on a 1-CPU machine too
+            )
+        )
+        r = self.root
+        self._daemon(  # --force: the socket's folder is private (pytest's), as every client runs as this user
+            "munged",
+            "-F",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={r}/munge.socket",
+            f"--pid-file={r}/munged.pid",
+            f"--seed-file={r}/munged.seed",
+            f"--log-file={r}/munged.log",
+        )
+        self._wait(lambda: (r / "munge.socket").exists(), 30, "munged did not create its socket")
+        self._daemon("slurmctld", "-D")
+        self._daemon("slurmd", "-D", "-N", self.host)
+        self._wait(self._node_idle, 60, f"node {self.host} not idle")
+
+    def _daemon(self, name: str, *args: str) -> None:
+        with open(self.root / f"{name}.out", "w") as out:
+            proc = subprocess.Popen(
+                [self.tools[name], *args], stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        self.daemons[name] = proc
+
+    def _node_idle(self) -> bool:
+        return self._client("sinfo", "-h", "-N", "-o", "%T").stdout.strip() == "idle"
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        t0 = time.time()
+        while not ready():
+            for proc in self.daemons.values():
+                assert proc.poll() is None, f"{proc.args[0]} exited ({proc.returncode}): {self.logs()}"
+            assert time.time() - t0 < timeout, f"{what} after {timeout} s: {self.logs()}"
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("munged.out", "munged.log", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log"):
+            path = self.root / name
+            if path.exists():
+                parts.append(f"--- {name}\n{path.read_text()[-3000:]}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:  # end the jobs first
+            self._client("scancel", f"--user={getpass.getuser()}")
+            t0 = time.time()
+            while time.time() - t0 < 60 and self._client("squeue", "-h").stdout.strip():
+                time.sleep(1)
+        for proc in reversed(self.daemons.values()):  # slurmd, slurmctld, munged
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _client(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60)
+
+    def submit(self, workdir, flags: list[str], *options: str) -> str:
+        """sbatch launch/slurm.sbatch on this node as 2 tasks of 4 CPU devices; the job id."""
+        cmd = [
+            "sbatch",
+            "--parsable",
+            f"--output={self.root}/job-%j.out",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            *options,
+            "launch/slurm.sbatch",
+            "configs/pp.py:smoke",
+            str(workdir),
+            "",
+            *flags,
+        ]
+        env = dict(
+            self.env, PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+        )
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr + self.logs()
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        return dict(re.findall(r"(\w+)=(\S*)", self._client("scontrol", "-o", "show", "job", job_id).stdout))
+
+    def output(self, job_id: str) -> str:
+        path = self.root / f"job-{job_id}.out"
+        return path.read_text() if path.exists() else ""
+
+    def wait(self, job_id: str, timeout: float) -> dict[str, str]:
+        """The job's record once it ended for good (a requeued job goes on)."""
+        t0 = time.time()
+        while (job := self.job(job_id)).get("JobState") not in FINAL_STATES:
+            if time.time() - t0 > timeout:
+                self._client("scancel", job_id)
+                pytest.fail(f"job {job_id} not done after {timeout} s ({job}):\n{self.output(job_id)[-4000:]}")
+            time.sleep(1)
+        return job
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    tools = {name: _which(name) for name in PROGRAMS}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} not found): apt-get install {PACKAGES}")
+    host = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        pytest.fail(f"this machine's name {host} does not resolve: SLURM's node and JAX's coordinator use it")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"), tools)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_sbatch_two_tasks_match_one_process_with_the_same_devices(slurm, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    one = subprocess.run(
+        [sys.executable, "-m", "matpac_jax.main", *ARGS, "--config.mesh.data=8", f"--workdir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    job_id = slurm.submit(tmp_path / "two", [*ARGS[1:], *MESH], "--time=20")
+    job = slurm.wait(job_id, 900)
+    out = slurm.output(job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{out[-4000:]}"
+    assert job["NumTasks"] == "2" and job["NumNodes"] == "1" and job["Restarts"] == "0"
+    a, b = _last_metrics(tmp_path / "one"), _last_metrics(tmp_path / "two")
+    assert a["step"] == b["step"] == 8
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
+
+
+def _metrics(workdir) -> list[dict]:
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
+
+
+def _state(workdir, step: int):
+    config = load_config()
+    config.mesh.data = 1
+    abstract = pretrain.build(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))[3]
+    return jax.device_get(Checkpointer(str(workdir)).restore(abstract, step=step))
+
+
+def _flags(steps: int) -> list[str]:
+    return [
+        *ARGS[1:],
+        *MESH,
+        f"--config.total_steps={steps}",
+        "--config.log_every=10",
+        "--config.checkpoint.every=1000",
+    ]
+
+
+@pytest.mark.slow
+def test_time_limit_saves_requeues_and_ends_bit_identical(slurm, tmp_path):
+    # USR1 reaches the batch script 60 to 90 s before the 3-minute limit (slurmctld looks every 30 s), about a minute
+    # after the 2 processes started on 2 cores; the job is rerun under the same limit until an allocation reaches the
+    # end. A job that ends inside its first allocation tests nothing: on a faster (or less busy) machine the steps
+    # double.
+    for steps in (150, 300, 600):
+        requeued = slurm.submit(tmp_path / f"requeued-{steps}", _flags(steps), "--time=3", "--signal=B:USR1@60")
+        job = slurm.wait(requeued, 2400)
+        out = slurm.output(requeued)
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{out[-4000:]}"
+        if job["Restarts"] != "0":
+            break
+    else:
+        pytest.fail(f"{steps} steps still end inside the first 3-minute allocation:\n{out[-4000:]}")
+    restarts = int(job["Restarts"])
+    saved = [int(s) for s in re.findall(r"preempted: saved step (\d+)", out)]
+    assert out.count(f"requeueing job {requeued}") == restarts == len(saved), out[-4000:]
+    assert saved == sorted(saved) and any(0 < s < steps for s in saved), saved  # at least one save mid-run
+    through = slurm.submit(tmp_path / "through", _flags(steps), "--time=60")
+    job = slurm.wait(through, 1800)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0", f"{job}\n{slurm.output(through)[-4000:]}"
+    a, b = tmp_path / f"requeued-{steps}", tmp_path / "through"
+    assert _metrics(a) == _metrics(b)
+    for x, y in zip(jax.tree.leaves(_state(a, steps)), jax.tree.leaves(_state(b, steps)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- The script's logic, without SLURM: srun, scancel and scontrol are stand-ins that log their calls.
+
+SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$STUB_LOG"
+echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS-unset}" >> "$STUB_LOG"
+if [[ -n "${STUB_WAIT:-}" ]]; then  # run until SIGTERM, then save and exit 0 as the trainer does
+  trap 'echo "srun: TERM" >> "$STUB_LOG"; exit 0' TERM
+  echo $$ > "$STUB_LOG.pid"
+  while :; do sleep 0.05; done
+fi
+exit "${STUB_STATUS:-0}"
+"""
+SCANCEL = """#!/usr/bin/env bash
+echo "scancel $*" >> "$STUB_LOG"
+kill -TERM "$(cat "$STUB_LOG.pid")"
+"""
+SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$STUB_LOG"
+"""
+
+
+def _stubs(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("srun", SRUN), ("scancel", SCANCEL), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "JAX_LOCAL_DEVICE_IDS"}
+    return dict(
+        base,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        STUB_LOG=str(log),
+        SLURM_JOB_ID="42",
+        PYTHON="/opt/py/bin/python3",
+        **env,
+    ), log
+
+
+def test_script_flags_interpreter_and_gpus(tmp_path):
+    env, log = _stubs(tmp_path, SLURM_GPUS_PER_NODE="gpu:4")
+    r = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "configs/pp.py", "/w", "/d/*.ar", "--config.seed=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines() == [
+        "srun --kill-on-bad-exit=1 /opt/py/bin/python3 -m matpac_jax.main --config=configs/pp.py --workdir=/w "
+        "--config.mesh.data=-1 --config.data.train=/d/*.ar --config.seed=3",
+        "JAX_LOCAL_DEVICE_IDS=0,1,2,3",  # one process per node drives all its GPUs
+    ]
+    log.unlink()
+    env, log = _stubs(tmp_path / "cpu", SLURM_GPUS_PER_NODE="0", SRUN_ARGS="--overcommit --mpi=none", STUB_STATUS="3")
+    r = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "configs/pp.py:smoke", "/w", ""],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3  # the trainer's status, and no requeue
+    assert log.read_text().splitlines() == [
+        "srun --overcommit --mpi=none /opt/py/bin/python3 -m matpac_jax.main --config=configs/pp.py:smoke --workdir=/w "
+        "--config.mesh.data=-1",
+        "JAX_LOCAL_DEVICE_IDS=unset",
+    ]
+
+
+def test_script_warning_signal_saves_then_requeues(tmp_path):
+    env, log = _stubs(tmp_path, STUB_WAIT="1")
+    proc = subprocess.Popen(
+        ["bash", "launch/slurm.sbatch", "configs/pp.py", "/w", ""],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    t0 = time.time()
+    while not (tmp_path / "calls.log.pid").exists():
+        assert proc.poll() is None and time.time() - t0 < 30, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends the batch shell
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines()[2:] == ["scancel --signal=TERM 42", "srun: TERM", "scontrol requeue 42"]
+    assert "requeueing job 42 (restart 1)" in out
