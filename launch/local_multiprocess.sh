@@ -3,7 +3,8 @@
 # python -m matpac_jax.main --coordinator=localhost:PORT --num_processes=N --process_id=i ARGS...
 #   bash launch/local_multiprocess.sh N [--cpu-devices=D] ARGS...
 # --cpu-devices=D gives every process D simulated CPU devices (no accelerator needed). If one process fails, the
-# others are stopped and the script exits with its status. PYTHON (default: python) is the interpreter to run.
+# script names it, sends the others SIGTERM and exits with the first failing status (launch/README.md, "When a process
+# fails": the others stop within the heartbeat timeout at most). PYTHON (default: python) is the interpreter to run.
 set -euo pipefail
 N=$1
 shift
@@ -20,8 +21,24 @@ for ((i = 0; i < N; i++)); do
 done
 status=0
 for ((i = 0; i < N; i++)); do
-  if ! wait -n; then
-    status=1
+  rc=0
+  wait -n -p ended || rc=$?
+  if ((rc != 0 && status == 0)); then
+    status=$rc
+    case $rc in
+      4) why=" (a collective with another process failed)" ;;
+      134) why=" (SIGABRT: JAX's coordination service stopped it, another process was lost or stalled)" ;;
+      137) why=" (SIGKILL)" ;;
+      *) why="" ;;
+    esac
+    for ((j = 0; j < N; j++)); do
+      if [[ "${pids[j]}" == "$ended" ]]; then
+        echo "local_multiprocess.sh: process $j (pid $ended) exited with status $rc$why; stopping the others" >&2
+      fi
+    done
+    if [[ -n "$why" ]]; then
+      echo "local_multiprocess.sh: rerun the same command: it resumes from the last committed checkpoint" >&2
+    fi
     kill "${pids[@]}" 2>/dev/null || true
   fi
 done

@@ -14,6 +14,18 @@ builds its mesh over all devices and each process feeds its slice of the global 
 
 Once started, the processes meet at ``barrier``s of the coordination service (no device collective) and ``agree`` on
 decisions that process 0 takes for the job (the checkpoint to resume from).
+
+Failures (launch/README.md, "When a process fails"; tests/test_multihost_failures.py): every process sends JAX's
+coordination service (on process 0) heartbeats; a process silent for ``heartbeat_timeout_s`` (``--heartbeat_timeout``,
+default 60 s) is declared lost (measured: between half the timeout and the whole of it after it died or stopped) and
+the service terminates every process of the job (SIGABRT, JAX's message "Terminating
+process because the JAX distributed service detected fatal errors" naming the silent task). That bounds a killed,
+stopped or unreachable process: a training step's collectives wait for a dead peer until then. A process whose
+collective fails first (a checkpoint's sync notices a killed peer's closed connection at once) does not wait for it:
+``is_peer_failure`` recognises the error, ``unanswered_processes`` names the processes that do not come to a last
+barrier, and ``python -m matpac_jax.main`` says so and exits 4 (``peer_failure_message``) instead of waiting at JAX's
+shutdown barrier. A process that loses process 0 loses the coordination service with it, and JAX terminates it at
+once.
 """
 
 from __future__ import annotations
@@ -21,10 +33,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 
 _AGREEMENTS = itertools.count(1)  # numbers the agreements of this process: every process takes them in one order
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60  # JAX's default is 100 s
+_heartbeat_timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S  # as initialize set it
+# what a collective or a coordination call says when a peer is gone or silent (gloo on CPU, NCCL on GPU, the
+# coordination service): a closed connection, a timeout, an unreachable service
+_PEER_FAILURE = re.compile(
+    r"Gloo|NCCL|collective|Connection (reset|closed|refused)|by peer|Socket closed|heartbeat|Barrier timed out|"
+    r"UNAVAILABLE|DEADLINE_EXCEEDED",
+    re.IGNORECASE,
+)
 
 
 def cluster_args(coordinator: str = "", num_processes: int = 0, process_id: int = -1, env=None) -> dict | None:
@@ -55,14 +77,27 @@ def cluster_args(coordinator: str = "", num_processes: int = 0, process_id: int 
     return None
 
 
-def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
-    """Start the distributed runtime when the job has several processes; returns whether it did."""
+def initialize(
+    coordinator: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+) -> bool:
+    """Start the distributed runtime when the job has several processes; returns whether it did. A process silent for
+    ``heartbeat_timeout_s`` seconds is declared lost and the job stopped (module docstring); ValueError below 1 s."""
+    global _heartbeat_timeout_s
+    if heartbeat_timeout_s < 1:
+        raise ValueError(
+            f"--heartbeat_timeout={heartbeat_timeout_s} must be >= 1 (seconds without a heartbeat before a process "
+            f"is declared lost; default {DEFAULT_HEARTBEAT_TIMEOUT_S})"
+        )
     args = cluster_args(coordinator, num_processes, process_id)
     if args is None:
         return False
     import jax
 
-    jax.distributed.initialize(**args)
+    jax.distributed.initialize(**args, heartbeat_timeout_seconds=heartbeat_timeout_s)
+    _heartbeat_timeout_s = heartbeat_timeout_s
     return True
 
 
@@ -100,3 +135,75 @@ def agree(decide, name: str, timeout_s: float = 3600):
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     data = multihost_utils.broadcast_one_to_all(data if source else np.zeros(size, np.uint8))
     return value if source else json.loads(np.asarray(data).tobytes())
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a failed collective or coordination call of a
+    multi-process job: a ``JaxRuntimeError`` saying that a peer's connection closed, that it timed out, or that the
+    coordination service is unreachable. False in a single-process job."""
+    import jax
+
+    if jax.process_count() == 1:
+        return False
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, jax.errors.JaxRuntimeError) and _PEER_FAILURE.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def peer_check_timeout_s() -> float:
+    """How long ``unanswered_processes`` waits: 10 s, a quarter of a shorter heartbeat timeout. The check must end
+    before JAX's own declares the lost process and terminates the job, which it does (measured) half the timeout to
+    the whole of it after the death."""
+    return min(10.0, _heartbeat_timeout_s / 4)
+
+
+def unanswered_processes(timeout_s: float) -> list[int] | None:
+    """After a collective failed, the processes that do not reach a last barrier of the coordination service within
+    ``timeout_s``: every live process whose collective failed comes, so those missing are lost (killed, out of memory,
+    a host down) or stalled. [] when every process came; None when the service did not say (unreachable: process 0
+    is gone, or a message this version does not parse). Call it once per process, on every failing process."""
+    try:
+        barrier("matpac_jax/peer check after a failed collective", timeout_s)
+    except Exception as e:  # noqa: BLE001 - any failure of the barrier is an answer of sorts
+        return _timed_out_tasks(str(e))
+    return []
+
+
+def _timed_out_tasks(message: str) -> list[int] | None:
+    """The task numbers of the coordination service's barrier timeout ("Some timed out task names:" then one per line,
+    bare numbers or ``/job:.../task:N``), or None."""
+    _, found, tail = message.partition("timed out task names:")
+    if not found:
+        return None
+    tail = tail.split("RPC:", 1)[0]
+    numbers = re.findall(r"task:(\d+)", tail) or re.findall(r"^\s*(\d+)\s*$", tail, re.MULTILINE)
+    return sorted({int(n) for n in numbers}) or None
+
+
+def peer_failure_message(error: BaseException, missing: list[int] | None, timeout_s: float, resume: str) -> str:
+    """What a process whose collective failed says before it exits: which process, the failure, the processes that
+    did not answer ``unanswered_processes``, what to do and where the rerun resumes (``resume``)."""
+    import jax
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = (lines[0] if lines else type(error).__name__)[:300]
+    if missing:
+        listed = ", ".join(str(p) for p in missing)
+        who = (
+            f"process {listed} did not answer within {timeout_s:g} s: lost (killed, out of memory, its host down or "
+            "unreachable) or stalled; its own log may say why"
+        )
+    elif missing is not None:
+        who = "every process answered: the collective itself failed (the network between the hosts?)"
+    else:
+        who = "the other processes could not be asked (the coordination service on process 0 is unreachable)"
+    return (
+        f"process {jax.process_index()} of {jax.process_count()} stopped: a collective with the other processes "
+        f"failed ({detail}); {who}. Stop any process of the job still running, then rerun the same command on every "
+        f"host: it resumes from {resume}"
+    )

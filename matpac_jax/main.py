@@ -10,6 +10,13 @@ nonfinite_report.json; with config.nonfinite='skip', after config.nonfinite_max_
 before any compute, printed as one line that names the key (or the flag, the checkpoint, the run holding the workdir)
 and the fix: an unknown config key or flag, a bad value, a checkpoint that fails verification or was saved with
 another config, a workdir in use; 1 for anything else.
+
+Several processes (launch/README.md, "When a process fails"): 4 when a collective with the other processes failed (a
+process was lost or stalled): the process says which process did not answer and from which checkpoint the rerun
+resumes, and exits at once. Any other error of one process (1) also ends it at once, without JAX's shutdown barrier
+(which would wait for processes that are blocked in a collective with it). ``--heartbeat_timeout`` (default 60 s):
+the seconds after which JAX's coordination service declares a silent process lost and terminates every other process
+of the job (SIGABRT, exit status 134 from a shell, with JAX's message naming the task).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +35,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: HOST:PORT of process 0 (see distributed.py).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes of the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    60,
+    "Multi-process: seconds a process may go without a heartbeat before JAX's coordination service declares it lost "
+    "and stops the job (jax.distributed.initialize's heartbeat_timeout_seconds; JAX's default is 100).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -78,6 +93,47 @@ def disk_full_message(e: OSError, workdir: str) -> str:
     )
 
 
+def resume_description(workdir: str) -> str:
+    """Where a rerun resumes: the workdir's latest committed checkpoint (orbax commits a step once every process has
+    written its part; a rerun verifies it and falls back to an earlier one if it fails), listed without reading it."""
+    root = os.path.join(workdir, "checkpoints")
+    try:
+        steps = sorted(int(name) for name in os.listdir(root) if name.isdigit())
+    except OSError:
+        steps = []
+    if not steps:
+        return f"the start (no checkpoint committed in {root})"
+    return f"step {steps[-1]}, the last checkpoint committed in {root}"
+
+
+def stop_after_failure(error: Exception, workdir: str) -> NoReturn:
+    """End this process of a multi-process job at once after ``error``, without JAX's shutdown barrier (at exit it
+    waits, up to its shutdown timeout, for processes that are lost or blocked in a collective with this one). A failed
+    collective (``distributed.is_peer_failure``): the processes that did not answer are named and the status is 4;
+    any other error: its traceback, status 1. Either way the message says what to do and where the rerun resumes."""
+    import jax
+
+    from matpac_jax import distributed
+
+    traceback.print_exception(error)
+    resume = resume_description(workdir)
+    if distributed.is_peer_failure(error):
+        timeout = distributed.peer_check_timeout_s()
+        message = distributed.peer_failure_message(error, distributed.unanswered_processes(timeout), timeout, resume)
+        status = 4
+    else:
+        message = (
+            f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}; traceback "
+            "above) and exits now; the other processes stop when their collective with it fails or, at the latest, "
+            "when JAX declares it lost (--heartbeat_timeout). Fix the cause, then rerun the same command on every "
+            f"host: it resumes from {resume}"
+        )
+        status = 1
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -95,13 +151,25 @@ def main(argv) -> None:
     from matpac_jax import distributed
 
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        several = distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT_TIMEOUT.value
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    try:
+        run(config, _WORKDIR.value)
+    except Exception as e:
+        if not several:
+            raise
+        stop_after_failure(e, _WORKDIR.value)
+
+
+def run(config, workdir: str) -> None:
+    """The work ``config.task`` names, its expected failures printed as one line with their exit status."""
     from matpac_jax.config_lib import ConfigError
     from matpac_jax.tasks import train_and_evaluate
     from matpac_jax.train.metrics_log import NonFiniteError
@@ -111,10 +179,10 @@ def main(argv) -> None:
             from matpac_jax.distill.teacher_pass import run_from_config
             from matpac_jax.workdir_lock import WorkdirLock
 
-            with WorkdirLock(_WORKDIR.value):
-                status = run_from_config(config, _WORKDIR.value)
+            with WorkdirLock(workdir):
+                status = run_from_config(config, workdir)
             sys.exit(status)
-        result = train_and_evaluate(config, _WORKDIR.value)
+        result = train_and_evaluate(config, workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -124,7 +192,7 @@ def main(argv) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"error: {disk_full_message(e, _WORKDIR.value)}", file=sys.stderr, flush=True)
+        print(f"error: {disk_full_message(e, workdir)}", file=sys.stderr, flush=True)
         sys.exit(2)
     if "probe" in result:
         means = {k: v for k, v in result["probe"].items() if not k.endswith("_ci95")}

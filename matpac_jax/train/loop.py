@@ -340,8 +340,13 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, config, data_iter=data_iter, force=True, task_state=evaluation.to_save())
             ckpt.wait()
-    except BaseException:
-        close_after_error(log, ckpt, inputs)
+    except BaseException as e:
+        # a collective failed (a lost or stalled process): closing the checkpointer would wait for a save that waits
+        # for that process; the save is left unfinished and never committed (distributed.py)
+        if distributed.is_peer_failure(e):
+            close_after_error(log, inputs)
+        else:
+            close_after_error(log, ckpt, inputs)
         raise
     log.close()
     ckpt.close()
