@@ -55,18 +55,20 @@ def accumulate(
     grad_fn: Callable, params: Params, state: State, inputs: Batch, rng: jax.Array, accum: int
 ) -> tuple[tuple[jax.Array, dict], Params]:
     """``grad_fn(params, state, micro_batch, rng) -> ((loss, aux), grads)`` over ``accum`` interleaved micro-batches
-    of ``inputs``: the mean loss and gradient; ``aux`` averaged, its ``_sum`` entries added up."""
+    of ``inputs``: the mean loss and gradient; ``aux`` averaged, its ``_sum`` entries added up. Micro-batch i gets
+    ``fold_in(rng, i)``: its dropout masks are its own, not a copy of the first micro-batch's."""
     if accum == 1:
         return grad_fn(params, state, inputs, rng)
     split = lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
     micro = jax.tree.map(split, inputs)
 
-    def add(carry: Any, xs: Batch) -> tuple[Any, None]:
-        return jax.tree.map(jnp.add, carry, grad_fn(params, state, xs, rng)), None
+    def add(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+        batch, i = xs
+        return jax.tree.map(jnp.add, carry, grad_fn(params, state, batch, jax.random.fold_in(rng, i))), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, state, first, rng))
-    ((loss, aux), grads), _ = jax.lax.scan(add, zeros, micro)
+    ((loss, aux), grads), _ = jax.lax.scan(add, zeros, (micro, jnp.arange(accum)))
     mean = lambda tree: jax.tree.map(lambda v: v / accum, tree)  # noqa: E731
     aux = {k: v if k.endswith("_sum") else mean(v) for k, v in aux.items()}
     return (loss / accum, aux), mean(grads)
