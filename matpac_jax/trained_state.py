@@ -8,7 +8,10 @@ import json
 import os
 import sys
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from matpac_jax.checkpoint import CheckpointError
 from matpac_jax.checksums import MANIFEST, verify
@@ -61,7 +64,10 @@ def read_trained_state(path: str, check: bool = True) -> tuple[dict, dict]:
     step_dir = verified_step_dir(path, check)
     with open(os.path.join(step_dir, "config", "metadata")) as f:
         config = json.load(f)
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(step_dir, "state")))
-    if not isinstance(state, dict):
-        state = {k: getattr(state, k) for k in vars(state)}
+    state_dir = os.path.abspath(os.path.join(step_dir, "state"))
+    # Every array is read whole into host memory, whatever devices and processes wrote it: the saved shardings name
+    # the writer's devices (a multi-process job's, a pod's), which a reader on one host does not have.
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     return config, state
