@@ -134,6 +134,7 @@ def check_config(config) -> None:
         elif isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
             raise ConfigError(f"config.mesh.{axis}={size!r}: expected a size >= 1, or -1 for the remaining devices")
     check_numbers(config, OPTIM_CHECKS)
+    check_number(config, "stall_timeout_s", NON_NEGATIVE[0], "a number of seconds >= 0 (0: no stall watch)")
     if "audio" not in config:  # a method without audio (tests/test_toy_task.py)
         return
     from matpac_jax.audio.frontend import LogMelConfig
@@ -149,7 +150,8 @@ def check_config(config) -> None:
 # Keys (or key prefixes, ending in '.') that may change on resume: run length and logging, checkpointing, the
 # hardware layout, input locations and implementation choices that leave the state's layout and the step unchanged.
 RESUME_MAY_CHANGE = (
-    "total_steps", "log_every", "profile_steps", "nonfinite", "nonfinite_max_skips", "checkpoint.", "mesh.", "probe.",
+    "total_steps", "log_every", "profile_steps", "nonfinite", "nonfinite_max_skips", "stall_timeout_s", "checkpoint.",
+    "mesh.", "probe.",
     "data.train", "data.workers", "data.device_prefetch", "teacher.checkpoint", "teacher.embeddings",
     "model.attn_impl", "model.remat", "model.attn_pad_to", "model.scan_layers", "optim.accum_steps",
     "data.tfds_data_dir",  # the prepared tfds dataset moved (its name, split and contents may not change)

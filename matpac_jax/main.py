@@ -16,7 +16,8 @@ process was lost or stalled): the process says which process did not answer and 
 resumes, and exits at once. Any other error of one process (1) also ends it at once, without JAX's shutdown barrier
 (which would wait for processes that are blocked in a collective with it). ``--heartbeat_timeout`` (default 60 s):
 the seconds after which JAX's coordination service declares a silent process lost and terminates every other process
-of the job (SIGABRT, exit status 134 from a shell, with JAX's message naming the task).
+of the job (SIGABRT, exit status 134 from a shell, with JAX's message naming the task). 5 when no training step
+finished for ``config.stall_timeout_s`` (a process stuck while alive, or waiting for one: train/stall.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ notice (SIGTERM) while the job trains.
 - stopped: the survivor stops within the heartbeat timeout, JAX's message naming the silent process; every committed
   checkpoint verifies and holds the parts of both processes (the save under way when the process stopped is never
   committed);
+- stuck with its heartbeat running (its main thread asleep for good): JAX never declares it lost; both processes'
+  stall watches (``config.stall_timeout_s``) end the job, status 5, naming where the rerun resumes;
 - SIGTERM to one process: both stop at one step, its checkpoint is committed once, both exit 0, and the rerun ends as
   an uninterrupted job.
 
@@ -47,6 +49,20 @@ FLAGS = [
 START_S = 480  # a job's start-up (imports, compilation) on 2 busy cores, with margin
 
 
+# Process 1 as matpac_jax.main, except that SIGUSR2 makes its main thread sleep for good: the process is stuck but
+# alive, and its heartbeats (a thread of JAX's) go on, as with a process blocked on a dead filesystem.
+HANG_ON_USR2 = """
+import runpy, signal, sys, time
+def hang(*_):
+    while True:
+        time.sleep(3600)
+signal.signal(signal.SIGUSR2, hang)
+sys.argv = ["matpac_jax.main", *sys.argv[1:]]
+runpy.run_module("matpac_jax.main", run_name="__main__", alter_sys=True)
+"""
+STALL = 10  # --config.stall_timeout_s of the stalled job
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -57,7 +73,7 @@ class Job:
     """The two processes of one job (``python -m matpac_jax.main`` as launch/local_multiprocess.sh starts them), their
     output in files under the workdir's parent."""
 
-    def __init__(self, workdir, name: str):
+    def __init__(self, workdir, name: str, flags: tuple[str, ...] = (), hang_on_usr2: bool = False):
         self.workdir, self.logs = workdir, workdir.parent / name
         self.logs.mkdir(parents=True)
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -65,7 +81,8 @@ class Job:
         self.procs = []
         for i in range(2):
             where = [f"--workdir={workdir}", f"--coordinator=localhost:{port}", "--num_processes=2"]
-            cmd = [sys.executable, "-m", "matpac_jax.main", *FLAGS, *where, f"--process_id={i}"]
+            run = ["-c", HANG_ON_USR2] if hang_on_usr2 and i == 1 else ["-m", "matpac_jax.main"]
+            cmd = [sys.executable, *run, *FLAGS, *flags, *where, f"--process_id={i}"]
             with open(self.logs / f"{i}.out", "w") as out, open(self.logs / f"{i}.err", "w") as err:
                 self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
 
@@ -120,7 +137,7 @@ def _rerun_and_compare(workdir, name: str, through: dict, first: int) -> None:
     assert _resumed_from(rerun) == first
     last = _last_metrics(workdir)
     assert last["step"] == through["step"] == STEPS
-    assert last == pytest.approx(through, rel=1e-4, abs=1e-6)
+    assert last == through  # bit-identical: every logged value
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +309,33 @@ def test_a_stopped_process_stops_the_job_within_the_heartbeat_timeout_and_no_sav
         assert int(ckpt.restore(abstract, step=committed[-1]).step) == committed[-1]
     finally:
         ckpt.close()
+
+
+def test_a_process_stuck_with_its_heartbeat_running_stops_the_job_after_the_stall_timeout(tmp_path):
+    """JAX never declares such a process lost and the other waits for it in its step's collective: both processes'
+    stall watches (train/stall.py) end them, the stuck one showing where its main thread is."""
+    workdir = tmp_path / "w"
+    job = Job(workdir, "stuck", (f"--config.stall_timeout_s={STALL}",), hang_on_usr2=True)
+    try:
+        job.wait_for(_checkpoint_ready(workdir, EVERY), f"checkpoint {EVERY}")
+        stuck = time.monotonic()
+        os.kill(job.procs[1].pid, signal.SIGUSR2)
+        statuses = job.wait(STALL + HEARTBEAT + 60)
+        elapsed = time.monotonic() - stuck
+    finally:
+        job.kill()
+    print(f"\nprocess 1 stuck, heartbeat running -> both processes ended {elapsed:.1f} s later (statuses {statuses})")
+    # each ends by its own watch (5), or by JAX once the other is gone (SIGABRT): at least one by its watch
+    assert set(statuses) <= {5, -signal.SIGABRT} and 5 in statuses, job.tails()
+    assert elapsed < STALL + HEARTBEAT + 15, f"{elapsed:.1f} s{job.tails()}"
+    for i, status in enumerate(statuses):
+        if status == 5:
+            last = job.err(i).strip().splitlines()[-1]
+            assert last.startswith(f"error: process {i} of 2 stopped: no training step finished in the"), last
+            assert f"config.stall_timeout_s={STALL}" in last and f"committed in {workdir / 'checkpoints'}" in last
+    if statuses[1] == 5:
+        assert "in hang" in job.err(1), job.tails()  # where its main thread is stuck
+    assert EVERY in _committed(workdir)
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_identically(tmp_path, through):

@@ -34,6 +34,7 @@ from matpac_jax.train.optim import make_optimizer
 from matpac_jax.train.preemption import PreemptionWatch
 from matpac_jax.train.prefetch import DevicePrefetch
 from matpac_jax.train.program import NONFINITE_ACTIONS, compile_program
+from matpac_jax.train.stall import StallWatch
 from matpac_jax.train.task import CheckpointedEvaluation, State, Task
 from matpac_jax.workdir_lock import WorkdirLock
 
@@ -309,7 +310,8 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     every, preempted, step = config.checkpoint.every, False, first
     try:
-        with PreemptionWatch() as watch:
+        where = (jax.process_index(), jax.process_count())
+        with PreemptionWatch() as watch, StallWatch(config.get("stall_timeout_s", 0), ckpt.directory, where) as stall:
             for step in range(first, config.total_steps):
                 if watch.requested(step):  # before taking a batch: the input workers may be going down too
                     preempted = True
@@ -333,6 +335,7 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
                     ckpt.save(step + 1, state, config, data_iter=data_iter, force=evaluated, task_state=saved)
                 if evaluated:
                     evaluation.committed(ckpt, step + 1, state)
+                stall.beat(step + 1)
             else:
                 step = config.total_steps
             log.flush()
