@@ -147,23 +147,24 @@ def check_config(config) -> None:
 
 # --- Resume: what may differ between the config that saved a checkpoint and the one that resumes it.
 
-# Keys (or key prefixes, ending in '.') that may change on resume: run length and logging, checkpointing, the
-# hardware layout, input locations and implementation choices that leave the state's layout and the step unchanged.
+# Keys (or key prefixes, ending in '.') of every run that may change on resume: run length and logging, checkpointing,
+# the hardware layout, input locations. A method adds its own (``Task.resume_may_change``: e.g. implementation choices
+# that leave the state's layout and the step unchanged).
 RESUME_MAY_CHANGE = (
     "total_steps", "log_every", "profile_steps", "nonfinite", "nonfinite_max_skips", "stall_timeout_s", "checkpoint.",
-    "mesh.", "probe.",
-    "data.train", "data.workers", "data.device_prefetch", "teacher.checkpoint", "teacher.embeddings",
-    "model.attn_impl", "model.remat", "model.attn_pad_to", "model.scan_layers", "optim.accum_steps",
+    "mesh.", "probe.", "data.train", "data.workers", "data.device_prefetch", "optim.accum_steps",
     "data.tfds_data_dir",  # the prepared tfds dataset moved (its name, split and contents may not change)
 )  # fmt: skip
 
 
-def resume_differences(saved: dict, config) -> list[tuple[str, object, object]]:
+def resume_differences(saved: dict, config, may_change: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for each key both configs hold whose value differs and that may not change on
-    resume (``RESUME_MAY_CHANGE`` and ``config.checkpoint.allow_changes``, a comma-separated list of keys or
-    'prefix.' the user accepts changing). Keys only one side holds (added or removed by another version) are skipped."""
+    resume (``RESUME_MAY_CHANGE``, what every run may change; ``may_change``, the method's own keys, its task's
+    ``resume_may_change``; and ``config.checkpoint.allow_changes``, a comma-separated list of keys or 'prefix.' the
+    user accepts changing). Keys only one side holds (added or removed by another version) are skipped."""
     extra = str(config.checkpoint.allow_changes).split(",")
-    allowed = RESUME_MAY_CHANGE + tuple(k.strip().removeprefix("config.") for k in extra if k.strip())
+    accepted = tuple(k.strip().removeprefix("config.") for k in extra if k.strip())
+    allowed = RESUME_MAY_CHANGE + tuple(may_change) + accepted
     as_read = lambda v: list(v) if isinstance(v, tuple | list) else v  # noqa: E731  (a sequence as JSON reads back)
     new = flatten(json.loads(json.dumps(config.to_dict())), ".", as_read)
     old = flatten(saved, ".", as_read)

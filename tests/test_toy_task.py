@@ -33,6 +33,7 @@ class LinearState:
 class LinearRegression:
     tokens_per_sample = 1
     console_metrics = (("mse", "mse"),)
+    resume_may_change = ()
 
     def __init__(self, config, crash_at: int = 0):
         self.config, self.crash_at = config, crash_at  # crash_at: a crash after that step, to test resume

@@ -75,6 +75,7 @@ class DistillTask:
     """S-SONDO distillation as a trainer task (train.task.Task)."""
 
     console_metrics = (("cos_to_teacher", "cos to teacher"),)
+    resume_may_change = ("teacher.checkpoint", "teacher.embeddings")  # where they are, not what they hold
 
     def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir

@@ -46,6 +46,7 @@ from matpac_jax.inference import Encoder
 from matpac_jax.load import load_model
 from matpac_jax.models.layer_decay import vit_layer_ids
 from matpac_jax.models.positions import m2d_positions
+from matpac_jax.models.vit import RESUME_MAY_CHANGE as VIT_RESUME_MAY_CHANGE
 from matpac_jax.models.vit import check_vit_config, sincos_pos_embed_2d
 from matpac_jax.train.task import Params, State, StepProgram, TaskInput
 
@@ -126,6 +127,7 @@ def pretrained_positions(enc: Encoder, config: ConfigDict) -> np.ndarray:
 
 class FinetuneTask:
     console_metrics: tuple[tuple[str, str], ...] = ()
+    resume_may_change = VIT_RESUME_MAY_CHANGE
 
     def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir

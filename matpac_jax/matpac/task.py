@@ -23,6 +23,7 @@ from matpac_jax.inference import Encoder, EncoderSpec
 from matpac_jax.matpac.checks import check_pretrain
 from matpac_jax.matpac.model import MatpacModel
 from matpac_jax.matpac.step import make_program
+from matpac_jax.models.vit import RESUME_MAY_CHANGE as VIT_RESUME_MAY_CHANGE
 from matpac_jax.probe import embed_task
 from matpac_jax.train.program import compile_program
 from matpac_jax.train.task import State, StepProgram, TaskInput
@@ -138,6 +139,7 @@ class PretrainTask:
     """MATPAC / MATPAC++ pretraining as a trainer task (train.task.Task)."""
 
     console_metrics = (("loss_pred", "pred"), ("loss_cls", "cls"))
+    resume_may_change = VIT_RESUME_MAY_CHANGE
 
     def __init__(self, config: ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir

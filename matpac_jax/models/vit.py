@@ -294,6 +294,10 @@ class Transformer(nn.Module):
         return x, ([ys[i] for i in range(self.depth)] if return_layers else [])
 
 
+# How the ViT runs, not what it computes (the parameters and the step stay the same): may change when a run resumes.
+RESUME_MAY_CHANGE = ("model.attn_impl", "model.remat", "model.attn_pad_to", "model.scan_layers")
+
+
 def check_vit_config(config) -> None:
     """ConfigError naming the key when ``config.model`` / ``config.audio`` cannot make a ViT: the patch, mel bins and
     crop a multiple of it, widths divisible by the heads (``encoder`` and, where present, ``predictor``), a known

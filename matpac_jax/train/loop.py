@@ -179,11 +179,12 @@ class Profiler:
                 print(f"profile of steps {a}..{b - 1} written to {self.directory}", flush=True)
 
 
-def resume_point(ckpt: Checkpointer, config: ConfigDict) -> int:
+def resume_point(ckpt: Checkpointer, config: ConfigDict, may_change: tuple[str, ...] = ()) -> int:
     """The step to resume from (0: a fresh run), checked before anything is built: ``total_steps`` must reach the
     latest checkpoint, the checkpoint must verify (``Checkpointer.resume_step`` falls back to the previous verified
     one), and the config that saved it may differ only in keys that may change on resume
-    (``config_lib.resume_differences``). ``ConfigError`` names the numbers or the keys."""
+    (``config_lib.resume_differences``; ``may_change``: the task's own). ``ConfigError`` names the numbers or the
+    keys."""
     latest = ckpt.latest_step()
     if latest is not None and latest > config.total_steps:
         raise ConfigError(
@@ -192,7 +193,7 @@ def resume_point(ckpt: Checkpointer, config: ConfigDict) -> int:
         )
     first = ckpt.resume_step() or 0
     saved = ckpt.saved_config(first) if first else None
-    diffs = resume_differences(saved, config) if saved else []
+    diffs = resume_differences(saved, config, may_change) if saved else []
     if diffs:
         listed = "; ".join(f"config.{k}: saved {old!r}, now {new!r}" for k, old, new in diffs)
         raise ConfigError(
@@ -272,7 +273,7 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
     # --- Checkpoints: where to resume (a corrupt or mismatching checkpoint is reported before anything is built).
     ckpt = Checkpointer.from_config(workdir, config)
     try:
-        first = resume_point(ckpt, config)
+        first = resume_point(ckpt, config, tuple(task.resume_may_change))
         batches = batch_iterator(data.source, first)
 
         # --- Model, optimizer, state.

@@ -15,8 +15,10 @@ The loop calls a task in this order, each call once:
    (stored weights through ``train.initial_weights``), and runs the steps;
 5. ``closing(state)`` -> a result dict or None, after the last step (not after a preemption).
 
-A task also declares ``tokens_per_sample`` (what ``tokens_per_s`` counts) and ``console_metrics``: the
-``(metric, short name)`` pairs of its console line, which are also checked and named when a step is non-finite.
+A task also declares ``tokens_per_sample`` (what ``tokens_per_s`` counts), ``console_metrics``: the
+``(metric, short name)`` pairs of its console line, which are also checked and named when a step is non-finite, and
+``resume_may_change``: its config keys (or 'prefix.') that may differ when a run resumes, beside those every run may
+change (``config_lib.RESUME_MAY_CHANGE``).
 
 A task whose periodic evaluation keeps state from one evaluation to the next (its history, the best score and its
 step) also implements ``CheckpointedEvaluation``: that state then rides in the checkpoints with the train state, so a
@@ -91,6 +93,9 @@ class Task(Protocol):
 
     @property
     def console_metrics(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def resume_may_change(self) -> tuple[str, ...]: ...
 
     def check(self) -> None: ...
 
