@@ -23,7 +23,7 @@ def run_config(task: str, *, seed: int, total_steps: int, log_every: int = 100) 
     )
     c.nonfinite = "stop"  # NaN/Inf loss, grad norm or new state: 'stop' (report, save nothing new, exit 3) or 'skip'
     c.nonfinite_max_skips = 10  # 'skip': stop (exit 3) after this many non-finite updates in a row
-    c.stall_timeout_s = 1800  # no step finished for this long (after the first): stop, exit 5 (train/stall.py); 0: off
+    c.stall_timeout_s = 1800  # no step finished for this long (once one ended): stop, exit 5 (train/stall.py); 0: off
     c.profile_steps = ()  # (a, b) with 0 <= a < b: jax.profiler trace of steps [a, b) into WORKDIR/profile
     c.mesh = dict(data=-1, fsdp=1, dcn_data=1)  # -1: all remaining devices; dcn_data: slices / nodes (parallel.py)
     c.probe = dict(

@@ -60,7 +60,7 @@ signal.signal(signal.SIGUSR2, hang)
 sys.argv = ["matpac_jax.main", *sys.argv[1:]]
 runpy.run_module("matpac_jax.main", run_name="__main__", alter_sys=True)
 """
-STALL = 10  # --config.stall_timeout_s of the stalled job
+STALL = 20  # --config.stall_timeout_s of the stalled job: a step of a loaded 2-core machine takes far less
 
 
 def _free_port() -> int:

@@ -328,6 +328,8 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
                 if metrics["loss"].is_ready():  # type: ignore[attr-defined]
                     data_wait += time.perf_counter() - t_fill
                 log.push(step + 1, metrics, t_start, data_wait)
+                if step > first:  # push fetched step's metrics: it ended on every process, compiled everywhere
+                    stall.beat(step)
                 periodic_probe(step + 1, state, log.tb)  # before the checkpoint: an evaluation lands in it
                 evaluated = evaluation.changed()
                 if (step + 1) % every == 0 or evaluated:
@@ -336,7 +338,6 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
                     ckpt.save(step + 1, state, config, data_iter=data_iter, force=evaluated, task_state=saved)
                 if evaluated:
                     evaluation.committed(ckpt, step + 1, state)
-                stall.beat(step + 1)
             else:
                 step = config.total_steps
             log.flush()

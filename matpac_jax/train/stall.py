@@ -6,9 +6,13 @@ SIGSTOPped, its host gone). A process that is alive but stuck (blocked on a dead
 step whose input never comes) keeps heartbeating, and every other process waits for it in the step's collective
 without a time limit of its own (NCCL and gloo wait as long as the job runs). Each process watches its own loop: with
 no step finished for the timeout, the stuck process and those waiting for it all stop, and once one exits JAX stops the
-rest (at the latest after the heartbeat timeout). The timeout counts from the end of the first step (its compilation
-can take minutes) and covers the checkpoint saves and evaluations in between, so it must exceed the longest of them;
-0 turns the watch off. tests/test_multihost_failures.py stalls one of 2 processes with its heartbeat running.
+rest (at the latest after the heartbeat timeout).
+
+The watch is armed once the first step has ended on every process: the loop beats when it has fetched a step's
+metrics, which a multi-process step has only once every process compiled and ran it (compilation takes minutes on
+some models, and longer on some hosts than on others). The timeout also covers the checkpoint saves and evaluations
+between two steps, so it must exceed the longest of them; 0 turns the watch off. tests/test_multihost_failures.py
+stalls one of 2 processes with its heartbeat running.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ STATUS = 5  # the exit status of a stalled process (matpac_jax/main.py lists the
 
 
 class StallWatch:
-    """``with StallWatch(timeout_s, where) as watch``: ``watch.beat(step)`` after each step. Armed by the first beat;
-    a watcher thread ends the process when the last beat is ``timeout_s`` old. ``where``: the checkpoint directory a
-    rerun resumes from, named in the message (nothing is read from it: the filesystem may be what is stuck)."""
+    """``with StallWatch(timeout_s, where) as watch``: ``watch.beat(step)`` once step ``step`` ended. Armed by the first
+    beat; a watcher thread ends the process when the last beat is ``timeout_s`` old. ``where``: the checkpoint
+    directory a rerun resumes from, named in the message (nothing is read from it: the filesystem may be what is
+    stuck)."""
 
     def __init__(self, timeout_s: float, where: str, process: tuple[int, int] = (0, 1)):
         self.timeout_s, self.where, self.process = float(timeout_s), where, process
