@@ -311,8 +311,8 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     every, preempted, step = config.checkpoint.every, False, first
     try:
-        where = (jax.process_index(), jax.process_count())
-        with PreemptionWatch() as watch, StallWatch(config.get("stall_timeout_s", 0), ckpt.directory, where) as stall:
+        process = (jax.process_index(), jax.process_count())
+        with PreemptionWatch() as watch, StallWatch(config.get("stall_timeout_s", 0), ckpt.directory, process) as stall:
             for step in range(first, config.total_steps):
                 if watch.requested(step):  # before taking a batch: the input workers may be going down too
                     preempted = True
@@ -328,7 +328,7 @@ def _train_locked(config: ConfigDict, workdir: str, task: Task) -> dict:
                 if metrics["loss"].is_ready():  # type: ignore[attr-defined]
                     data_wait += time.perf_counter() - t_fill
                 log.push(step + 1, metrics, t_start, data_wait)
-                if step > first:  # push fetched step's metrics: it ended on every process, compiled everywhere
+                if step > first:  # push fetched the metrics of `step`: it ended on every process (compiled everywhere)
                     stall.beat(step)
                 periodic_probe(step + 1, state, log.tb)  # before the checkpoint: an evaluation lands in it
                 evaluated = evaluation.changed()
