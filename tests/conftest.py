@@ -12,13 +12,3 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 jax.config.update("jax_compilation_cache_dir", os.path.join(_ROOT, ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 flags.FLAGS.mark_as_parsed()  # grain's worker prefetch reads absl flags
-
-# Modules of a few long tests (multi-process jobs: minutes each) go first, so that the other worker runs the many short
-# modules meanwhile instead of both ending on them (with `--no-loadscope-reorder` in pyproject.toml, pytest-xdist hands
-# out modules in this order; its default order, by number of tests, sent these last).
-LONG_FIRST = ("test_multihost_failures.py", "test_slurm.py", "test_ssondo_chain.py", "test_multiprocess.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order
